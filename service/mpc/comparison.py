@@ -1,0 +1,169 @@
+"""Exact secure comparison: arithmetic-to-binary conversion and a carry-lookahead adder.
+
+As published by CrypTen (Knott et al. 2021, after Demmler et al. ABY 2015): [x] = x0 + x1 is
+re-read as two private 64-bit words, x0 held by party 0 and x1 by party 1; their sum is computed
+bit-sliced on XOR shares with a Kogge-Stone carry-lookahead adder whose ANDs use dealer binary
+triples. Only the carry into bit 63 is needed for the sign.
+  1. P = x0 ^ x1 (local); G = x0 & x1               (1 AND round)
+  2. for s in 1, 2, 4, 8, 16, 32:  G ^= P & (G << s);  P &= P << s     (6 rounds, P not at 32)
+  3. msb(x) = P_0[63] ^ G[62]                        (local: the sum bit 63)
+Rounds: 7. Bytes sent per party: 8 * 24 per element (2 words per AND, 12 ANDs).
+What a party sees: only openings of words XOR-masked by fresh uniform triples: uniform.
+Nothing is ever opened unmasked; the result stays XOR-shared.
+
+Also here: `and_` (XOR-shared AND), `select` ([x * b] for a shared bit b, 1 round), `relu`,
+`maximum` and `argmax` (label only: XOR shares of a one-hot vector, nothing else).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from service.mpc import truncation
+from service.mpc.dealer import Request
+from service.mpc.party import Party
+
+_SHIFTS = (1, 2, 4, 8, 16, 32)
+
+
+def _and_begin(party: Party, x: torch.Tensor, y: torch.Tensor):
+    t = party.rand.take(Request.and_(x.shape))
+    return t, x ^ t["a"], y ^ t["b"]
+
+
+def _and_finish(party: Party, t, e: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    z = t["c"] ^ (e & t["b"]) ^ (f & t["a"])
+    return z ^ (e & f) if party.index == 0 else z
+
+
+def and_(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """XOR shares of x & y, bitwise on 64-bit words. 1 round, 16 bytes per word per party."""
+    t, e, f = _and_begin(party, x, y)
+    e, f = party.open_xor(e, f)
+    return _and_finish(party, t, e, f)
+
+
+def _carry_chain(party: Party, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Steps 2 of the adder: the Kogge-Stone prefix over (G, P). 6 rounds."""
+    for s in _SHIFTS:
+        if s == _SHIFTS[-1]:
+            g = g ^ and_(party, p, g << s)
+        else:
+            both = and_(party, torch.stack([p, p]), torch.stack([g << s, p << s]))
+            g, p = g ^ both[0], both[1]
+    return g
+
+
+def _operands(party: Party, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This party's XOR shares of the two words x0 and x1 whose sum is x (local A2B start)."""
+    zero = torch.zeros_like(x)
+    return (x, zero) if party.index == 0 else (zero, x)
+
+
+def msb(party: Party, x: torch.Tensor) -> torch.Tensor:
+    """XOR shares (bit 0 of int64) of the sign bit of [x]: 1 where x < 0. 7 rounds."""
+    a, b = _operands(party, x)
+    t, e, f = _and_begin(party, a, b)
+    e, f = party.open_xor(e, f)
+    return _msb_from_g0(party, x, _and_finish(party, t, e, f))
+
+
+def _msb_from_g0(party: Party, x: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
+    p0 = x  # P = x0 ^ x1: each party's share of P is its own word
+    g = _carry_chain(party, p0, g0)
+    return ((p0 >> 63) ^ (g >> 62)) & 1
+
+
+def select(party: Party, x: torch.Tensor, bit: torch.Tensor) -> torch.Tensor:
+    """[x * b] from arithmetic [x] and XOR-shared bit b (bit injection fused with the product).
+
+    Dealer: a random bit rb (XOR shares and [rb]), uniform [a], and [a * rb].
+      1. open d = x - a (arithmetic) and e = b ^ rb (binary)      (1 round)
+      2. b = e + (1 - 2e) rb, so x * b = d e + d (1 - 2e)[rb] + e [a] + (1 - 2e)[a rb]
+    Rounds: 1. Bytes per element per party: 8 + 8. Seen: d, e, masked by uniform a and rb.
+    """
+    t = party.rand.take(Request.mux(x.shape))
+    (d,), (e,) = party.open_mixed([x - t["a"]], [bit ^ t["rb"]])
+    s = 1 - 2 * e
+    z = d * s * t["r"] + e * t["a"] + s * t["ar"]
+    return z + d * e if party.index == 0 else z
+
+
+def not_(party: Party, bit: torch.Tensor) -> torch.Tensor:
+    """XOR shares of 1 - b (party 0 flips its share). Local."""
+    return bit ^ 1 if party.index == 0 else bit
+
+
+def relu(party: Party, x: torch.Tensor, trunc_bits: int = 0) -> torch.Tensor:
+    """[max(x, 0) / 2^trunc_bits]: the sign of x and the truncation computed side by side.
+
+    The sign is taken on the untruncated x (same sign), so the truncation's opening shares the
+    comparison's first round. Rounds: 7 (comparison, truncation inside) + 1 (select) = 8.
+    Bytes per element per party: 192 + 16 (+ 8 with truncation).
+    """
+    a, b = _operands(party, x)
+    t, e, f = _and_begin(party, a, b)
+    if trunc_bits:
+        pending = truncation.begin(party, x, trunc_bits)
+        (c,), (e, f) = party.open_mixed([pending.masked], [e, f])
+        y = truncation.finish(party, pending, c)
+    else:
+        e, f = party.open_xor(e, f)
+        y = x
+    sign = _msb_from_g0(party, x, _and_finish(party, t, e, f))
+    return select(party, y, not_(party, sign))
+
+
+def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[max(x, y)] = y + (x - y) * [x >= y]. Rounds: 8."""
+    ge = not_(party, msb(party, x - y))
+    return y + select(party, x - y, ge)
+
+
+def max_pool2d(party: Party, x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """2D max pooling, stride = kernel, as a tree of `maximum`. Rounds: 8 * ceil(log2(k*k))."""
+    n, c, h, w = x.shape
+    if h % kernel or w % kernel:
+        raise ValueError(f"max pooling {kernel}x{kernel} needs sides divisible by it, got {h}x{w}")
+    v = x.reshape(n, c, h // kernel, kernel, w // kernel, kernel).permute(0, 1, 2, 4, 3, 5)
+    v = v.reshape(n, c, h // kernel, w // kernel, kernel * kernel)
+    while v.shape[-1] > 1:
+        k = v.shape[-1]
+        m = maximum(party, v[..., 0 : k - k % 2 : 2], v[..., 1 : k - k % 2 : 2])
+        v = torch.cat([m, v[..., k - k % 2 :]], dim=-1)
+    return v[..., 0]
+
+
+def _and_reduce(party: Party, bits: torch.Tensor) -> torch.Tensor:
+    """AND over the last axis of XOR-shared bits, as a tree: ceil(log2 n) rounds."""
+    while bits.shape[-1] > 1:
+        k = bits.shape[-1]
+        pairs = and_(party, bits[..., 0 : k - k % 2 : 2], bits[..., 1 : k - k % 2 : 2])
+        bits = torch.cat([pairs, bits[..., k - k % 2 :]], dim=-1)
+    return bits[..., 0] & 1
+
+
+def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
+    """XOR shares of the one-hot argmax over the last axis (first maximum on ties, like torch).
+
+    All n(n-1)/2 differences are compared at once: winner i beats every j < i strictly and ties
+    or beats every j > i; the n-1 conditions are ANDed as a tree.
+    Rounds: 7 + ceil(log2(n - 1)) (11 for 10 classes). Bytes per party per row: 192 n(n-1)/2
+    + 16 n (n - 2). What a party sees: masked openings only; the output stays shared.
+    """
+    n = x.shape[-1]
+    if n < 2:
+        return party.public(torch.ones_like(x))
+    iu, ju = torch.triu_indices(n, n, offset=1)
+    lt = msb(party, x[..., iu] - x[..., ju])  # lt[k] = [x_i < x_j] for the pair (i, j) = k
+    pair = {(int(i), int(j)): k for k, (i, j) in enumerate(zip(iu, ju, strict=True))}
+    conditions = []
+    for i in range(n):
+        row = []
+        for j in range(n):
+            if j < i:
+                row.append(lt[..., pair[(j, i)]])  # x_j < x_i
+            elif j > i:
+                row.append(not_(party, lt[..., pair[(i, j)]]))  # not x_i < x_j
+        conditions.append(torch.stack(row, dim=-1))
+    return _and_reduce(party, torch.stack(conditions, dim=-2))

@@ -1,0 +1,242 @@
+"""Correlated randomness from a dealer, seed-compressed and bound to a request id.
+
+Kinds (each a `Request`; shapes are public, values secret):
+- `beaver(op, x_shape, y_shape)`: [a], [b], [c] with c = op(a, b) for op in mul | matmul | conv2d.
+- `and(shape)`: XOR shares of words a, b, c with c = a & b.
+- `trunc(shape, bits)`: [r], [r >>> bits], [msb(r)] for uniform r (dealer-assisted truncation).
+- `mux(shape)`: a random bit rb as XOR shares and as [rb], a uniform [a], and [a * rb].
+
+Compression (as in CrypTen's TTP provider): party 0 receives only a 32-byte seed and expands all
+its shares locally; party 1 receives a seed plus the corrections for the derived values (c,
+r >>> bits, ...). The seeds come from HMAC-SHA256(master key, request id, party), so the dealer
+keeps no randomness between requests; it only remembers which (request id, party) it has served
+and refuses a second time. Randomness is never reused: a `Randomness` consumes its material in
+plan order, refuses a request that differs from the plan, and refuses to be drawn past its end.
+
+What the dealer sees: the public plan (kinds and shapes), nothing of any share or data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from service.mpc.prg import PRG, fresh_seed
+from service.mpc.ring import logical_shift_right, msb
+
+
+class RandomnessReused(RuntimeError):
+    """Correlated randomness was asked for a second time (replay), or past its plan."""
+
+
+class PlanMismatch(RuntimeError):
+    """A protocol asked for randomness that differs from the plan the dealer served."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One piece of correlated randomness: a kind, public shapes and public parameters."""
+
+    kind: str
+    shapes: tuple[tuple[int, ...], ...]
+    params: tuple[int | str, ...] = ()
+
+    @staticmethod
+    def beaver(op: str, x_shape, y_shape, params: tuple[int, ...] = ()) -> Request:
+        return Request("beaver", (tuple(x_shape), tuple(y_shape)), (op, *params))
+
+    @staticmethod
+    def and_(shape) -> Request:
+        return Request("and", (tuple(shape),))
+
+    @staticmethod
+    def trunc(shape, bits: int) -> Request:
+        return Request("trunc", (tuple(shape),), (bits,))
+
+    @staticmethod
+    def mux(shape) -> Request:
+        return Request("mux", (tuple(shape),))
+
+
+def bilinear(op: str, params: tuple) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The public bilinear map a Beaver triple is made for (shared by dealer and protocol)."""
+    if op == "mul":
+        return torch.mul
+    if op == "matmul":
+        return torch.matmul
+    if op == "conv2d":
+        stride, padding = int(params[0]), int(params[1])
+        return lambda x, w: F.conv2d(x, w, stride=stride, padding=padding)
+    raise ValueError(f"unknown bilinear op {op!r}")
+
+
+# Per kind: seeded fields (name, 'ring' | 'bits', shape index) drawn by both parties from their
+# own seed, and derived fields (name, combine 'add' | 'xor') whose party-1 share is a correction.
+_SEEDED = {
+    "beaver": (("a", "ring", 0), ("b", "ring", 1)),
+    "and": (("a", "ring", 0), ("b", "ring", 0)),
+    "trunc": (("r", "ring", 0),),
+    "mux": (("rb", "bits", 0), ("a", "ring", 0)),
+}
+_DERIVED = {"beaver": ("c",), "and": ("c",), "trunc": ("r_hi", "r_msb"), "mux": ("r", "ar")}
+_XOR_KINDS = {"and"}
+
+
+def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The derived values in the clear, from the reconstructed seeded values (dealer only)."""
+    if req.kind == "beaver":
+        return {"c": bilinear(str(req.params[0]), req.params[1:])(full["a"], full["b"])}
+    if req.kind == "and":
+        return {"c": full["a"] & full["b"]}
+    if req.kind == "trunc":
+        r = full["r"]
+        return {"r_hi": logical_shift_right(r, int(req.params[0])), "r_msb": msb(r)}
+    if req.kind == "mux":
+        return {"r": full["rb"], "ar": full["a"] * full["rb"]}
+    raise ValueError(f"unknown randomness kind {req.kind!r}")
+
+
+def _derived_shape(req: Request) -> tuple[int, ...]:
+    if req.kind == "beaver":
+        # Shape inference only: meta tensors hold no data and cost no arithmetic.
+        x = torch.empty(req.shapes[0], dtype=torch.int64, device="meta")
+        y = torch.empty(req.shapes[1], dtype=torch.int64, device="meta")
+        return tuple(bilinear(str(req.params[0]), req.params[1:])(x, y).shape)
+    return req.shapes[0]
+
+
+def _expand_seeded(req: Request, prg: PRG) -> dict[str, torch.Tensor]:
+    if req.kind not in _SEEDED:
+        raise ValueError(f"unknown randomness kind {req.kind!r}")
+    out = {}
+    for name, how, idx in _SEEDED[req.kind]:
+        shape = req.shapes[idx]
+        out[name] = prg.bits(shape) if how == "bits" else prg.ring(shape)
+    return out
+
+
+@dataclass
+class PartyMaterial:
+    """What one party receives for one request id: a seed, and for party 1 the corrections."""
+
+    request_id: str
+    party: int
+    seed: bytes
+    plan: tuple[Request, ...]
+    corrections: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.seed) + sum(c.numel() * c.element_size() for c in self.corrections)
+
+
+class Randomness:
+    """A party's correlated randomness for one request, drawn once, in plan order."""
+
+    def __init__(self, material: PartyMaterial) -> None:
+        self._m = material
+        self._prg = PRG(material.seed)
+        self._next = 0
+        self._corr = iter(material.corrections)
+        self._lock = threading.Lock()
+
+    @property
+    def exhausted(self) -> bool:
+        return self._next == len(self._m.plan)
+
+    def take(self, req: Request) -> dict[str, torch.Tensor]:
+        with self._lock:
+            if self._next >= len(self._m.plan):
+                raise RandomnessReused(
+                    f"request {self._m.request_id!r}: randomness asked for past its plan"
+                )
+            expected = self._m.plan[self._next]
+            if expected != req:
+                raise PlanMismatch(f"step {self._next}: plan has {expected}, protocol asks {req}")
+            self._next += 1
+            out = _expand_seeded(req, self._prg)
+            for name in _DERIVED[req.kind]:
+                if self._m.party == 0:
+                    shape = _derived_shape(req)
+                    out[name] = self._prg.ring(shape)
+                else:
+                    out[name] = next(self._corr)
+            return out
+
+
+class PlanRecorder:
+    """Stands in for `Randomness` in a dry run: records what a protocol asks for, returns zeros."""
+
+    def __init__(self) -> None:
+        self.plan: list[Request] = []
+
+    def take(self, req: Request) -> dict[str, torch.Tensor]:
+        self.plan.append(req)
+        out = {n: torch.zeros(req.shapes[i], dtype=torch.int64) for n, _, i in _SEEDED[req.kind]}
+        for name in _DERIVED[req.kind]:
+            out[name] = torch.zeros(_derived_shape(req), dtype=torch.int64)
+        return out
+
+
+class Dealer:
+    """Stateless source of correlated randomness; each (request id, party) is served once."""
+
+    def __init__(self, master_key: bytes | None = None) -> None:
+        self._key = master_key if master_key is not None else fresh_seed()
+        self._served: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
+
+    def _seed(self, request_id: str, party: int) -> bytes:
+        msg = b"privdigit/dealer/v1\x00" + request_id.encode() + b"\x00" + bytes([party])
+        return hmac.new(self._key, msg, hashlib.sha256).digest()
+
+    def deal(self, request_id: str, party: int, plan: tuple[Request, ...]) -> PartyMaterial:
+        """Party `party`'s material for `request_id`; a second call for the same pair raises."""
+        if party not in (0, 1):
+            raise ValueError(f"party must be 0 or 1, got {party}")
+        if not request_id:
+            raise ValueError("a request id is required")
+        with self._lock:
+            if (request_id, party) in self._served:
+                raise RandomnessReused(
+                    f"request id {request_id!r} was already served to party {party}"
+                )
+            self._served.add((request_id, party))
+        seed = self._seed(request_id, party)
+        if party == 0:
+            return PartyMaterial(request_id, 0, seed, tuple(plan))
+        return PartyMaterial(
+            request_id, 1, seed, tuple(plan), self._corrections(request_id, plan, seed)
+        )
+
+    def _corrections(
+        self, request_id: str, plan: tuple[Request, ...], seed1: bytes
+    ) -> list[torch.Tensor]:
+        prg0, prg1 = PRG(self._seed(request_id, 0)), PRG(seed1)
+        corrections = []
+        for req in plan:
+            s0, s1 = _expand_seeded(req, prg0), _expand_seeded(req, prg1)
+            full = {
+                n: (s0[n] ^ s1[n]) if (req.kind in _XOR_KINDS or n == "rb") else s0[n] + s1[n]
+                for n in s0
+            }
+            for value in _truth(req, full).values():
+                share0 = prg0.ring(value.shape)
+                corrections.append(value ^ share0 if req.kind in _XOR_KINDS else value - share0)
+        return corrections
+
+
+def deal_pair(
+    dealer: Dealer, request_id: str, plan: tuple[Request, ...]
+) -> tuple[Randomness, Randomness]:
+    """Both parties' randomness for one request, for in-process use."""
+    return (
+        Randomness(dealer.deal(request_id, 0, plan)),
+        Randomness(dealer.deal(request_id, 1, plan)),
+    )

@@ -1,0 +1,118 @@
+"""The private model runner: a network from a manifest's layer list, run on shares.
+
+Layers (JSON dicts, as `training.model.layer_list` writes them):
+  conv2d{name, in_channels, out_channels, kernel_size, stride, padding} | linear{name,
+  in_features, out_features} | avgpool2d{kernel_size} | maxpool2d{kernel_size} | relu | flatten.
+Weights are shares of `{name}.weight` and `{name}.bias` at f fractional bits.
+
+Scale bookkeeping: a linear layer's product carries 2f fractional bits; average pooling is a
+local sum whose 1/k^2 joins the pending rescale (k^2 must be a power of two). The rescale is
+done once, in the next ReLU, which compares on the unscaled value and truncates in the same
+round (see `comparison.relu`). For a label, argmax runs on the unscaled logits (it is
+scale-invariant), so the last layer needs no truncation at all.
+
+Rounds for the default CNN (conv-pool-relu x2, fc-relu, fc, argmax): 1+8, 1+8, 1+8, 1, 11 = 39.
+What each party sees: only openings masked by fresh dealer randomness (see each protocol).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from service.mpc import beaver, comparison, truncation
+from service.mpc.channel import NullChannel
+from service.mpc.dealer import PlanRecorder, Request
+from service.mpc.party import Party
+from service.mpc.ring import DEFAULT_FP, FixedPoint
+
+Output = Literal["label", "logits"]
+LAYER_TYPES = {"conv2d", "linear", "avgpool2d", "maxpool2d", "relu", "flatten"}
+
+
+class ModelSpecError(ValueError):
+    """The layer list or the weights do not describe a network this engine can run."""
+
+
+@dataclass(frozen=True)
+class PrivateNetwork:
+    """A network the two parties run on shares; holds only public structure."""
+
+    layers: tuple[dict, ...]
+    input_shape: tuple[int, ...]  # one example, e.g. (1, 28, 28)
+    fp: FixedPoint = DEFAULT_FP
+
+    def __post_init__(self) -> None:
+        for i, layer in enumerate(self.layers):
+            kind = layer.get("type")
+            if kind not in LAYER_TYPES:
+                raise ModelSpecError(f"layer {i}: unknown type {kind!r}; known: {LAYER_TYPES}")
+            if kind in ("avgpool2d", "maxpool2d") and int(layer["kernel_size"]) < 1:
+                raise ModelSpecError(f"layer {i}: kernel_size must be positive")
+            if kind == "avgpool2d":
+                area = int(layer["kernel_size"]) ** 2
+                if area & (area - 1):
+                    raise ModelSpecError(f"layer {i}: avgpool area {area} is not a power of two")
+
+    def weight_names(self) -> list[str]:
+        return [
+            f"{ly['name']}.{p}"
+            for ly in self.layers
+            if ly["type"] in ("conv2d", "linear")
+            for p in ("weight", "bias")
+        ]
+
+    def forward(
+        self, party: Party, x: torch.Tensor, weights: dict[str, torch.Tensor], output: Output
+    ) -> torch.Tensor:
+        """This party's share of the label (XOR shares of one-hot) or logits (additive, scale f)."""
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise ModelSpecError(f"input shape {tuple(x.shape[1:])} != {self.input_shape}")
+        f = self.fp.frac_bits
+        pending = 0  # fractional bits above f that the next rescale must remove
+        for layer in self.layers:
+            kind = layer["type"]
+            if kind in ("conv2d", "linear"):
+                if pending:
+                    x, pending = truncation.truncate(party, x, pending), 0
+                w, b = weights[f"{layer['name']}.weight"], weights[f"{layer['name']}.bias"]
+                if kind == "conv2d":
+                    stride, padding = int(layer.get("stride", 1)), int(layer.get("padding", 0))
+                    x = beaver.conv2d(party, x, w, stride=stride, padding=padding)
+                    x = x + (b << f).view(1, -1, 1, 1)
+                else:
+                    x = beaver.matmul(party, x, w.t()) + (b << f)
+                pending = f
+            elif kind == "avgpool2d":
+                k = int(layer["kernel_size"])
+                n, c, h, wd = x.shape
+                if h % k or wd % k:
+                    raise ModelSpecError(f"avgpool {k} needs sides divisible by it, got {h}x{wd}")
+                x = x.reshape(n, c, h // k, k, wd // k, k).sum(dim=(3, 5))
+                pending += int(math.log2(k * k))
+            elif kind == "maxpool2d":
+                x = comparison.max_pool2d(party, x, int(layer["kernel_size"]))
+            elif kind == "relu":
+                x, pending = comparison.relu(party, x, pending), 0
+            elif kind == "flatten":
+                x = x.reshape(x.shape[0], -1)
+        if output == "label":
+            return comparison.argmax(party, x)
+        if output == "logits":
+            return truncation.truncate(party, x, pending) if pending else x
+        raise ValueError(f"output must be 'label' or 'logits', got {output!r}")
+
+    def plan(
+        self, batch: int, output: Output, weight_shapes: dict[str, Sequence[int]]
+    ) -> tuple[Request, ...]:
+        """The dealer randomness one forward pass asks for, in order (a dry run on zeros)."""
+        recorder = PlanRecorder()
+        party = Party(0, NullChannel(), recorder, self.fp)  # type: ignore[arg-type]
+        x = torch.zeros((batch, *self.input_shape), dtype=torch.int64)
+        w = {k: torch.zeros(tuple(s), dtype=torch.int64) for k, s in weight_shapes.items()}
+        self.forward(party, x, w, output)
+        return tuple(recorder.plan)

@@ -1,0 +1,51 @@
+"""A cryptographic PRG: AES-256-CTR keystream (from `cryptography`) expanded into ring tensors.
+
+Every secret in the engine comes from here or from `os.urandom`, never from torch, numpy or
+`random`.
+A `PRG` is a stream: successive draws consume successive keystream bytes, so two holders of one
+seed that make the same draws in the same order get the same tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+SEED_BYTES = 32
+
+
+def fresh_seed() -> bytes:
+    """A new uniformly random 256-bit seed from the operating system."""
+    return os.urandom(SEED_BYTES)
+
+
+class PRG:
+    """AES-256-CTR keyed by a 32-byte seed, read as a stream of uniform ring elements."""
+
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"a PRG seed is {SEED_BYTES} bytes, got {len(seed)}")
+        self._enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+        self.bytes_drawn = 0
+
+    def _bytes(self, n: int) -> bytes:
+        self.bytes_drawn += n
+        return self._enc.update(bytes(n))
+
+    def ring(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """Uniform elements of Z_2^64 (int64) of the given shape."""
+        n = int(np.prod(shape, dtype=np.int64))
+        data = np.frombuffer(self._bytes(8 * n), dtype="<i8")
+        return torch.from_numpy(data.copy()).reshape(tuple(shape))
+
+    def bits(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """Uniform bits (0/1 as int64) of the given shape."""
+        return self.ring(shape) & 1
+
+
+def random_ring(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Uniform ring elements from a fresh seed: for one-off masks such as input shares."""
+    return PRG(fresh_seed()).ring(shape)

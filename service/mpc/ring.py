@@ -1,0 +1,79 @@
+"""The ring Z_2^64 on torch int64 and fixed-point encoding, defined once.
+
+Ring arithmetic is torch int64 arithmetic: addition and multiplication wrap modulo 2^64 natively.
+A real value v is encoded as round(v * 2^f) with f fractional bits; the precision travels as a
+`FixedPoint` value, never as a global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RING_BITS = 64
+DTYPE = torch.int64
+
+
+class EncodingError(ValueError):
+    """A value cannot be represented in the ring at the requested precision."""
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Fixed-point encoding with `frac_bits` fractional bits.
+
+    `max_abs` is the largest magnitude `encode` accepts: values whose products (scale 2^2f, times
+    a few hundred terms of a dot product) must still fit in a signed 63-bit value.
+    """
+
+    frac_bits: int = 16
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.frac_bits <= 30:
+            raise ValueError(f"frac_bits must be in [0, 30], got {self.frac_bits}")
+
+    @property
+    def scale(self) -> int:
+        return 1 << self.frac_bits
+
+    @property
+    def max_abs(self) -> float:
+        # Leave room for one product (2f bits) and 2^10 accumulated terms below bit 62.
+        return float(2 ** (62 - 2 * self.frac_bits - 10))
+
+    def encode(self, x: torch.Tensor, *, frac_bits: int | None = None) -> torch.Tensor:
+        """Encode real values as ring elements (scale 2^frac_bits, default this precision)."""
+        bits = self.frac_bits if frac_bits is None else frac_bits
+        xf = torch.as_tensor(x, dtype=torch.float64)
+        if not torch.isfinite(xf).all():
+            raise EncodingError("cannot encode NaN or infinite values")
+        limit = self.max_abs if bits == self.frac_bits else float(2 ** (62 - bits))
+        worst = float(xf.abs().max()) if xf.numel() else 0.0
+        if worst >= limit:
+            raise EncodingError(
+                f"value {worst:.6g} exceeds the representable magnitude {limit:.6g} "
+                f"at {bits} fractional bits; rescale the input or lower frac_bits"
+            )
+        return torch.round(xf * float(1 << bits)).to(DTYPE)
+
+    def decode(self, x: torch.Tensor, *, frac_bits: int | None = None) -> torch.Tensor:
+        """Decode ring elements (read as signed) to float64 reals."""
+        bits = self.frac_bits if frac_bits is None else frac_bits
+        return x.to(torch.float64) / float(1 << bits)
+
+
+def msb(x: torch.Tensor) -> torch.Tensor:
+    """The top bit of each ring element as 0/1 int64 (the sign bit of its signed reading)."""
+    return (x >> (RING_BITS - 1)) & 1
+
+
+def logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x >> bits reading x as an unsigned 64-bit integer."""
+    if bits == 0:
+        return x.clone()
+    return (x >> bits) & ((1 << (RING_BITS - bits)) - 1)
+
+
+DEFAULT_FP = FixedPoint(16)
+"""The default precision: 16 fractional bits (resolution 1.5e-5)."""

@@ -1,0 +1,33 @@
+"""Additive secret sharing over Z_2^64: [x] = (x0, x1) with x = x0 + x1 mod 2^64.
+
+Each share alone is uniform and independent of x. XOR sharing of bit-words (x = x0 ^ x1) is the
+binary counterpart used by comparison.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from service.mpc.prg import random_ring
+
+
+def share(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ring elements into two additive shares (a fresh uniform mask for share 0)."""
+    x0 = random_ring(x.shape)
+    return x0, x - x0
+
+
+def reconstruct(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """Add two additive shares back together."""
+    return x0 + x1
+
+
+def share_xor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split 64-bit words into two XOR shares."""
+    x0 = random_ring(x.shape)
+    return x0, x ^ x0
+
+
+def reconstruct_xor(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """XOR two binary shares back together."""
+    return x0 ^ x1

@@ -1,0 +1,56 @@
+"""Shared test helpers: run a protocol for both parties in-process against a fresh dealer."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+from hypothesis import settings
+
+from service.mpc.channel import NullChannel
+from service.mpc.dealer import Dealer, PlanRecorder, deal_pair
+from service.mpc.inprocess import TwoPartyResult, run_two_party
+from service.mpc.party import Party
+from service.mpc.ring import FixedPoint
+from service.mpc.sharing import share
+
+settings.register_profile("default", max_examples=40, deadline=None)
+settings.load_profile("default")
+
+FP = FixedPoint(16)
+_ids = itertools.count()
+
+
+def run_shared(
+    fn: Callable[..., torch.Tensor],
+    *secrets: torch.Tensor,
+    fp: FixedPoint = FP,
+    dealer: Dealer | None = None,
+) -> TwoPartyResult:
+    """Share each ring tensor in `secrets`, plan fn's randomness by a dry run, run both parties."""
+    shares = [share(s) for s in secrets]
+    recorder = PlanRecorder()
+    fn(Party(0, NullChannel(), recorder, fp), *[s[0] for s in shares])  # type: ignore[arg-type]
+    r0, r1 = deal_pair(dealer or Dealer(), f"test-{next(_ids)}", tuple(recorder.plan))
+    result = run_two_party(lambda p: fn(p, *[s[p.index] for s in shares]), r0, r1, fp)
+    assert r0.exhausted and r1.exhausted, "the protocol did not use all the randomness it planned"
+    return result
+
+
+def opened(result: TwoPartyResult) -> torch.Tensor:
+    return result.out0 + result.out1
+
+
+def opened_xor(result: TwoPartyResult) -> torch.Tensor:
+    return result.out0 ^ result.out1
+
+
+@pytest.fixture
+def fp() -> FixedPoint:
+    return FP
+
+
+def reals(shape: Sequence[int], scale: float = 10.0) -> torch.Tensor:
+    return torch.randn(tuple(shape), dtype=torch.float64) * scale
