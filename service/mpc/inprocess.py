@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from service.mpc.channel import ChannelStats, InMemoryChannel
+from service.mpc.channel import Channel, ChannelStats, InMemoryChannel
 from service.mpc.dealer import Randomness
 from service.mpc.party import Party
 from service.mpc.ring import DEFAULT_FP, FixedPoint
@@ -33,9 +33,13 @@ def run_two_party(
     fp: FixedPoint = DEFAULT_FP,
     *,
     timeout: float = 60.0,
+    channels: tuple[Channel, Channel] | None = None,
 ) -> TwoPartyResult:
-    """Run `fn(party)` as party 0 and party 1 concurrently; re-raise the first failure."""
-    ch0, ch1 = InMemoryChannel.pair(timeout=timeout)
+    """Run `fn(party)` as party 0 and party 1 concurrently; re-raise the first failure.
+
+    `channels` replaces the default in-memory pair (e.g. to record what a party receives).
+    """
+    ch0, ch1 = channels or InMemoryChannel.pair(timeout=timeout)
     parties = (Party(0, ch0, rand0, fp), Party(1, ch1, rand1, fp))
     results: list[Any] = [None, None]
     errors: list[BaseException | None] = [None, None]

@@ -1,0 +1,107 @@
+"""The dealer: seed compression, once-only service, plan checking, and the material's sizes."""
+
+import pytest
+import torch
+
+from service.mpc.dealer import (
+    Dealer,
+    PlanMismatch,
+    Randomness,
+    RandomnessReused,
+    Request,
+    deal_pair,
+)
+
+PLAN = (
+    Request.beaver("matmul", (2, 3), (3, 4)),
+    Request.and_((5,)),
+    Request.trunc((6,), 16),
+    Request.mux((7,)),
+)
+
+
+def _draw_all(plan=PLAN):
+    r0, r1 = deal_pair(Dealer(), "req", plan)
+    return [(r0.take(q), r1.take(q)) for q in plan]
+
+
+def test_correlations_hold():
+    (b0, b1), (a0, a1), (t0, t1), (m0, m1) = _draw_all()
+    full = {k: b0[k] + b1[k] for k in b0}
+    assert torch.equal(full["c"], full["a"] @ full["b"])
+    a, b, c = (a0[k] ^ a1[k] for k in ("a", "b", "c"))
+    assert torch.equal(c, a & b)
+    r = t0["r"] + t1["r"]
+    assert torch.equal(t0["r_hi"] + t1["r_hi"], (r >> 16) & ((1 << 48) - 1))
+    assert torch.equal(t0["r_msb"] + t1["r_msb"], (r >> 63) & 1)
+    rb = m0["rb"] ^ m1["rb"]
+    assert set(rb.tolist()) <= {0, 1}
+    assert torch.equal(m0["r"] + m1["r"], rb)
+    assert torch.equal(m0["ar"] + m1["ar"], (m0["a"] + m1["a"]) * rb)
+
+
+def test_party0_gets_only_a_seed_and_party1_only_corrections():
+    dealer = Dealer()
+    m0, m1 = dealer.deal("x", 0, PLAN), dealer.deal("x", 1, PLAN)
+    assert m0.corrections == [] and m0.nbytes == 32
+    # party 1: c (2x4), and-c (5), r_hi + r_msb (2x6), r + ar (2x7) words
+    assert m1.nbytes == 32 + 8 * (8 + 5 + 12 + 14)
+
+
+def test_a_request_id_is_served_once_per_party():
+    dealer = Dealer()
+    dealer.deal("once", 0, PLAN)
+    dealer.deal("once", 1, PLAN)
+    with pytest.raises(RandomnessReused, match="already served"):
+        dealer.deal("once", 0, PLAN)
+    with pytest.raises(RandomnessReused):
+        dealer.deal("once", 1, PLAN)
+
+
+def test_randomness_is_consumed_once_and_in_plan_order():
+    r0, _ = deal_pair(Dealer(), "r", PLAN)
+    with pytest.raises(PlanMismatch):
+        r0.take(PLAN[1])
+    for q in PLAN:
+        r0.take(q)
+    assert r0.exhausted
+    with pytest.raises(RandomnessReused, match="past its plan"):
+        r0.take(PLAN[0])
+
+
+def test_material_cannot_be_drawn_twice_through_one_randomness():
+    dealer = Dealer()
+    material = dealer.deal("m", 0, PLAN[:1])
+    rand = Randomness(material)
+    rand.take(PLAN[0])
+    with pytest.raises(RandomnessReused):
+        rand.take(PLAN[0])
+
+
+def test_different_requests_get_independent_randomness():
+    dealer = Dealer()
+    plan = (Request.and_((1000,)),)
+    a, _ = deal_pair(dealer, "one", plan)
+    b, _ = deal_pair(dealer, "two", plan)
+    ta, tb = a.take(plan[0]), b.take(plan[0])
+    assert not torch.equal(ta["a"], tb["a"])
+    # no 64-bit mask value repeats inside or across requests
+    words = torch.cat([ta["a"], ta["b"], tb["a"], tb["b"]])
+    assert words.unique().numel() == words.numel()
+
+
+def test_two_dealers_with_the_same_key_agree_and_fresh_keys_differ():
+    key = bytes(32)
+    m1 = Dealer(key).deal("id", 1, PLAN)
+    m2 = Dealer(key).deal("id", 1, PLAN)
+    assert m1.seed == m2.seed and all(map(torch.equal, m1.corrections, m2.corrections))
+    assert Dealer().deal("id", 1, PLAN).seed != m1.seed
+
+
+def test_bad_calls_are_refused():
+    with pytest.raises(ValueError):
+        Dealer().deal("", 0, PLAN)
+    with pytest.raises(ValueError):
+        Dealer().deal("id", 2, PLAN)
+    with pytest.raises(ValueError, match="unknown"):
+        Dealer().deal("id", 1, (Request("sqrt", ((1,),)),))
