@@ -47,20 +47,21 @@ def _view_of_party0(fn, secret: torch.Tensor) -> list[torch.Tensor]:
     return [*rec.view, x0]  # party 0's own input share is part of its view too
 
 
-def _bit_fractions(view: list[torch.Tensor]) -> torch.Tensor:
-    """Fraction of ones per (tensor, trailing position, bit), averaged over the batch axis."""
-    rows = []
+def _bit_fractions(view: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (received tensor, bit position): fraction of ones over its elements, and the count."""
+    fractions, counts = [], []
     for t in view:
-        flat = t.reshape(t.shape[0], -1)
-        bits = torch.stack([(flat >> k) & 1 for k in range(64)], dim=-1).double()
-        rows.append(bits.mean(dim=0).reshape(-1))
-    return torch.cat(rows)
+        flat = t.reshape(-1)
+        bits = (flat.unsqueeze(-1) >> torch.arange(64)) & 1
+        fractions.append(bits.sum(dim=0).double() / flat.numel())
+        counts.append(torch.full((64,), flat.numel(), dtype=torch.float64))
+    return torch.cat(fractions), torch.cat(counts)
 
 
 def _max_z(view_a, view_b) -> float:
-    pa, pb = _bit_fractions(view_a), _bit_fractions(view_b)
+    (pa, n), (pb, _) = _bit_fractions(view_a), _bit_fractions(view_b)
     pooled = (pa + pb) / 2
-    se = torch.sqrt(pooled * (1 - pooled) * 2 / view_a[0].shape[0])
+    se = torch.sqrt(pooled * (1 - pooled) * 2 / n)
     z = torch.where(se > 0, (pa - pb).abs() / se.clamp(min=1e-12), (pa - pb).abs() * math.inf)
     return float(torch.nan_to_num(z, nan=0.0).max())
 
