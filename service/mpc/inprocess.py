@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.mpc.channel import Channel, ChannelStats, InMemoryChannel
-from service.mpc.dealer import Randomness
+from service.mpc.dealer import Dealer, Randomness, deal_pair
+from service.mpc.network import Output, PrivateNetwork
 from service.mpc.party import Party
 from service.mpc.ring import DEFAULT_FP, FixedPoint
 
@@ -60,3 +61,23 @@ def run_two_party(
     if other.is_alive():
         raise TimeoutError("party 1 did not finish")
     return TwoPartyResult(results[0], results[1], ch0.stats, ch1.stats)
+
+
+def private_forward(
+    net: PrivateNetwork,
+    weights: tuple[dict, dict],
+    images: tuple,
+    dealer: Dealer,
+    request_id: str,
+    output: Output = "label",
+) -> TwoPartyResult:
+    """One private forward pass of `net` on shared `images` with shared `weights`, both parties.
+
+    The outputs are the parties' shares: XOR shares of one-hot labels, or additive logits.
+    """
+    shapes = {k: tuple(v.shape) for k, v in weights[0].items()}
+    plan = net.plan(images[0].shape[0], output, shapes)
+    rand0, rand1 = deal_pair(dealer, request_id, plan)
+    return run_two_party(
+        lambda p: net.forward(p, images[p.index], weights[p.index], output), rand0, rand1, net.fp
+    )

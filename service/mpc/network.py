@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -45,6 +45,7 @@ class PrivateNetwork:
     layers: tuple[dict, ...]
     input_shape: tuple[int, ...]  # one example, e.g. (1, 28, 28)
     fp: FixedPoint = DEFAULT_FP
+    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         for i, layer in enumerate(self.layers):
@@ -109,10 +110,17 @@ class PrivateNetwork:
     def plan(
         self, batch: int, output: Output, weight_shapes: dict[str, Sequence[int]]
     ) -> tuple[Request, ...]:
-        """The dealer randomness one forward pass asks for, in order (a dry run on zeros)."""
+        """The dealer randomness one forward pass asks for, in order (a dry run on zeros).
+
+        Public: it depends only on the architecture, the batch size and the output kind.
+        """
+        key = (batch, output, tuple(sorted((k, tuple(s)) for k, s in weight_shapes.items())))
+        if key in self._plans:
+            return self._plans[key]
         recorder = PlanRecorder()
         party = Party(0, NullChannel(), recorder, self.fp)  # type: ignore[arg-type]
         x = torch.zeros((batch, *self.input_shape), dtype=torch.int64)
         w = {k: torch.zeros(tuple(s), dtype=torch.int64) for k, s in weight_shapes.items()}
         self.forward(party, x, w, output)
-        return tuple(recorder.plan)
+        self._plans[key] = tuple(recorder.plan)
+        return self._plans[key]

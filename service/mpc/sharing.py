@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from service.mpc.prg import random_ring
+from service.mpc.ring import FixedPoint
 
 
 def share(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,6 +21,14 @@ def share(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def reconstruct(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """Add two additive shares back together."""
     return x0 + x1
+
+
+def share_tensors(
+    values: dict[str, torch.Tensor], fp: FixedPoint
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Encode named real tensors (e.g. model weights) and split each into two shares."""
+    pairs = {name: share(fp.encode(v)) for name, v in values.items()}
+    return {n: p[0] for n, p in pairs.items()}, {n: p[1] for n, p in pairs.items()}
 
 
 def share_xor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,83 @@
+"""The private model runner against plaintext torch, with realistic trained weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from service.mpc.channel import NullChannel
+from service.mpc.dealer import Dealer, PlanRecorder
+from service.mpc.inprocess import private_forward
+from service.mpc.network import ModelSpecError, PrivateNetwork
+from service.mpc.party import Party
+from service.mpc.sharing import share_tensors
+from tests.conftest import FP
+from training.model import DigitCNN, FCNet
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _model(kind: str):
+    model = DigitCNN() if kind == "cnn" else FCNet()
+    model.load_state_dict(load_file(FIXTURES / f"{kind}.safetensors"))
+    return model.eval()
+
+
+def _images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = np.load(FIXTURES / "mnist_test_1000.npz")
+    x = torch.from_numpy(data["images"][:n]).float().unsqueeze(1) / 255.0
+    return x, torch.from_numpy(data["labels"][:n]).long()
+
+
+def _private(model, x: torch.Tensor, output: str, dealer: Dealer, rid: str):
+    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), FP)
+    weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, FP)
+    images = share_tensors({"x": x.double()}, FP)
+    return private_forward(net, weights, (images[0]["x"], images[1]["x"]), dealer, rid, output)
+
+
+@pytest.mark.parametrize("kind", ["cnn", "fcnet"])
+def test_labels_on_1000_mnist_images_equal_plaintext(kind):
+    model, dealer = _model(kind), Dealer()
+    x, truth = _images(1000)
+    with torch.no_grad():
+        plain = model(x)
+    labels, logits = [], []
+    for i, chunk in enumerate(torch.split(x, 250)):
+        res = _private(model, chunk, "label", dealer, f"l{i}")
+        one_hot = res.out0 ^ res.out1
+        assert torch.equal(one_hot.sum(-1), torch.ones(len(chunk), dtype=torch.int64))
+        labels.append(one_hot.argmax(-1))
+        res = _private(model, chunk, "logits", dealer, f"g{i}")
+        logits.append(FP.decode(res.out0 + res.out1))
+    labels_t, logits_t = torch.cat(labels), torch.cat(logits)
+    assert torch.equal(labels_t, plain.argmax(-1)), "label agreement must be 100%"
+    assert (logits_t - plain.double()).abs().max() <= 1e-2
+    assert (labels_t == truth).double().mean() >= (0.985 if kind == "cnn" else 0.97)
+
+
+def test_cnn_round_count_and_batch_one():
+    model = _model("cnn")
+    x, _ = _images(1)
+    res = _private(model, x, "label", Dealer(), "one")
+    assert res.stats0.rounds == res.stats1.rounds == 39
+    assert res.stats0.bytes_sent < 1.5e6
+    with torch.no_grad():
+        assert (res.out0 ^ res.out1).argmax(-1).item() == model(x).argmax(-1).item()
+
+
+def test_bad_layer_lists_and_inputs_are_refused():
+    with pytest.raises(ModelSpecError, match="unknown type"):
+        PrivateNetwork(({"type": "softmax"},), (1, 28, 28))
+    with pytest.raises(ModelSpecError, match="power of two"):
+        PrivateNetwork(({"type": "avgpool2d", "kernel_size": 3},), (1, 28, 28))
+    net = PrivateNetwork(({"type": "flatten"},), (1, 28, 28))
+    party = Party(0, NullChannel(), PlanRecorder(), FP)  # type: ignore[arg-type]
+    with pytest.raises(ModelSpecError, match="input shape"):
+        net.forward(party, torch.zeros(1, 2, 2, dtype=torch.int64), {}, "label")
+    with pytest.raises(ValueError, match="output"):
+        net.forward(party, torch.zeros(1, 1, 28, 28, dtype=torch.int64), {}, "scores")
