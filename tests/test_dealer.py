@@ -105,3 +105,18 @@ def test_bad_calls_are_refused():
         Dealer().deal("id", 2, PLAN)
     with pytest.raises(ValueError, match="unknown"):
         Dealer().deal("id", 1, (Request("sqrt", ((1,),)),))
+
+
+def test_prefetched_randomness_is_the_same_and_still_once_only():
+    dealer = Dealer(bytes(32))
+    lazy = [Randomness(dealer.deal("p", i, PLAN)) for i in (0, 1)]
+    again = Dealer(bytes(32))
+    eager = [Randomness(again.deal("p", i, PLAN)).prefetch() for i in (0, 1)]
+    for q in PLAN:
+        for lz, eg in zip(lazy, eager, strict=True):
+            a, b = lz.take(q), eg.take(q)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(RandomnessReused):
+        eager[0].take(PLAN[0])
+    with pytest.raises(RandomnessReused, match="prefetch"):
+        eager[1].prefetch()

@@ -144,7 +144,16 @@ class Randomness:
         self._prg = PRG(material.seed)
         self._next = 0
         self._corr = iter(material.corrections)
+        self._ready: list[dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
+
+    def prefetch(self) -> Randomness:
+        """Expand the whole plan now (offline), so that `take` costs nothing online."""
+        with self._lock:
+            if self._next or self._ready is not None:
+                raise RandomnessReused("prefetch must come before any draw, and only once")
+            self._ready = [self._expand(req) for req in self._m.plan]
+        return self
 
     @property
     def exhausted(self) -> bool:
@@ -160,14 +169,19 @@ class Randomness:
             if expected != req:
                 raise PlanMismatch(f"step {self._next}: plan has {expected}, protocol asks {req}")
             self._next += 1
-            out = _expand_seeded(req, self._prg)
-            for name in _DERIVED[req.kind]:
-                if self._m.party == 0:
-                    shape = _derived_shape(req)
-                    out[name] = self._prg.ring(shape)
-                else:
-                    out[name] = next(self._corr)
-            return out
+            if self._ready is not None:
+                out, self._ready[self._next - 1] = self._ready[self._next - 1], {}
+                return out
+            return self._expand(req)
+
+    def _expand(self, req: Request) -> dict[str, torch.Tensor]:
+        out = _expand_seeded(req, self._prg)
+        for name in _DERIVED[req.kind]:
+            if self._m.party == 0:
+                out[name] = self._prg.ring(_derived_shape(req))
+            else:
+                out[name] = next(self._corr)
+        return out
 
 
 class PlanRecorder:

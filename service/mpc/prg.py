@@ -8,6 +8,7 @@ seed that make the same draws in the same order get the same tensors.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -37,7 +38,7 @@ class PRG:
 
     def ring(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform elements of Z_2^64 (int64) of the given shape."""
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(shape)
         data = np.frombuffer(self._bytes(8 * n), dtype="<i8")
         return torch.from_numpy(data.copy()).reshape(tuple(shape))
 

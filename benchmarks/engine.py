@@ -1,0 +1,159 @@
+"""Engine benchmark: the default CNN and the FC net 784-128-128-10, two parties in-process.
+
+    python -m benchmarks.engine [--json] [--repeats 30] [--images 200]
+
+Per model: rounds and bytes each party sends per image (batch 1, label output); online latency
+at batch 1 (p50), with the dealer's randomness dealt and expanded beforehand as a replica
+prefetches it, and that offline time (dealing plus both parties' seed expansion); images/s at
+batch 64; plaintext torch latency; and, over `--images` MNIST test images, label agreement with
+plaintext and the largest logit error.
+Weights: the trained fixtures in tests/fixtures (the service will use the training package's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from service.mpc.dealer import Dealer, deal_pair
+from service.mpc.inprocess import private_forward, run_two_party
+from service.mpc.network import PrivateNetwork
+from service.mpc.ring import DEFAULT_FP
+from service.mpc.sharing import share_tensors
+from training.model import DigitCNN, FCNet
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+MODELS = {"cnn": DigitCNN, "fcnet": FCNet}
+
+
+def _setup(kind: str):
+    model = MODELS[kind]()
+    model.load_state_dict(load_file(FIXTURES / f"{kind}.safetensors"))
+    model.eval()
+    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), DEFAULT_FP)
+    weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, DEFAULT_FP)
+    return model, net, weights
+
+
+def _images(n: int) -> torch.Tensor:
+    data = np.load(FIXTURES / "mnist_test_1000.npz")
+    return torch.from_numpy(data["images"][:n]).float().unsqueeze(1) / 255.0
+
+
+def _share_images(x: torch.Tensor):
+    s0, s1 = share_tensors({"x": x.double()}, DEFAULT_FP)
+    return s0["x"], s1["x"]
+
+
+def _online(net, weights, images, dealer, output="label"):
+    """(online seconds, dealer seconds, result) for one private forward pass."""
+    shapes = {k: tuple(v.shape) for k, v in weights[0].items()}
+    plan = net.plan(images[0].shape[0], output, shapes)
+    t0 = time.perf_counter()
+    r0, r1 = deal_pair(dealer, uuid.uuid4().hex, plan)
+    r0.prefetch(), r1.prefetch()
+    t1 = time.perf_counter()
+    res = run_two_party(
+        lambda p: net.forward(p, images[p.index], weights[p.index], output), r0, r1, net.fp
+    )
+    return time.perf_counter() - t1, t1 - t0, res
+
+
+def bench_model(kind: str, repeats: int, n_images: int, progress) -> dict:
+    model, net, weights = _setup(kind)
+    dealer = Dealer()
+    one = _share_images(_images(1))
+    _online(net, weights, one, dealer)  # warm-up (plan cached, torch kernels loaded)
+    online, offline = [], []
+    for _ in progress(range(repeats), desc=f"{kind} batch 1"):
+        t_on, t_off, res = _online(net, weights, one, dealer)
+        online.append(t_on)
+        offline.append(t_off)
+    batch = _share_images(_images(64))
+    b_times = []
+    for _ in progress(range(max(3, repeats // 10)), desc=f"{kind} batch 64"):
+        b_times.append(_online(net, weights, batch, dealer)[0])
+    x1 = _images(1)
+    with torch.no_grad():
+        plain_times = []
+        for _ in range(max(repeats, 50)):
+            t = time.perf_counter()
+            model(x1)
+            plain_times.append(time.perf_counter() - t)
+        x = _images(n_images)
+        plain = model(x)
+    shared = _share_images(x)
+    labels = private_forward(net, weights, shared, dealer, uuid.uuid4().hex, "label")
+    logits = private_forward(net, weights, shared, dealer, uuid.uuid4().hex, "logits")
+    agree = ((labels.out0 ^ labels.out1).argmax(-1) == plain.argmax(-1)).double().mean()
+    err = (DEFAULT_FP.decode(logits.out0 + logits.out1) - plain.double()).abs().max()
+    return {
+        "model": kind,
+        "batch": 1,
+        "rounds": res.stats0.rounds,
+        "bytes_per_party": res.stats0.bytes_sent,
+        "latency_ms_p50": round(statistics.median(online) * 1e3, 2),
+        "dealer_ms_p50": round(statistics.median(offline) * 1e3, 2),
+        "images_per_s": round(64 / statistics.median(b_times), 1),
+        "plaintext_latency_ms": round(statistics.median(plain_times) * 1e3, 3),
+        "max_abs_logit_error": float(err),
+        "label_agreement": float(agree),
+        "images_checked": n_images,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.engine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per model")
+    parser.add_argument("--repeats", type=int, default=30, help="batch-1 runs per model")
+    parser.add_argument("--images", type=int, default=200, help="images checked (<= 1000)")
+    parser.add_argument("--models", default="cnn,fcnet", help="comma list of cnn, fcnet")
+    args = parser.parse_args(argv)
+    kinds = [k.strip() for k in args.models.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in MODELS]
+    if bad or not 1 <= args.images <= 1000 or args.repeats < 1:
+        parser.error(f"unknown models {bad}" if bad else "--images in 1..1000, --repeats >= 1")
+    torch.set_num_threads(1)  # two parties share the two cores
+
+    if args.json:
+
+        def progress(it, desc):
+            return it
+    else:
+        from tqdm import tqdm
+
+        def progress(it, desc):
+            return tqdm(it, desc=desc, leave=False)
+
+    rows = [bench_model(k, args.repeats, args.images, progress) for k in kinds]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Private inference engine, two parties in-process (label output)")
+    for key in rows[0]:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()))
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Plaintext training: MNIST loading, the reference models, and fixture generation."""
