@@ -1,0 +1,166 @@
+"""FedAvg core: aggregation arithmetic, server optimizers, determinism, secure agg, DP."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.data import MnistSplit, to_tensor
+from training.fedavg import (
+    ClientResult,
+    FedAdamServer,
+    FedAvgMServer,
+    FedAvgServer,
+    FedConfig,
+    aggregate,
+    client_seed,
+    client_update,
+    combine,
+    evaluate,
+    init_model,
+    train,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mnist_test_1000.npz"
+SMALL = FedConfig(rounds=2, clients=10, fraction=0.3, local_epochs=1, batch_size=10, eval_limit=300)
+
+
+@pytest.fixture(scope="module")
+def mnist1000() -> MnistSplit:
+    with np.load(FIXTURE) as npz:
+        return MnistSplit(images=npz["images"], labels=npz["labels"].astype(np.int64))
+
+
+def weights(result_model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in result_model.parameters()]
+
+
+def test_aggregate_weighting_by_hand() -> None:
+    a = ClientResult([torch.tensor([1.0, 2.0]), torch.tensor([[4.0]])], n_examples=1, loss=0.0)
+    b = ClientResult([torch.tensor([3.0, 6.0]), torch.tensor([[0.0]])], n_examples=3, loss=0.0)
+    out = aggregate([a, b])
+    assert torch.equal(out[0], torch.tensor([2.5, 5.0]))
+    assert torch.equal(out[1], torch.tensor([[1.0]]))
+    assert torch.equal(aggregate([a])[0], a.delta[0])
+    with pytest.raises(ValueError):
+        aggregate([])
+
+
+def test_server_optimizers_by_hand() -> None:
+    w, d = [torch.tensor([1.0, -1.0])], [torch.tensor([0.5, -2.0])]
+    assert torch.equal(FedAvgServer(2.0).step(w, d)[0], torch.tensor([2.0, -5.0]))
+    m = FedAvgMServer(1.0, 0.5)
+    w1 = m.step(w, d)
+    assert torch.equal(w1[0], torch.tensor([1.5, -3.0]))
+    w2 = m.step(w1, d)  # v = 0.5 * d + d
+    assert torch.allclose(w2[0], w1[0] + 1.5 * d[0])
+    adam = FedAdamServer(server_lr=0.01, tau=1e-3)
+    step = adam.step(w, d)[0] - w[0]
+    expect = 0.01 * 0.1 * d[0] / ((0.01 * d[0] ** 2).sqrt() + 1e-3)
+    assert torch.allclose(step, expect)
+
+
+def test_client_update_delta_and_state_dict_input(mnist1000: MnistSplit) -> None:
+    model = init_model(0)
+    x, y = to_tensor(mnist1000.images[:50]), torch.from_numpy(mnist1000.labels[:50])
+    res = client_update(model.state_dict(), x, y, SMALL, seed=5)
+    res2 = client_update(list(model.parameters()), mnist1000.images[:50], y, SMALL, seed=5)
+    assert res.n_examples == 50 and math.isfinite(res.loss)
+    assert [d.shape for d in res.delta] == [p.shape for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(res.delta, res2.delta, strict=True))
+    assert any(float(d.abs().max()) > 0 for d in res.delta)
+    assert client_seed(0, 1, 2) != client_seed(0, 2, 1)
+
+
+def test_determinism_and_learning(mnist1000: MnistSplit) -> None:
+    init_acc, init_loss = evaluate(
+        init_model(SMALL.seed),
+        to_tensor(mnist1000.images[:300]),
+        torch.from_numpy(mnist1000.labels[:300]),
+    )
+    cfg = FedConfig(
+        rounds=2, clients=5, fraction=1.0, local_epochs=4, batch_size=10, eval_limit=300
+    )
+    seen: list[int] = []
+    a = train(cfg, mnist1000, mnist1000, progress=lambda r, m: seen.append(r))
+    b = train(cfg, mnist1000, mnist1000)
+    assert seen == [1, 2]
+    assert all(torch.equal(x, y) for x, y in zip(weights(a.model), weights(b.model), strict=True))
+    final = a.history[-1]
+    assert final.test_accuracy is not None and final.test_accuracy > init_acc + 0.3
+    assert final.test_loss is not None and final.test_loss < init_loss
+    assert final.clients == 5 and final.epsilon is None and final.seconds > 0
+    c = train(FedConfig(**{**cfg.__dict__, "seed": 1}), mnist1000, mnist1000)
+    assert not torch.equal(weights(a.model)[0], weights(c.model)[0])
+
+
+@pytest.mark.parametrize(("opt", "lr"), [("fedavgm", 1.0), ("fedadam", 1e-2)])
+def test_server_optimizers_run(mnist1000: MnistSplit, opt: str, lr: float) -> None:
+    cfg = FedConfig(**{**SMALL.__dict__, "server_opt": opt, "server_lr": lr, "eval_every": 2})
+    res = train(cfg, mnist1000, mnist1000)
+    assert res.history[0].test_accuracy is None  # eval_every=2 skips round 1
+    assert res.history[1].test_accuracy is not None
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+def test_secure_agg_equals_plaintext(mnist1000: MnistSplit) -> None:
+    model = init_model(0)
+    params = list(model.parameters())
+    results = [
+        client_update(
+            params,
+            mnist1000.images[i * 70 : i * 70 + 30 + 10 * i],
+            mnist1000.labels[i * 70 : i * 70 + 30 + 10 * i],
+            SMALL,
+            seed=i,
+        )
+        for i in range(4)
+    ]
+    plain = aggregate(results)
+    secure = combine(results, FedConfig(**{**SMALL.__dict__, "secure_agg": True}))
+    for p, s in zip(plain, secure, strict=True):
+        assert torch.allclose(p, s, atol=2.0**-20, rtol=0)
+    cfg = FedConfig(**{**SMALL.__dict__, "rounds": 1})
+    a = train(cfg, mnist1000, mnist1000)
+    b = train(FedConfig(**{**cfg.__dict__, "secure_agg": True}), mnist1000, mnist1000)
+    for x, y in zip(weights(a.model), weights(b.model), strict=True):
+        assert torch.allclose(x, y, atol=1e-6, rtol=0)
+
+
+def test_dp_epsilon_grows_with_rounds_and_shrinks_with_noise(mnist1000: MnistSplit) -> None:
+    cfg = FedConfig(**{**SMALL.__dict__, "dp_clip": 0.5, "dp_noise": 1.0})
+    run = train(cfg, mnist1000, mnist1000, noise_seed=3)
+    eps = [m.epsilon for m in run.history]
+    assert all(e is not None and 0 < e < math.inf for e in eps)
+    assert eps[1] > eps[0]  # type: ignore[operator]
+    again = train(cfg, mnist1000, mnist1000, noise_seed=3)
+    assert all(
+        torch.equal(x, y) for x, y in zip(weights(run.model), weights(again.model), strict=True)
+    )
+    noisier = train(
+        FedConfig(**{**cfg.__dict__, "dp_noise": 2.0, "secure_agg": True}), mnist1000, mnist1000
+    )
+    assert noisier.history[-1].epsilon < eps[-1]  # type: ignore[operator]
+
+
+def test_dp_combine_is_clipped_unweighted_mean() -> None:
+    big = ClientResult([torch.tensor([30.0, 40.0])], n_examples=100, loss=0.0)  # norm 50
+    small = ClientResult([torch.tensor([0.3, 0.0])], n_examples=1, loss=0.0)
+    cfg = FedConfig(clients=2, fraction=1.0, dp_clip=1.0, dp_noise=0.0)
+    out = combine([big, small], cfg)
+    assert torch.allclose(out[0], torch.tensor([(0.6 + 0.3) / 2, 0.8 / 2]))
+
+
+def test_bad_config() -> None:
+    with pytest.raises(ValueError, match="server_opt"):
+        FedConfig(server_opt="sgd")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="dirichlet:ALPHA"):
+        FedConfig(partition="dirichlet:0")
+    with pytest.raises(ValueError, match="dp_clip"):
+        FedConfig(dp_noise=1.0)
+    assert FedConfig().clients_per_round == 10
+    assert FedConfig(clients=3, fraction=0.01).clients_per_round == 1

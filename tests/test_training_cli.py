@@ -1,0 +1,134 @@
+"""`python -m training` end to end on a small MNIST cache built from the test fixture."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "mnist_test_1000.npz"
+
+
+@pytest.fixture
+def small_mnist(tmp_path: Path) -> Path:
+    """A cache in training.data's format holding 800 training and 200 test images."""
+    data = np.load(FIXTURE)
+    images, labels = data["images"], data["labels"].astype(np.uint8)
+    cache = tmp_path / "data"
+    cache.mkdir()
+    np.savez(
+        cache / "mnist_uint8.npz",
+        train_images=images[:800],
+        train_labels=labels[:800],
+        test_images=images[800:],
+        test_labels=labels[800:],
+    )
+    return cache
+
+
+def _cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PRIVDIGIT_DATA_DIR": str(data_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_help_lists_every_flag(small_mnist):
+    out = _cli("--help", data_dir=small_mnist)
+    assert out.returncode == 0
+    for flag in (
+        "--rounds",
+        "--clients",
+        "--fraction",
+        "--local-epochs",
+        "--batch-size",
+        "--lr",
+        "--partition",
+        "--seed",
+        "--dp-clip",
+        "--dp-noise",
+        "--secure-agg",
+        "--out",
+        "--force",
+        "resplit",
+    ):
+        assert flag in out.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rounds", "0"], "positive"),
+        (["--fraction", "1.5"], "(0, 1]"),
+        (["--partition", "zipf"], "iid"),
+        (["--dp-noise", "1.0"], "--dp-clip"),
+    ],
+)
+def test_bad_arguments_fail_with_one_clear_line(small_mnist, tmp_path, args, message):
+    out = _cli(*args, "--out", str(tmp_path / "m"), data_dir=small_mnist)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_small_run_writes_model_shares_metrics_and_curves(small_mnist, tmp_path):
+    out_dir = tmp_path / "m"
+    args = [
+        "--rounds",
+        "3",
+        "--clients",
+        "4",
+        "--fraction",
+        "1",
+        "--local-epochs",
+        "3",
+        "--batch-size",
+        "10",
+        "--json",
+    ]
+    args += ["--out", str(out_dir)]
+    out = _cli(*args, data_dir=small_mnist)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
+    names = {p.name for p in out_dir.iterdir()}
+    assert {
+        "model.safetensors",
+        "share-0.safetensors",
+        "share-1.safetensors",
+        "manifest.json",
+        "metrics.json",
+        "curves.png",
+    } <= names
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    assert (out_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["model_version"] == summary["model_version"]
+    # refuses to overwrite, then --force replaces, then resplit renews the version
+    again = _cli(*args, data_dir=small_mnist)
+    assert again.returncode != 0 and "--force" in again.stderr
+    assert _cli(*args, "--force", data_dir=small_mnist).returncode == 0
+    before = load_file(out_dir / "share-0.safetensors")
+    resplit = _cli("resplit", str(out_dir), data_dir=small_mnist)
+    assert resplit.returncode == 0, resplit.stderr
+    assert json.loads((out_dir / "manifest.json").read_text())["model_version"] in resplit.stdout
+    after = load_file(out_dir / "share-0.safetensors")
+    assert not all((before[k] == after[k]).all() for k in before)
+
+
+def test_resplit_of_a_missing_model_fails_cleanly(small_mnist, tmp_path):
+    out = _cli("resplit", str(tmp_path / "none"), data_dir=small_mnist)
+    assert out.returncode == 2 and "error:" in out.stderr

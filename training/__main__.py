@@ -1,0 +1,263 @@
+"""`python -m training`: federated training of the MNIST CNN, exported as two secret shares.
+
+    python -m training --rounds 20 --clients 100 --fraction 0.1 --out models/latest
+    python -m training resplit models/latest      # fresh shares (new version), same model
+
+A run shows a progress bar and writes, atomically into --out: the plaintext model, the two
+replica share files and the public manifest.json, metrics.json (per round) and curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import IO
+
+EPILOG = """examples:
+  python -m training --rounds 5 --out models/quick
+  python -m training --partition dirichlet:0.3 --server-opt fedadam --out models/noniid
+  python -m training --dp-clip 1.0 --dp-noise 1.0 --out models/dp
+  python -m training --secure-agg --out models/secagg
+  python -m training resplit models/quick
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _partition(text: str) -> str:
+    from training.partition import parse_partition
+
+    try:
+        parse_partition(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--rounds", type=_positive_int, default=20, help="federated rounds (20)")
+    p.add_argument("--clients", type=_positive_int, default=100, help="data holders (100)")
+    p.add_argument("--fraction", type=_fraction, default=0.1, help="clients per round C (0.1)")
+    p.add_argument("--local-epochs", type=_positive_int, default=5, help="local epochs E (5)")
+    p.add_argument("--batch-size", type=_positive_int, default=10, help="local batch B (10)")
+    p.add_argument("--lr", type=_positive_float, default=0.05, help="client SGD rate (0.05)")
+    p.add_argument(
+        "--partition",
+        type=_partition,
+        default="iid",
+        help="iid | dirichlet:ALPHA | shards (FedAvg paper's 2 shards per client)",
+    )
+    p.add_argument("--server-opt", choices=["fedavg", "fedavgm", "fedadam"], default="fedavg")
+    p.add_argument(
+        "--server-lr",
+        type=_positive_float,
+        default=None,
+        help="server rate (1.0; 0.01 for fedadam)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for partitions, sampling, init")
+    p.add_argument(
+        "--dp-clip",
+        type=_positive_float,
+        default=None,
+        help="central DP: clip each client's update to this L2 norm",
+    )
+    p.add_argument(
+        "--dp-noise",
+        type=float,
+        default=0.0,
+        help="central DP: noise multiplier (std = noise * clip on the sum)",
+    )
+    p.add_argument("--dp-delta", type=_positive_float, default=1e-5, help="DP delta (1e-5)")
+    p.add_argument(
+        "--secure-agg",
+        action="store_true",
+        help="clients send two additive shares to two aggregators",
+    )
+    p.add_argument(
+        "--eval-limit",
+        type=_positive_int,
+        default=None,
+        help="evaluate on the first N test images only (faster)",
+    )
+    p.add_argument("--out", type=Path, default=Path("models/latest"), help="output directory")
+    p.add_argument("--force", action="store_true", help="replace an existing model in --out")
+    p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    return p
+
+
+def plot_curves(history: list[dict], path: Path | IO[bytes]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [h["round"] for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(rounds, [100 * h["test_accuracy"] for h in history], marker="o")
+    ax1.set(xlabel="round", ylabel="test accuracy (%)", title="Accuracy")
+    ax1.grid(alpha=0.3)
+    ax2.plot(rounds, [h["test_loss"] for h in history], marker="o", label="test")
+    ax2.plot(rounds, [h["train_loss"] for h in history], marker="o", label="clients (train)")
+    ax2.set(xlabel="round", ylabel="loss", title="Loss")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from training.data import MnistUnavailable, load_mnist
+    from training.export import ExportError, export_model
+    from training.fedavg import FedConfig, train
+
+    if args.dp_noise < 0:
+        print("error: --dp-noise must be >= 0", file=sys.stderr)
+        return 2
+    if args.dp_noise > 0 and args.dp_clip is None:
+        print(
+            "error: --dp-noise needs --dp-clip (the sensitivity it is scaled by)", file=sys.stderr
+        )
+        return 2
+    out = args.out
+    if out.exists() and any(out.iterdir()) and not args.force:
+        print(f"error: {out} already holds a model; pass --force to replace it", file=sys.stderr)
+        return 2
+    cfg = FedConfig(
+        rounds=args.rounds,
+        clients=args.clients,
+        fraction=args.fraction,
+        local_epochs=args.local_epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        partition=args.partition,
+        seed=args.seed,
+        server_opt=args.server_opt,
+        server_lr=args.server_lr or (0.01 if args.server_opt == "fedadam" else 1.0),
+        dp_clip=args.dp_clip,
+        dp_noise=args.dp_noise,
+        dp_delta=args.dp_delta,
+        secure_agg=args.secure_agg,
+        eval_limit=args.eval_limit,
+    )
+    try:
+        train_split, test_split = load_mnist("train"), load_mnist("test")
+    except MnistUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    started = time.perf_counter()
+    bar = tqdm(total=cfg.rounds, desc="federated rounds", unit="round", disable=args.json)
+
+    def progress(_: int, metrics) -> None:
+        bar.set_postfix(acc=f"{metrics.test_accuracy:.4f}", loss=f"{metrics.test_loss:.3f}")
+        bar.update(1)
+
+    result = train(cfg, train_split, test_split, progress=progress)
+    bar.close()
+    history = [asdict(m) for m in result.history]
+    metrics = {
+        "config": asdict(cfg),
+        "rounds": history,
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    try:
+        import io
+
+        png = io.BytesIO()
+        plot_curves(history, png)
+        manifest = export_model(
+            result.model.state_dict(),
+            result.model.layers(),
+            out,
+            force=args.force,
+            extra_files={
+                "metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
+                "curves.png": png.getvalue(),
+            },
+            extra_manifest={
+                "training": {
+                    "final_test_accuracy": history[-1]["test_accuracy"],
+                    "rounds": cfg.rounds,
+                    "epsilon": history[-1].get("epsilon"),
+                }
+            },
+        )
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = {
+        "out": str(out),
+        "model_version": manifest["model_version"],
+        "final_test_accuracy": history[-1]["test_accuracy"],
+        "epsilon": history[-1].get("epsilon"),
+        "wall_s": metrics["wall_s"],
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        eps = f", epsilon {summary['epsilon']:.2f}" if summary["epsilon"] else ""
+        print(
+            f"test accuracy {100 * summary['final_test_accuracy']:.2f}%{eps}; wrote {out}/ "
+            f"(model version {manifest['model_version']})"
+        )
+    return 0
+
+
+def run_resplit(argv: list[str]) -> int:
+    from training.export import ExportError, resplit
+
+    p = argparse.ArgumentParser(
+        prog="python -m training resplit",
+        description="Fresh shares and a new model version for a model.",
+    )
+    p.add_argument("directory", type=Path, help="a directory written by python -m training")
+    args = p.parse_args(argv)
+    try:
+        manifest = resplit(args.directory)
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"re-split {args.directory}: model version {manifest['model_version']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["resplit"]:
+        return run_resplit(argv[1:])
+    return run_train(train_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
