@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
@@ -54,3 +56,22 @@ def fp() -> FixedPoint:
 
 def reals(shape: Sequence[int], scale: float = 10.0) -> torch.Tensor:
     return torch.randn(tuple(shape), dtype=torch.float64) * scale
+
+
+@pytest.fixture
+def small_mnist(tmp_path: Path, monkeypatch) -> Path:
+    """A cache in training.data's format with 800 training and 200 test images (the fixture's),
+    set as PRIVDIGIT_DATA_DIR, so training runs for real on small data without the wheel."""
+    data = np.load(Path(__file__).parent / "fixtures" / "mnist_test_1000.npz")
+    images, labels = data["images"], data["labels"].astype(np.uint8)
+    cache = tmp_path / "data"
+    cache.mkdir()
+    np.savez(
+        cache / "mnist_uint8.npz",
+        train_images=images[:800],
+        train_labels=labels[:800],
+        test_images=images[800:],
+        test_labels=labels[800:],
+    )
+    monkeypatch.setenv("PRIVDIGIT_DATA_DIR", str(cache))
+    return cache

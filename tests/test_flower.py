@@ -30,27 +30,8 @@ from training.data import load_mnist
 from training.fedavg import FedConfig, evaluate, train
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "fixtures" / "mnist_test_1000.npz"
 APP_DIR = ROOT / "training" / "flower"
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture
-def small_mnist(tmp_path: Path, monkeypatch) -> Path:
-    """A cache in training.data's format holding 800 training and 200 test images."""
-    data = np.load(FIXTURE)
-    images, labels = data["images"], data["labels"].astype(np.uint8)
-    cache = tmp_path / "data"
-    cache.mkdir()
-    np.savez(
-        cache / "mnist_uint8.npz",
-        train_images=images[:800],
-        train_labels=labels[:800],
-        test_images=images[800:],
-        test_labels=labels[800:],
-    )
-    monkeypatch.setenv("PRIVDIGIT_DATA_DIR", str(cache))
-    return cache
 
 
 # --------------------------------------------------------------------------- in-process

@@ -8,29 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "fixtures" / "mnist_test_1000.npz"
-
-
-@pytest.fixture
-def small_mnist(tmp_path: Path) -> Path:
-    """A cache in training.data's format holding 800 training and 200 test images."""
-    data = np.load(FIXTURE)
-    images, labels = data["images"], data["labels"].astype(np.uint8)
-    cache = tmp_path / "data"
-    cache.mkdir()
-    np.savez(
-        cache / "mnist_uint8.npz",
-        train_images=images[:800],
-        train_labels=labels[:800],
-        test_images=images[800:],
-        test_labels=labels[800:],
-    )
-    return cache
 
 
 def _cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess:
