@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench clean openapi deploy-shares
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run 'make PY=/path/to/python3.11'"; exit 1; }
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m service.mpc.demo
+	$(BIN)/python -m service demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -34,3 +34,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+
+openapi: $(STAMP)
+	$(BIN)/python -m service openapi --write
+
+# Copy a model's manifest and each party's share into its own directory (docker-compose volumes).
+MODEL ?= models/default
+deploy-shares:
+	@test -f $(MODEL)/manifest.json || { echo "error: $(MODEL)/manifest.json not found"; exit 1; }
+	mkdir -p deploy/share-0 deploy/share-1
+	cp $(MODEL)/manifest.json $(MODEL)/share-0.safetensors deploy/share-0/
+	cp $(MODEL)/manifest.json $(MODEL)/share-1.safetensors deploy/share-1/

@@ -111,6 +111,14 @@ def _derived_shape(req: Request) -> tuple[int, ...]:
     return req.shapes[0]
 
 
+def correction_shapes(plan: tuple[Request, ...]) -> list[tuple[int, ...]]:
+    """The shapes of party 1's corrections for `plan`, in the order the dealer sends them.
+
+    Public (a function of the plan only), so the corrections can travel as one flat buffer.
+    """
+    return [_derived_shape(req) for req in plan for _ in _DERIVED[req.kind]]
+
+
 def _expand_seeded(req: Request, prg: PRG) -> dict[str, torch.Tensor]:
     if req.kind not in _SEEDED:
         raise ValueError(f"unknown randomness kind {req.kind!r}")

@@ -1,0 +1,122 @@
+"""Service benchmark: the local cluster end to end, through the real client over loopback HTTP.
+
+    python -m benchmarks.service [--json] [--requests 200] [--clients 8] [--seconds 10]
+
+Starts dealer and both replicas (free ports, bundled model unless --model), then measures
+  latency_ms_p50 / p95   one client, one image per request, client call to label
+  images_per_s           --clients concurrent clients, one image per request, for --seconds
+  peer_bytes_per_image, rounds   what the replicas report for one image
+and checks every label against the labels of a first pass (wrong_labels must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from clients.privdigit import PrivDigitClient
+from service.cluster import DEFAULT_MODEL, Cluster, free_ports
+
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "mnist_test_1000.npz"
+
+
+def _images(n: int) -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(FIXTURE)
+    return data["images"][:n].astype(np.float64) / 255.0, data["labels"][:n]
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--requests", type=int, default=200, help="sequential single-image requests")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients for throughput")
+    p.add_argument("--seconds", type=float, default=10.0, help="throughput phase duration")
+    p.add_argument("--model", help="model directory (default: bundled)")
+    a = p.parse_args(argv)
+    import httpx
+    from tqdm import tqdm
+
+    x, truth = _images(1000)
+    cluster = Cluster(model=Path(a.model) if a.model else DEFAULT_MODEL, ports=free_ports(3))
+    with cluster:
+        urls = cluster.replica_urls
+        with PrivDigitClient(urls) as client:
+            reference = [p.label for p in client.predict_encoded(x[:64])]  # warm-up + oracle
+            m0 = httpx.get(f"{urls[0]}/metrics").text
+            latencies, wrong = [], 0
+            for i in tqdm(range(a.requests), desc="latency", disable=a.json, leave=False):
+                started = time.perf_counter()
+                pred = client.predict_encoded(x[i % 64 : i % 64 + 1])[0]
+                latencies.append((time.perf_counter() - started) * 1000)
+                wrong += pred.label != reference[i % 64]
+            m1 = httpx.get(f"{urls[0]}/metrics").text
+        rounds = (
+            _metric(m1, "privdigit_protocol_rounds_total")
+            - _metric(m0, "privdigit_protocol_rounds_total")
+        ) / a.requests
+        peer_bytes = (
+            _metric(m1, "privdigit_peer_bytes_sent_total")
+            - _metric(m0, "privdigit_peer_bytes_sent_total")
+        ) / a.requests
+
+        done, errors, bad = [0] * a.clients, [0] * a.clients, [0] * a.clients
+        stop = threading.Event()
+
+        def worker(k: int) -> None:
+            with PrivDigitClient(urls) as c:
+                i = k
+                while not stop.is_set():
+                    try:
+                        label = c.predict_encoded(x[i % 64 : i % 64 + 1])[0].label
+                        bad[k] += label != reference[i % 64]
+                        done[k] += 1
+                    except Exception:
+                        errors[k] += 1
+                    i += a.clients
+
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(a.clients)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for _ in tqdm(range(int(a.seconds)), desc="throughput", disable=a.json, leave=False):
+            time.sleep(1)
+        stop.set()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - started
+
+    result = {
+        "latency_ms_p50": round(float(np.percentile(latencies, 50)), 2),
+        "latency_ms_p95": round(float(np.percentile(latencies, 95)), 2),
+        "images_per_s": round(sum(done) / wall, 1),
+        "concurrent_clients": a.clients,
+        "peer_bytes_per_image": int(peer_bytes),
+        "rounds": rounds,
+        "errors": sum(errors),
+        "wrong_labels": int(wrong + sum(bad)),
+        "accuracy_first_64": float(np.mean(np.array(reference) == truth[:64])),
+    }
+    if a.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:22s} {v}")
+    return 0 if result["errors"] == 0 and result["wrong_labels"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""`python -m service`: run a replica, the dealer, or the whole local cluster.
+
+    python -m service up [--model DIR] [--ports 8000,8001,8002] [--scores]
+    python -m service replica --party 0|1 --model DIR [--port P] [--peer-url WS] [--dealer-url URL]
+    python -m service dealer [--port 8002]
+    python -m service demo                    # start, classify clients/samples/*.png, stop
+    python -m service openapi [--check]       # print (or check) openapi.yaml from the app
+    python -m service reload URL              # ask a replica to load its model directory now
+
+Replica and dealer also read `PRIVDIGIT_*` environment variables (flags win); both need the
+deployment secret `PRIVDIGIT_SECRET` (`up` makes a fresh one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+OPENAPI_FILE = Path(__file__).resolve().parent.parent / "openapi.yaml"
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _settings(cls, given: dict):
+    from pydantic import ValidationError
+
+    try:
+        return cls(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SystemExit(_fail(f"{where}: {first['msg']}")) from None
+
+
+def _serve(app, host: str, port: int, log_level: str) -> None:
+    import uvicorn
+
+    from service.api.peer import MAX_FRAME
+
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning" if log_level == "info" else log_level,
+        access_log=False,
+        ws_max_size=MAX_FRAME,
+        ws_per_message_deflate=False,
+    )
+
+
+def cmd_replica(a: argparse.Namespace) -> int:
+    from service.api.observability import setup_logging
+    from service.api.replica_app import create_replica_app
+    from service.api.settings import ReplicaSettings
+    from service.store import StoreError, load_share
+
+    s = _settings(
+        ReplicaSettings,
+        {
+            "party": a.party,
+            "model": a.model,
+            "host": a.host,
+            "port": a.port,
+            "peer_url": a.peer_url,
+            "dealer_url": a.dealer_url,
+            "max_batch": a.max_batch,
+            "scores_enabled": True if a.scores else None,
+            "reload_poll_s": a.reload_poll,
+            "secret": a.secret,
+            "peer_timeout_s": a.peer_timeout,
+        },
+    )
+    try:
+        load_share(s.model, s.party)  # fail fast with a clear message; the app reloads itself
+    except StoreError as exc:
+        return _fail(str(exc))
+    setup_logging(s.log_level)
+    _serve(create_replica_app(s), s.host, s.port, s.log_level)
+    return 0
+
+
+def cmd_dealer(a: argparse.Namespace) -> int:
+    from service.api.dealer_app import create_dealer_app
+    from service.api.observability import setup_logging
+    from service.api.settings import DealerSettings
+
+    s = _settings(DealerSettings, {"host": a.host, "port": a.port, "secret": a.secret})
+    setup_logging(s.log_level)
+    _serve(create_dealer_app(s), s.host, s.port, s.log_level)
+    return 0
+
+
+def _ports(text: str) -> tuple[int, int, int]:
+    try:
+        ports = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("ports must be three integers: R0,R1,DEALER") from None
+    if len(ports) != 3 or len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
+        raise argparse.ArgumentTypeError("ports must be three distinct ports: R0,R1,DEALER")
+    return ports  # type: ignore[return-value]
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    from service.cluster import DEFAULT_MODEL, Cluster, ClusterError
+    from service.store import StoreError, load_share
+
+    model = Path(a.model) if a.model else DEFAULT_MODEL
+    for party in (0, 1):
+        try:
+            load_share(model, party)
+        except StoreError as exc:
+            return _fail(f"{exc} (train one with `python -m training --out DIR`)")
+    cluster = Cluster(
+        model=model, ports=a.ports, scores=a.scores, log_dir=Path(a.log_dir) if a.log_dir else None
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"starting dealer and two replicas with the model in {model} ...", flush=True)
+    try:
+        cluster.start(timeout=a.ready_timeout)
+    except ClusterError as exc:
+        return _fail(str(exc))
+    r0, r1 = cluster.replica_urls
+    print(f"replica 0: {r0}\nreplica 1: {r1}\ndealer:    {cluster.dealer_url}")
+    print(f"logs:      {cluster.log_dir}")
+    print(f"try:       python clients/predict.py digit.png --replicas {r0},{r1}")
+    if a.model is None:
+        print(
+            "note: the bundled demo model's two shares both ship in the repository; for real "
+            "use train and split your own (python -m training --out DIR; then --model DIR)"
+        )
+    print("ready. Ctrl-C stops all three.", flush=True)
+    try:
+        while not stop.is_set():
+            for role, proc in cluster.procs.items():
+                if proc.poll() is not None:
+                    print(
+                        f"error: {role} exited ({proc.returncode}); stopping\n{cluster.tail(role)}",
+                        file=sys.stderr,
+                    )
+                    stop.set()
+            stop.wait(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        print("stopping ...", flush=True)
+        cluster.stop()
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """Start the cluster, classify the sample digits with the real client CLI, stop."""
+    import subprocess
+
+    from service.cluster import DEFAULT_MODEL, REPO, Cluster, ClusterError, free_ports
+
+    samples = sorted((REPO / "clients" / "samples").glob("*.png"))
+    cluster = Cluster(model=Path(a.model) if a.model else DEFAULT_MODEL, ports=free_ports(3))
+    print("starting the local cluster (dealer + two replicas) ...", flush=True)
+    try:
+        with cluster:
+            r0, r1 = cluster.replica_urls
+            print(f"replica 0 {r0}, replica 1 {r1}, dealer {cluster.dealer_url}")
+            print(
+                f"classifying {len(samples)} sample digits; each image is split into two "
+                "shares, one per replica:\n",
+                flush=True,
+            )
+            cmd = [
+                sys.executable,
+                str(REPO / "clients" / "predict.py"),
+                *map(str, samples),
+                "--replicas",
+                f"{r0},{r1}",
+            ]
+            return subprocess.run(cmd, cwd=REPO).returncode
+    except ClusterError as exc:
+        return _fail(str(exc))
+
+
+def openapi_text() -> str:
+    import yaml
+
+    from service.api.replica_app import create_replica_app
+    from service.api.settings import ReplicaSettings
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+        style = "|" if "\n" in data else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
+
+    Dumper.add_representer(str, text)
+    app = create_replica_app(ReplicaSettings(party=0, model=Path("."), secret="x" * 32))
+    return yaml.dump(app.openapi(), Dumper=Dumper, sort_keys=False, allow_unicode=True, width=100)
+
+
+def cmd_openapi(a: argparse.Namespace) -> int:
+    text = openapi_text()
+    if a.check:
+        if not OPENAPI_FILE.exists() or OPENAPI_FILE.read_text() != text:
+            return _fail(f"{OPENAPI_FILE} differs from the app; run `make openapi`")
+        print(f"{OPENAPI_FILE} matches the app")
+        return 0
+    if a.write:
+        OPENAPI_FILE.write_text(text)
+        print(f"wrote {OPENAPI_FILE}")
+        return 0
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_reload(a: argparse.Namespace) -> int:
+    import httpx
+
+    from service.api import auth
+
+    secret = a.secret or os.environ.get("PRIVDIGIT_SECRET", "")
+    if len(secret) < 32:
+        return _fail("set PRIVDIGIT_SECRET (or --secret) to the deployment secret")
+    try:
+        party = httpx.get(f"{a.url}/v1/health", timeout=5).json()["party"]
+        r = httpx.post(
+            f"{a.url}/v1/admin/reload",
+            headers={auth.AUTH_HEADER: auth.mac(secret.encode(), "reload", str(party))},
+            timeout=30,
+        )
+    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        return _fail(f"cannot reach the replica at {a.url}: {exc}")
+    print(json.dumps(r.json()))
+    return 0 if r.status_code == 200 else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m service",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start dealer and both replicas on 127.0.0.1")
+    up.add_argument("--model", help="model directory from `python -m training` (default: bundled)")
+    up.add_argument("--ports", type=_ports, default=(8000, 8001, 8002), help="R0,R1,DEALER")
+    up.add_argument("--scores", action="store_true", help="let clients ask for scores")
+    up.add_argument("--log-dir", help="where the three processes log (default: a temp dir)")
+    up.add_argument("--ready-timeout", type=float, default=60.0)
+    up.set_defaults(fn=cmd_up)
+
+    rep = sub.add_parser("replica", help="run one replica (party 0 or 1)")
+    rep.add_argument("--party", type=int, choices=(0, 1))
+    rep.add_argument("--model", help="model directory holding manifest.json and this party's share")
+    rep.add_argument("--host")
+    rep.add_argument("--port", type=int)
+    rep.add_argument("--peer-url", help="party 0: party 1's ws://HOST:PORT/v1/peer")
+    rep.add_argument("--dealer-url")
+    rep.add_argument("--max-batch", type=int)
+    rep.add_argument("--peer-timeout", type=float)
+    rep.add_argument("--reload-poll", type=float, help="seconds between model checks; 0 = off")
+    rep.add_argument("--scores", action="store_true", help="let clients ask for scores")
+    rep.add_argument("--secret", help="deployment secret (better: PRIVDIGIT_SECRET)")
+    rep.set_defaults(fn=cmd_replica)
+
+    dl = sub.add_parser("dealer", help="run the dealer of correlated randomness")
+    dl.add_argument("--host")
+    dl.add_argument("--port", type=int)
+    dl.add_argument("--secret", help="deployment secret (better: PRIVDIGIT_SECRET)")
+    dl.set_defaults(fn=cmd_dealer)
+
+    demo = sub.add_parser("demo", help="start the cluster, classify the sample digits, stop")
+    demo.add_argument("--model", help="model directory (default: bundled)")
+    demo.set_defaults(fn=cmd_demo)
+
+    oa = sub.add_parser("openapi", help="print the replica's OpenAPI contract as YAML")
+    g = oa.add_mutually_exclusive_group()
+    g.add_argument("--check", action="store_true", help="exit 2 if openapi.yaml differs")
+    g.add_argument("--write", action="store_true", help="rewrite openapi.yaml")
+    oa.set_defaults(fn=cmd_openapi)
+
+    rl = sub.add_parser("reload", help="ask a replica to load its model directory now")
+    rl.add_argument("url", help="the replica's base URL, e.g. http://127.0.0.1:8000")
+    rl.add_argument("--secret", help="deployment secret (better: PRIVDIGIT_SECRET)")
+    rl.set_defaults(fn=cmd_reload)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

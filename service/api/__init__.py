@@ -1,0 +1,1 @@
+"""The web layer: FastAPI apps for replica and dealer, the peer stream, settings, schemas."""

@@ -1,0 +1,90 @@
+"""The dealer's web app: `POST /v1/randomness` hands a replica its material for one request id.
+
+The body names the request id, the party and the public plan (kinds and shapes); the answer is
+the party's seed, plus for party 1 the corrections (see `wire.py`). Each (request id, party) is
+served once (409 `replayed_request` after), only to a caller that proves the deployment secret
+(401 `unauthenticated` otherwise). The dealer sees no shares and no data, only shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+
+from service.api import auth, wire
+from service.api.errors import ApiError, install_error_handlers
+from service.api.schemas import REQUEST_ID_PATTERN, ErrorBody, Health
+from service.api.settings import DealerSettings
+from service.mpc.dealer import Dealer, RandomnessReused
+
+log = logging.getLogger("privdigit.dealer")
+_RID = re.compile(REQUEST_ID_PATTERN)
+
+
+def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) -> FastAPI:
+    secret = auth.parse_secret(settings.secret)
+    dealer = dealer or Dealer()
+    registry = CollectorRegistry()
+    served = Counter("privdigit_dealer_served", "materials served", ["party"], registry=registry)
+    refused = Counter("privdigit_dealer_refused", "requests refused", ["code"], registry=registry)
+    served_bytes = Counter("privdigit_dealer_bytes", "material bytes sent", registry=registry)
+
+    app = FastAPI(title="privdigit dealer", version="1", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+
+    def refuse(code: str, message: str) -> ApiError:
+        refused.labels(code).inc()
+        return ApiError(code, message)
+
+    @app.get("/v1/health", response_model=Health)
+    async def health() -> Health:
+        return Health(status="ok", party=-1)
+
+    @app.post(
+        "/v1/randomness",
+        response_class=Response,
+        responses={
+            200: {"content": {"application/octet-stream": {}}},
+            **{s: {"model": ErrorBody} for s in (400, 401, 409, 413)},
+        },
+    )
+    async def randomness(request: Request) -> Response:
+        body = await request.body()
+        try:
+            req = json.loads(body)
+            rid, party = str(req["request_id"]), int(req["party"])
+            plan = wire.plan_from_json(req["plan"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise refuse("invalid_request", f"body is not a randomness request ({exc})") from None
+        try:
+            auth.verify(secret, request.headers.get(auth.AUTH_HEADER), "dealer", str(party), body)
+        except auth.AuthError as exc:
+            raise refuse("unauthenticated", str(exc)) from None
+        if not _RID.match(rid) or party not in (0, 1):
+            raise refuse("invalid_request", "request_id or party is malformed")
+        elements = sum(math.prod(s) for r in plan for s in r.shapes)
+        if elements > settings.max_plan_elements:
+            raise refuse("payload_too_large", f"plan asks for {elements} ring elements")
+        try:
+            material = await run_in_threadpool(dealer.deal, rid, party, plan)
+        except RandomnessReused as exc:
+            raise refuse("replayed_request", str(exc)) from None
+        except (ValueError, RuntimeError) as exc:
+            raise refuse("invalid_request", f"plan cannot be dealt: {exc}") from None
+        data = wire.material_to_bytes(material)
+        served.labels(str(party)).inc()
+        served_bytes.inc(len(data))
+        return Response(data, media_type="application/octet-stream")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,301 @@
+"""The peer stream: one persistent, authenticated WebSocket between the replicas, multiplexed.
+
+Party 0 dials party 1's `/v1/peer` and redials by itself when the stream drops; party 1 accepts
+(a newer authenticated connection replaces an older one). Opening the stream is a mutual
+HMAC challenge-response (`auth.py`) that also tells each side which model versions the other
+holds; a HAVE frame repeats that after every reload.
+
+Each inference is a request id. Its frames (META once, then one DATA frame per protocol round,
+or ABORT) go into a per-request mailbox, so any number of inferences share the one stream.
+Frames that arrive before the local request starts (the client's post reached the peer first)
+wait in their mailbox; unclaimed mailboxes expire. `PeerChannel` is the engine's `Channel` for
+one request: protocol code runs in a worker thread and blocks on its mailbox, the event loop
+does all socket I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from service.api import auth, wire
+from service.mpc.channel import ChannelError, ChannelStats
+
+log = logging.getLogger("privdigit.peer")
+HELLO = "privdigit-peer/1"
+MAX_FRAME = 256 * 1024 * 1024
+MAX_MAILBOXES = 4096
+
+
+class PeerTimeout(ChannelError):
+    """The peer sent nothing for this request within the timeout."""
+
+
+class PeerLost(ChannelError):
+    """The stream to the peer is down (or went down during the request)."""
+
+
+class PeerAborted(ChannelError):
+    """The peer gave up on this request and said why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Conn(Protocol):
+    async def send(self, data: bytes | str) -> None: ...
+    async def recv(self) -> bytes | str: ...
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+@dataclass
+class _Mailbox:
+    q: queue.Queue = field(default_factory=queue.Queue)
+    created: float = field(default_factory=time.monotonic)
+    claimed: bool = False
+
+
+class PeerLink:
+    """This replica's end of the peer stream (one per replica process, passed explicitly)."""
+
+    def __init__(
+        self,
+        party: int,
+        secret: bytes,
+        versions: Callable[[], list[str]],
+        *,
+        timeout: float = 10.0,
+        on_auth_failure: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.party = party
+        self._secret = secret
+        self._versions = versions
+        self.timeout = timeout
+        self._on_auth_failure = on_auth_failure
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conn: Conn | None = None
+        self._outbox: asyncio.Queue[bytes | str] | None = None
+        self._boxes: dict[str, _Mailbox] = {}
+        self._lock = threading.Lock()
+        self.peer_versions: list[str] = []
+        self.last_error: str | None = None
+        self.connects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    # -- connection side (event loop) ----------------------------------------------------------
+
+    async def _handshake(self, conn: Conn, initiator: bool) -> list[str]:
+        mine = json.dumps(self._versions())
+        if initiator:  # party 0
+            hello = json.loads(await asyncio.wait_for(conn.recv(), self.timeout))
+            if hello.get("hello") != HELLO or hello.get("party") != 1:
+                raise auth.AuthError("the other end is not a party-1 privdigit replica")
+            ns, nc = str(hello["nonce"]), auth.nonce()
+            tag = auth.mac(self._secret, "peer", "0", ns, nc, mine)
+            await conn.send(json.dumps({"party": 0, "nonce": nc, "versions": mine, "mac": tag}))
+            reply = json.loads(await asyncio.wait_for(conn.recv(), self.timeout))
+            auth.verify(self._secret, reply.get("mac"), "peer", "1", ns, nc, reply["versions"])
+            return list(json.loads(reply["versions"]))
+        ns = auth.nonce()
+        await conn.send(json.dumps({"hello": HELLO, "party": 1, "nonce": ns}))
+        msg = json.loads(await asyncio.wait_for(conn.recv(), self.timeout))
+        if msg.get("party") != 0:
+            raise auth.AuthError("only party 0 may dial party 1")
+        nc = str(msg["nonce"])
+        auth.verify(self._secret, msg.get("mac"), "peer", "0", ns, nc, msg["versions"])
+        tag = auth.mac(self._secret, "peer", "1", ns, nc, mine)
+        await conn.send(json.dumps({"versions": mine, "mac": tag}))
+        return list(json.loads(msg["versions"]))
+
+    async def run(self, conn: Conn, *, initiator: bool) -> None:
+        """Authenticate `conn`, then carry frames until it closes."""
+        try:
+            versions = await self._handshake(conn, initiator)
+        except (TimeoutError, auth.AuthError, KeyError, TypeError, ValueError) as exc:
+            self._on_auth_failure()
+            log.warning("peer handshake refused: %s", exc)
+            with contextlib.suppress(Exception):
+                await conn.close(4401, "unauthenticated")
+            return
+        self._loop = asyncio.get_running_loop()
+        old = self._conn
+        if old is not None:
+            self._detach("replaced by a new peer connection")
+            with contextlib.suppress(Exception):
+                await old.close(1000, "replaced")
+        self._conn, self._outbox = conn, asyncio.Queue()
+        self.peer_versions, self.last_error = versions, None
+        self.connects += 1
+        log.info("peer connected", extra={"fields": {"peer_versions": versions}})
+        writer = asyncio.create_task(self._write(conn, self._outbox))
+        try:
+            while True:
+                data = await conn.recv()
+                if isinstance(data, str):
+                    raise wire.WireError("text frame after the handshake")
+                self._deliver(wire.decode_frame(data))
+        except Exception as exc:  # closed, or garbage: drop the stream, the dialer redials
+            self.last_error = f"peer stream closed: {type(exc).__name__}: {exc}"
+        finally:
+            writer.cancel()
+            if self._conn is conn:
+                self._detach(self.last_error or "peer stream closed")
+            with contextlib.suppress(Exception):
+                await conn.close(1000, "bye")
+
+    async def _write(self, conn: Conn, outbox: asyncio.Queue) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                await conn.send(await outbox.get())
+
+    async def dial_forever(self, url: str, *, ssl: Any = None) -> None:
+        """Party 0: keep a stream to party 1 open, redialling with backoff when it drops."""
+        from websockets.asyncio.client import connect
+
+        delay = 0.1
+        while True:
+            try:
+                async with connect(
+                    url, max_size=MAX_FRAME, ssl=ssl, open_timeout=self.timeout, compression=None
+                ) as ws:
+                    delay = 0.1
+                    await self.run(ws, initiator=True)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"cannot reach peer at {url}: {type(exc).__name__}: {exc}"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _detach(self, reason: str) -> None:
+        self._conn, self._outbox, self.peer_versions = None, None, []
+        with self._lock:
+            for box in self._boxes.values():
+                box.q.put(PeerLost(reason))
+        log.warning("peer disconnected: %s", reason)
+
+    def _deliver(self, frame: wire.Frame) -> None:
+        if frame.kind == wire.HAVE:
+            self.peer_versions = [str(v) for v in (frame.payload or {}).get("versions", [])]
+            return
+        with self._lock:
+            box = self._boxes.get(frame.request_id)
+            if box is None:
+                if len(self._boxes) >= MAX_MAILBOXES:
+                    self._expire_locked()
+                    if len(self._boxes) >= MAX_MAILBOXES:
+                        log.warning("too many pending peer requests; frame dropped")
+                        return
+                box = self._boxes[frame.request_id] = _Mailbox()
+        box.q.put(frame)
+
+    def _expire_locked(self) -> None:
+        cutoff = time.monotonic() - 2 * self.timeout
+        for rid in [r for r, b in self._boxes.items() if not b.claimed and b.created < cutoff]:
+            del self._boxes[rid]
+
+    async def janitor(self) -> None:
+        """Forget frames for requests that never started here (their client gave up)."""
+        while True:
+            await asyncio.sleep(self.timeout)
+            with self._lock:
+                self._expire_locked()
+
+    async def announce(self) -> None:
+        """Tell the peer which versions this replica now holds (after a reload)."""
+        if self._outbox is not None:
+            self._outbox.put_nowait(wire.encode_json(wire.HAVE, "", {"versions": self._versions()}))
+
+    # -- request side (worker threads) ---------------------------------------------------------
+
+    def send(self, frame: bytes) -> None:
+        loop, outbox = self._loop, self._outbox
+        if loop is None or outbox is None:
+            raise PeerLost("the peer replica is not connected")
+        loop.call_soon_threadsafe(outbox.put_nowait, frame)
+
+    def channel(self, request_id: str) -> PeerChannel:
+        with self._lock:
+            box = self._boxes.setdefault(request_id, _Mailbox())
+            if box.claimed:
+                raise ChannelError(f"request id {request_id!r} is already running")
+            box.claimed = True
+        return PeerChannel(self, request_id, box.q)
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._boxes.pop(request_id, None)
+
+    @property
+    def pending(self) -> int:
+        return len(self._boxes)
+
+
+class PeerChannel:
+    """The engine's `Channel` for one request over the shared stream; counts rounds and bytes."""
+
+    def __init__(self, link: PeerLink, request_id: str, inbox: queue.Queue) -> None:
+        self._link, self.request_id, self._inbox = link, request_id, inbox
+        self.stats = ChannelStats()
+        self._round = 0
+
+    def _next(self) -> wire.Frame:
+        try:
+            item = self._inbox.get(timeout=self._link.timeout)
+        except queue.Empty:
+            raise PeerTimeout(
+                f"the peer replica sent nothing for {self._link.timeout:g} s "
+                "(did the client post the other share with the same request id?)"
+            ) from None
+        if isinstance(item, Exception):
+            raise item
+        if item.kind == wire.ABORT:
+            p = item.payload or {}
+            raise PeerAborted(str(p.get("code", "peer_error")), str(p.get("message", "aborted")))
+        return item
+
+    def send_meta(self, meta: dict[str, Any]) -> None:
+        self._link.send(wire.encode_json(wire.META, self.request_id, meta))
+
+    def recv_meta(self) -> dict[str, Any]:
+        frame = self._next()
+        if frame.kind != wire.META:
+            raise ChannelError("the peer skipped the request's opening frame")
+        return dict(frame.payload or {})
+
+    def exchange(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self.stats.record(tensors)
+        self._link.send(wire.encode_data(self.request_id, self._round, tensors))
+        frame = self._next()
+        if frame.kind != wire.DATA or frame.round != self._round or frame.tensors is None:
+            raise ChannelError(f"round {self._round}: the peer is at another step")
+        got = frame.tensors
+        if len(got) != len(tensors) or any(
+            a.shape != b.shape for a, b in zip(got, tensors, strict=True)
+        ):
+            raise ChannelError(f"round {self._round}: the peer's tensors have other shapes")
+        self._round += 1
+        return got
+
+    def abort(self, code: str, message: str) -> None:
+        with contextlib.suppress(PeerLost):
+            self._link.send(
+                wire.encode_json(wire.ABORT, self.request_id, {"code": code, "message": message})
+            )
+
+    def close(self) -> None:
+        self._link.release(self.request_id)

@@ -1,0 +1,510 @@
+"""A replica's web app: it holds one share of the model and runs the network with its peer.
+
+Routes (the contract is `openapi.yaml`): `GET /v1/health`, `GET /v1/ready`, `GET /v1/model`,
+`POST /v1/predict`, `POST /v1/admin/reload` (deployment secret), `GET /metrics`, and the
+WebSocket `/v1/peer` (party 1 accepts party 0 there). One predict request:
+  1. validate the body and the share's shape; refuse a request id seen before (409);
+  2. open the request's mailbox on the peer stream and send META (party 0 names the model
+     version both hold; party 1 follows it), check the peer's META (same shape and output);
+  3. fetch this party's randomness for the request id from the dealer;
+  4. run `PrivateNetwork.forward` in a worker thread over the peer channel;
+  5. answer with this party's share of the label (XOR) or of the logits (additive).
+What this replica sees: its share of the image, its share of the weights, masked openings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Header, Request, WebSocket
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api import auth, wire
+from service.api.dealer_client import DealerClient
+from service.api.errors import ERRORS, ApiError, error_response, install_error_handlers
+from service.api.observability import ReplicaMetrics
+from service.api.peer import PeerAborted, PeerLink, PeerLost, PeerTimeout
+from service.api.schemas import (
+    ErrorBody,
+    Health,
+    ModelInfo,
+    PredictRequest,
+    PredictResponse,
+    Readiness,
+    ReloadResult,
+    Tensor,
+)
+from service.api.settings import ReplicaSettings
+from service.mpc.channel import ChannelError
+from service.mpc.dealer import Randomness
+from service.mpc.party import Party
+from service.store import LoadedModel, ModelRegistry, StoreError
+
+log = logging.getLogger("privdigit.replica")
+
+
+class ReplayGuard:
+    """Request ids this replica has accepted; a second use is refused (bounded, oldest out)."""
+
+    def __init__(self, capacity: int = 1_000_000) -> None:
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._capacity = capacity
+
+    def claim(self, request_id: str) -> None:
+        if request_id in self._seen:
+            raise ApiError("replayed_request", f"request id {request_id!r} was already used")
+        self._seen[request_id] = None
+        if len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+
+
+class _StarletteConn:
+    """Starlette's WebSocket as the peer link's `Conn`."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self._ws = ws
+
+    async def send(self, data: bytes | str) -> None:
+        if isinstance(data, bytes):
+            await self._ws.send_bytes(data)
+        else:
+            await self._ws.send_text(data)
+
+    async def recv(self) -> bytes | str:
+        msg = await self._ws.receive()
+        if msg["type"] == "websocket.disconnect":
+            raise ConnectionError("peer closed the stream")
+        return msg["bytes"] if msg.get("bytes") is not None else msg.get("text", "")
+
+    async def close(self, code: int, reason: str) -> None:
+        await self._ws.close(code, reason)
+
+
+class Replica:
+    """Everything one replica process holds; built once by `create_replica_app`, never global."""
+
+    def __init__(self, settings: ReplicaSettings) -> None:
+        self.settings = s = settings
+        self.party = s.party
+        self.secret = auth.parse_secret(s.secret)
+        self.metrics = ReplicaMetrics()
+        self.registry = ModelRegistry(s.model, s.party)
+        self.peer = PeerLink(
+            s.party,
+            self.secret,
+            self.registry.versions,
+            timeout=s.peer_timeout_s,
+            on_auth_failure=lambda: self.metrics.auth_failures.labels("peer").inc(),
+        )
+        self.dealer = DealerClient(s.dealer_url, self.secret, s.party, timeout=s.dealer_timeout_s)
+        self.replay = ReplayGuard()
+        self.executor = ThreadPoolExecutor(s.max_inflight, thread_name_prefix="mpc")
+        self.inflight = 0
+
+    # -- readiness -----------------------------------------------------------------------------
+
+    def readiness(self) -> Readiness:
+        latest = self.registry.latest
+        serving = self.registry.newest_common(self.peer.peer_versions)
+        reasons = []
+        if latest is None:
+            reasons.append(f"no model loaded: {self.registry.last_error or 'not yet loaded'}")
+        if not self.peer.connected:
+            reasons.append(f"peer not connected ({self.peer.last_error or 'waiting for it'})")
+        elif latest is not None and serving is None:
+            reasons.append(
+                f"model versions disagree: this replica holds {self.registry.versions()}, "
+                f"the peer {self.peer.peer_versions}"
+            )
+        ready = not reasons
+        self.metrics.ready.set(1 if ready else 0)
+        return Readiness(
+            ready=ready,
+            party=self.party,
+            model_version=latest.version if latest else None,
+            serving_version=serving.version if serving else None,
+            peer_connected=self.peer.connected,
+            peer_versions=self.peer.peer_versions,
+            reasons=reasons,
+            last_reload_error=self.registry.last_error,
+        )
+
+    # -- reload --------------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        try:
+            changed = await asyncio.to_thread(self.registry.reload)
+        except StoreError as exc:
+            self.metrics.reloads.labels("refused").inc()
+            log.warning("model reload refused; keeping %s: %s", self.registry.versions(), exc)
+            raise
+        if changed:
+            self.metrics.reloads.labels("loaded").inc()
+            log.info("model loaded", extra={"fields": {"versions": self.registry.versions()}})
+            await self.peer.announce()
+        return changed
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reload_poll_s)
+            if self.registry.changed_on_disk():
+                with contextlib.suppress(StoreError):
+                    await self.reload()
+
+    # -- one inference (worker thread) ---------------------------------------------------------
+
+    def _pick_model(self, want: str | None) -> LoadedModel:
+        peer_versions = self.peer.peer_versions
+        if want is not None:
+            model = self.registry.get(want)
+            if model is None or want not in peer_versions:
+                raise ApiError(
+                    "model_version_mismatch",
+                    f"model version {want!r} is not held by both replicas (this one holds "
+                    f"{self.registry.versions()}); fetch /v1/model again",
+                )
+            return model
+        model = self.registry.newest_common(peer_versions)
+        if model is None:
+            raise ApiError("not_ready", "the replicas hold no common model version")
+        return model
+
+    def infer(
+        self, request_id: str, x: torch.Tensor, output: str, want: str | None
+    ) -> tuple[torch.Tensor, LoadedModel, int, int]:
+        ch = self.peer.channel(request_id)
+        try:
+            meta = {"shape": list(x.shape), "output": output}
+            if self.party == 0:
+                model = self._pick_model(want)
+                ch.send_meta({**meta, "version": model.version})
+                theirs = ch.recv_meta()
+            else:
+                ch.send_meta(meta)
+                theirs = ch.recv_meta()
+                found = self.registry.get(str(theirs.get("version")))
+                if found is None or (want is not None and want != found.version):
+                    raise ApiError(
+                        "model_version_mismatch",
+                        f"party 0 serves model version {theirs.get('version')!r}; this replica "
+                        f"holds {self.registry.versions()} and the client asked for {want!r}",
+                    )
+                model = found
+            if theirs.get("shape") != meta["shape"] or theirs.get("output") != output:
+                raise ApiError(
+                    "share_mismatch",
+                    f"this replica got a share of shape {meta['shape']} for {output!r}, the "
+                    f"peer one of shape {theirs.get('shape')} for {theirs.get('output')!r}",
+                )
+            net, kind = model.network, "label" if output == "label" else "logits"
+            plan = net.plan(x.shape[0], kind, model.weight_shapes)
+            rand = Randomness(self.dealer.fetch(request_id, plan)).prefetch()
+            party = Party(self.party, ch, rand, net.fp)
+            share = net.forward(party, x, model.weights, kind)
+            return share, model, ch.stats.rounds, ch.stats.bytes_sent
+        except ApiError as exc:
+            ch.abort(exc.code, exc.message)
+            raise
+        except PeerAborted as exc:
+            code = exc.code if exc.code in ERRORS and ERRORS[exc.code][0] < 500 else "peer_error"
+            raise ApiError(code, f"the peer replica aborted: {exc}") from None
+        except PeerTimeout as exc:
+            raise ApiError("peer_timeout", str(exc)) from None
+        except PeerLost as exc:
+            raise ApiError(
+                "not_ready", f"lost the peer replica during the request: {exc}"
+            ) from None
+        except ChannelError as exc:
+            ch.abort("peer_error", str(exc))
+            raise ApiError("peer_error", f"protocol error with the peer: {exc}") from None
+        except Exception as exc:
+            log.exception("inference failed", extra={"fields": {"request_id": request_id}})
+            ch.abort("internal", "the peer replica failed")
+            raise ApiError("internal", f"inference failed: {type(exc).__name__}") from None
+        finally:
+            ch.close()
+
+    # -- one predict request (event loop) ------------------------------------------------------
+
+    async def predict(self, body: PredictRequest) -> PredictResponse:
+        s = self.settings
+        try:
+            x = wire.tensor_from_json(body.input.dtype, body.input.shape, body.input.data)
+        except wire.WireError as exc:
+            raise ApiError("bad_tensor", f"input: {exc}") from None
+        latest = self.registry.latest
+        if latest is None:
+            raise ApiError("not_ready", "no model loaded")
+        want_shape = latest.network.input_shape
+        if x.dim() != 1 + len(want_shape) or tuple(x.shape[1:]) != want_shape or x.shape[0] < 1:
+            raise ApiError(
+                "bad_tensor",
+                f"input shape {list(x.shape)} is not [n, {', '.join(map(str, want_shape))}]",
+            )
+        if x.shape[0] > s.max_batch:
+            raise ApiError(
+                "batch_too_large", f"{x.shape[0]} images; this replica takes at most {s.max_batch}"
+            )
+        if body.output == "scores" and not s.scores_enabled:
+            raise ApiError("scores_disabled", "this deployment returns labels only")
+        if body.model_version is not None and self.registry.get(body.model_version) is None:
+            raise ApiError(
+                "model_version_mismatch",
+                f"this replica does not hold model version {body.model_version!r} (it holds "
+                f"{self.registry.versions()}); fetch /v1/model again",
+            )
+        if not self.peer.connected:
+            raise ApiError("not_ready", f"peer replica not connected ({self.peer.last_error})")
+        if self.inflight >= s.max_inflight:
+            raise ApiError(
+                "busy", f"{self.inflight} inferences in flight", headers={"Retry-After": "1"}
+            )
+        self.replay.claim(body.request_id)
+        self.inflight += 1
+        self.metrics.inflight.set(self.inflight)
+        try:
+            loop = asyncio.get_running_loop()
+            share, model, rounds, nbytes = await loop.run_in_executor(
+                self.executor, self.infer, body.request_id, x, body.output, body.model_version
+            )
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.set(self.inflight)
+        self.metrics.rounds.inc(rounds)
+        self.metrics.peer_bytes.inc(nbytes)
+        self.metrics.images.inc(x.shape[0])
+        return PredictResponse(
+            request_id=body.request_id,
+            party=self.party,
+            model_version=model.version,
+            output=body.output,
+            sharing="xor" if body.output == "label" else "additive",
+            frac_bits=model.network.fp.frac_bits,
+            share=Tensor(**wire.tensor_to_json(share)),
+            serving_version=getattr(
+                self.registry.newest_common(self.peer.peer_versions), "version", None
+            ),
+            rounds=rounds,
+            peer_bytes=nbytes,
+        )
+
+
+_ERR = {"model": ErrorBody}
+
+
+def _errors(*codes: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the given error codes, grouped by status."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        status = ERRORS[code][0]
+        entry = out.setdefault(status, {**_ERR, "description": ""})
+        entry["description"] = "; ".join(
+            d for d in (entry["description"], f"`{code}`: {ERRORS[code][1]}") if d
+        )
+    return out
+
+
+API_DESCRIPTION = (
+    """One of two replicas of a private MNIST classifier. Neither replica learns the image, the
+weights, any activation or the label.
+
+**Use.** Encode the 28x28 image (pixel/255, ink bright, background 0) in fixed point:
+`round(v * 2^frac_bits)` as int64, with `frac_bits` from `GET /v1/model`. Split it into two
+additive shares over Z_2^64 (`s0` uniform from a cryptographic source, `s1 = x - s0` with
+wrapping int64 arithmetic). Post `s0` to replica 0 and `s1` to replica 1, concurrently, with the
+same fresh `request_id` and the `model_version` both report. XOR the two `share` answers: a
+one-hot `[n, 10]` matrix whose 1 is the label (`output=scores`, where enabled: add them, read
+as signed int64 and divide by 2^frac_bits for the logits).
+
+**Tensors** travel as `{"dtype": "int64", "shape": [...], "data": base64}` where `data` is
+standard padded base64 of the little-endian int64 values in C order; never as number lists.
+
+**Errors** are `{"error": {"code": ..., "message": ...}}` with a stable code:
+
+| code | HTTP | when |
+|---|---|---|
+"""
+    + "\n".join(f"| `{c}` | {st} | {why} |" for c, (st, why) in ERRORS.items())
+    + "\n"
+)
+
+
+def max_body_bytes(max_batch: int) -> int:
+    """Largest predict body: base64 of max_batch images of 784 int64, plus JSON framing."""
+    return (max_batch * 784 * 8 * 4) // 3 + 16_384
+
+
+def create_replica_app(settings: ReplicaSettings) -> FastAPI:
+    rep = Replica(settings)
+    torch.set_num_threads(settings.torch_threads)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        with contextlib.suppress(StoreError):
+            await rep.reload()
+        tasks = [asyncio.create_task(rep.peer.janitor())]
+        if settings.reload_poll_s > 0:
+            tasks.append(asyncio.create_task(rep.watch()))
+        if settings.party == 0:
+            tasks.append(asyncio.create_task(rep.peer.dial_forever(settings.peer_url)))
+        yield
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        rep.executor.shutdown(wait=False, cancel_futures=True)
+        rep.dealer.close()
+
+    app = FastAPI(
+        title="privdigit replica",
+        version="1.0.0",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.replica = rep
+    install_error_handlers(app)
+    limit = max_body_bytes(settings.max_batch)
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            rep.metrics.errors.labels("payload_too_large").inc()
+            return error_response("payload_too_large", f"body exceeds {limit} bytes")
+        return await call_next(request)
+
+    @app.get("/v1/health", response_model=Health, tags=["status"])
+    async def health() -> Health:
+        """Liveness: the process answers."""
+        return Health(status="ok", party=rep.party)
+
+    @app.get(
+        "/v1/ready",
+        response_model=Readiness,
+        tags=["status"],
+        responses={503: {"model": Readiness, "description": "not ready; `reasons` says why"}},
+    )
+    async def ready() -> JSONResponse:
+        """Ready when the share is loaded, the peer is connected and both hold the same version."""
+        r = rep.readiness()
+        return JSONResponse(r.model_dump(), status_code=200 if r.ready else 503)
+
+    @app.get("/v1/model", response_model=ModelInfo, tags=["model"], responses=_errors("not_ready"))
+    async def model_info() -> ModelInfo:
+        """The public manifest of the model being served (else the newest this replica holds)."""
+        serving = rep.registry.newest_common(rep.peer.peer_versions)
+        shown = serving or rep.registry.latest
+        if shown is None:
+            raise ApiError("not_ready", f"no model loaded: {rep.registry.last_error}")
+        info = shown.public_info()
+        return ModelInfo(
+            party=rep.party,
+            serving_version=serving.version if serving else None,
+            scores_enabled=settings.scores_enabled,
+            max_batch=settings.max_batch,
+            **info,
+        )
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        tags=["inference"],
+        responses=_errors(
+            "bad_tensor",
+            "share_mismatch",
+            "scores_disabled",
+            "replayed_request",
+            "model_version_mismatch",
+            "payload_too_large",
+            "batch_too_large",
+            "invalid_request",
+            "busy",
+            "internal",
+            "peer_error",
+            "not_ready",
+            "dealer_unavailable",
+            "peer_timeout",
+        ),
+    )
+    async def predict(body: PredictRequest) -> PredictResponse:
+        """Run the network on this party's share of a batch; returns this party's share."""
+        started = time.perf_counter()
+        try:
+            out = await rep.predict(body)
+        except ApiError as exc:
+            rep.metrics.errors.labels(exc.code).inc()
+            rep.metrics.requests.labels(body.output, str(exc.status)).inc()
+            log.info(
+                "predict refused",
+                extra={"fields": {"request_id": body.request_id, "code": exc.code}},
+            )
+            raise
+        ms = (time.perf_counter() - started) * 1000
+        rep.metrics.requests.labels(body.output, "200").inc()
+        rep.metrics.latency.observe(ms / 1000)
+        log.info(
+            "predict",
+            extra={
+                "fields": {
+                    "request_id": body.request_id,
+                    "batch": body.input.shape[0],
+                    "output": body.output,
+                    "model_version": out.model_version,
+                    "rounds": out.rounds,
+                    "peer_bytes": out.peer_bytes,
+                    "ms": round(ms, 2),
+                }
+            },
+        )
+        return out
+
+    @app.post(
+        "/v1/admin/reload",
+        response_model=ReloadResult,
+        tags=["admin"],
+        responses=_errors("unauthenticated", "not_ready"),
+    )
+    async def reload(
+        x_privdigit_auth: str | None = Header(default=None, description="HMAC of 'reload'"),
+    ) -> ReloadResult:
+        """Load the model directory's current model now (also done by the directory watch)."""
+        try:
+            auth.verify(rep.secret, x_privdigit_auth, "reload", str(rep.party))
+        except auth.AuthError as exc:
+            rep.metrics.auth_failures.labels("admin").inc()
+            raise ApiError("unauthenticated", str(exc)) from None
+        try:
+            changed = await rep.reload()
+        except StoreError as exc:
+            raise ApiError("not_ready", f"reload refused, old model kept: {exc}") from None
+        latest = rep.registry.latest
+        assert latest is not None
+        return ReloadResult(
+            changed=changed,
+            model_version=latest.version,
+            message="loaded a new version" if changed else "already serving this version",
+        )
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        rep.readiness()
+        return Response(generate_latest(rep.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.websocket("/v1/peer")
+    async def peer(ws: WebSocket) -> None:
+        await ws.accept()
+        if rep.party != 1:
+            rep.metrics.auth_failures.labels("peer").inc()
+            await ws.close(4403, "party 0 does not accept peer connections")
+            return
+        await rep.peer.run(_StarletteConn(ws), initiator=False)
+
+    return app

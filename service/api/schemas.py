@@ -1,0 +1,123 @@
+"""Typed bodies of the replica's public API (what `openapi.yaml` documents)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{16,128}$"
+
+
+class Tensor(BaseModel):
+    """An int64 tensor: base64 of its little-endian bytes in C order, never a list of numbers."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"example": {"dtype": "int64", "shape": [1, 10], "data": "AAAA..."}},
+    )
+    dtype: Literal["int64"] = Field(description="always int64: ring elements of Z_2^64")
+    shape: list[int] = Field(min_length=1, max_length=8, description="C-order dimensions")
+    data: str = Field(description="standard base64 (padded) of the little-endian int64 values")
+
+
+class PredictRequest(BaseModel):
+    """One party's share of a batch of images; the same request id goes to both replicas."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "request_id": "4fJx0v1bQk2m9Zr7TtYw3A",
+                "input": {"dtype": "int64", "shape": [1, 1, 28, 28], "data": "<base64>"},
+                "output": "label",
+                "model_version": "3f2a9c1d0b7e-5c1a2b3d",
+            }
+        },
+    )
+    request_id: str = Field(
+        pattern=REQUEST_ID_PATTERN,
+        description="16-128 characters of [A-Za-z0-9_-], fresh per request, accepted once",
+    )
+    input: Tensor = Field(
+        description="this party's additive share of the images, shape [n, 1, 28, 28], fixed "
+        "point with the model's frac_bits (pixel/255, ink bright)"
+    )
+    output: Literal["label", "scores"] = Field(
+        default="label", description="label: XOR shares of one-hot; scores: shares of logits"
+    )
+    model_version: str | None = Field(
+        default=None, max_length=128, description="the version the client expects (optional)"
+    )
+
+
+class PredictResponse(BaseModel):
+    request_id: str
+    party: int
+    model_version: str
+    output: Literal["label", "scores"]
+    sharing: Literal["xor", "additive"] = Field(
+        description="xor: the two shares XOR to a one-hot [n, 10]; additive: they add (mod "
+        "2^64) to the logits at frac_bits"
+    )
+    frac_bits: int
+    share: Tensor
+    serving_version: str | None = Field(
+        description="the newest version both replicas hold now; when it differs from "
+        "model_version, a newer model is being served: fetch /v1/model again"
+    )
+    rounds: int = Field(description="protocol rounds this request took with the peer")
+    peer_bytes: int = Field(description="bytes this replica sent to its peer for this request")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. replayed_request")
+    message: str = Field(description="what went wrong and how to fix it, for humans")
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "example": {
+                "error": {
+                    "code": "replayed_request",
+                    "message": "request id '4fJx0v1bQk2m9Zr7TtYw3A' was already used",
+                }
+            }
+        }
+    )
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    party: int
+
+
+class Readiness(BaseModel):
+    ready: bool
+    party: int
+    model_version: str | None = Field(description="the newest version this replica holds")
+    serving_version: str | None = Field(description="the version both replicas hold and serve")
+    peer_connected: bool
+    peer_versions: list[str]
+    reasons: list[str] = Field(description="why not ready (empty when ready)")
+    last_reload_error: str | None = None
+
+
+class ModelInfo(BaseModel):
+    party: int
+    model_version: str
+    serving_version: str | None
+    created: str | None
+    architecture: dict[str, Any]
+    fixed_point: dict[str, int]
+    shares: list[dict[str, Any]]
+    scores_enabled: bool
+    max_batch: int
+
+
+class ReloadResult(BaseModel):
+    changed: bool
+    model_version: str
+    message: str

@@ -1,0 +1,63 @@
+"""Settings for replica and dealer, from flags or environment (pydantic-settings).
+
+Environment variables use the prefix `PRIVDIGIT_` (e.g. `PRIVDIGIT_PARTY=1`,
+`PRIVDIGIT_MODEL=/models/current`, `PRIVDIGIT_SECRET=...`). Command-line flags win.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class _Base(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRIVDIGIT_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    secret: str = Field(
+        default="",
+        description="per-deployment secret shared by both replicas and the dealer (>= 32 chars)",
+        repr=False,
+    )
+    log_level: str = "info"
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_long_enough(cls, v: str) -> str:
+        if len(v) < 32:
+            raise ValueError(
+                "PRIVDIGIT_SECRET (or --secret) must be at least 32 characters; create one "
+                "with: python -c 'import secrets; print(secrets.token_hex(32))'"
+            )
+        return v
+
+
+class ReplicaSettings(_Base):
+    party: int = Field(ge=0, le=1)
+    model: Path = Field(description="model directory written by `python -m training`")
+    port: int = 8000
+    peer_url: str = Field(
+        default="ws://127.0.0.1:8001/v1/peer",
+        description="party 0 dials this WebSocket URL of party 1; party 1 ignores it",
+    )
+    dealer_url: str = "http://127.0.0.1:8002"
+    max_batch: int = Field(default=64, ge=1, le=1024)
+    max_inflight: int = Field(default=32, ge=1, le=1024)
+    peer_timeout_s: float = Field(default=10.0, gt=0)
+    dealer_timeout_s: float = Field(default=10.0, gt=0)
+    reload_poll_s: float = Field(
+        default=1.0, ge=0, description="how often to look for a new model; 0 turns watching off"
+    )
+    scores_enabled: bool = Field(
+        default=False, description="let clients ask for the logits' shares (output=scores)"
+    )
+    torch_threads: int = Field(default=1, ge=1)
+
+
+class DealerSettings(_Base):
+    port: int = 8002
+    max_plan_elements: int = Field(
+        default=50_000_000, description="refuse plans asking for more ring elements than this"
+    )

@@ -1,0 +1,163 @@
+"""The local cluster: dealer and both replicas as three processes on one machine.
+
+`Cluster` starts them with a fresh deployment secret, waits until both replicas are ready and
+stops them all on exit; `python -m service up` wraps it for people, tests and benchmarks use it
+directly (with free ports). Each process logs (JSON) into its own file under `log_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "models" / "default"
+DEFAULT_PORTS = (8000, 8001, 8002)
+
+
+class ClusterError(RuntimeError):
+    """A process of the cluster failed to start or become ready."""
+
+
+def free_ports(n: int) -> tuple[int, ...]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = tuple(s.getsockname()[1] for s in socks)
+    for s in socks:
+        s.close()
+    return ports
+
+
+@dataclass
+class Cluster:
+    model: Path | tuple[Path, Path] = DEFAULT_MODEL  # one directory, or one per party
+    ports: tuple[int, int, int] = DEFAULT_PORTS
+    host: str = "127.0.0.1"
+    scores: bool = False
+    log_dir: Path | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    replica_args: tuple[str, ...] = ()
+    secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def replica_urls(self) -> tuple[str, str]:
+        return (f"http://{self.host}:{self.ports[0]}", f"http://{self.host}:{self.ports[1]}")
+
+    @property
+    def dealer_url(self) -> str:
+        return f"http://{self.host}:{self.ports[2]}"
+
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, **self.extra_env, "PRIVDIGIT_SECRET": self.secret}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+        return env
+
+    def command(self, role: str) -> list[str]:
+        base = [sys.executable, "-m", "service"]
+        if role == "dealer":
+            return [*base, "dealer", "--host", self.host, "--port", str(self.ports[2])]
+        party = int(role[-1])
+        model = self.model[party] if isinstance(self.model, tuple) else self.model
+        cmd = [
+            *base,
+            "replica",
+            "--party",
+            str(party),
+            "--model",
+            str(model),
+            "--host",
+            self.host,
+            "--port",
+            str(self.ports[party]),
+            "--dealer-url",
+            self.dealer_url,
+            "--peer-url",
+            f"ws://{self.host}:{self.ports[1]}/v1/peer",
+            *self.replica_args,
+        ]
+        return [*cmd, "--scores"] if self.scores else cmd
+
+    def start_process(self, role: str) -> None:
+        """(Re)start one of `dealer`, `replica0`, `replica1`."""
+        assert self.log_dir is not None
+        log = open(self.log_dir / f"{role}.log", "ab")  # noqa: SIM115 (the child owns it)
+        self.procs[role] = subprocess.Popen(
+            self.command(role), env=self._env(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+        )
+        log.close()
+
+    def stop_process(self, role: str, *, kill: bool = False) -> None:
+        proc = self.procs.get(role)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def start(self, *, timeout: float = 60.0) -> Cluster:
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="privdigit-logs-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for role in ("dealer", "replica1", "replica0"):
+            self.start_process(role)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(self.replica_urls)
+        while pending:
+            for role, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise ClusterError(
+                        f"{role} exited with code {proc.returncode}:\n{self.tail(role)}"
+                    )
+            for url in list(pending):
+                try:
+                    if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
+                        pending.remove(url)
+                except httpx.HTTPError:
+                    pass
+            if pending and time.monotonic() > deadline:
+                raise ClusterError(f"not ready after {timeout:g} s: {pending}\n{self.tails()}")
+            if pending:
+                time.sleep(0.1)
+
+    def tail(self, role: str, lines: int = 20) -> str:
+        path = (self.log_dir or Path(".")) / f"{role}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def tails(self) -> str:
+        return "\n".join(f"--- {r}\n{self.tail(r)}" for r in ("dealer", "replica0", "replica1"))
+
+    def stop(self) -> None:
+        for role in ("replica0", "replica1", "dealer"):
+            self.stop_process(role)
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

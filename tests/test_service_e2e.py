@@ -1,0 +1,415 @@
+"""End to end with real processes: dealer and two replicas (uvicorn on 127.0.0.1, free ports).
+
+Labels through the client equal the plaintext model's; every documented error path answers its
+JSON error; the peer and dealer refuse strangers; versions that disagree keep replicas unready.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clients import privdigit
+from service.api import auth
+from service.cluster import DEFAULT_MODEL, Cluster, free_ports
+from training.model import DigitCNN
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(
+        ports=free_ports(3),
+        log_dir=tmp_path_factory.mktemp("logs"),
+        replica_args=("--peer-timeout", "3", "--max-batch", "64"),
+    )
+    with c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    data = np.load(FIXTURES / "mnist_test_1000.npz")
+    return data["images"], data["labels"]
+
+
+@pytest.fixture(scope="module")
+def plaintext():
+    model = DigitCNN()
+    model.load_state_dict(load_file(str(FIXTURES / "cnn.safetensors")))
+    return model.eval()
+
+
+def _plain_labels(model, images01: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        x = torch.from_numpy(images01.astype(np.float32)).reshape(-1, 1, 28, 28)
+        return model(x).argmax(-1).numpy()
+
+
+def _shares(images01: np.ndarray, frac_bits: int = 16):
+    x = np.round(images01.reshape(-1, 1, 28, 28) * (1 << frac_bits)).astype(np.int64)
+    return privdigit.share_image(x)
+
+
+def _post_pair(cluster, bodies, timeout=30.0):
+    with ThreadPoolExecutor(2) as ex:
+        futures = [
+            ex.submit(httpx.post, f"{url}/v1/predict", json=body, timeout=timeout)
+            for url, body in zip(cluster.replica_urls, bodies, strict=True)
+        ]
+        return [f.result() for f in futures]
+
+
+def _body(share, rid=None, **extra):
+    return {
+        "request_id": rid or secrets.token_urlsafe(18),
+        "input": privdigit.encode_tensor(share),
+        **extra,
+    }
+
+
+def _assert_error(response, status, code):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["code"] == code and body["error"]["message"], body
+
+
+# -- the happy path ------------------------------------------------------------------------------
+
+
+def test_labels_through_the_client_equal_plaintext_on_200_images(cluster, mnist, plaintext):
+    images, truth = mnist
+    x = images[:200].astype(np.float64) / 255.0
+    with privdigit.PrivDigitClient(cluster.replica_urls) as client:
+        preds = client.predict_encoded(x)
+    labels = np.array([p.label for p in preds])
+    assert (labels == _plain_labels(plaintext, x)).all()
+    assert (labels == truth[:200]).mean() >= 0.98
+    assert len({p.request_id for p in preds}) >= 4  # chunked into several requests of <= 64
+
+
+def test_async_client_single_images_concurrently(cluster, mnist, plaintext):
+    import asyncio
+
+    images, _ = mnist
+    x = images[200:212].astype(np.float64) / 255.0
+
+    async def run():
+        async with privdigit.AsyncPrivDigitClient(cluster.replica_urls) as client:
+            return await asyncio.gather(*(client.predict_encoded(x[i : i + 1]) for i in range(12)))
+
+    labels = [preds[0].label for preds in asyncio.run(run())]
+    assert labels == list(_plain_labels(plaintext, x))
+
+
+def test_cli_on_png_files(cluster, mnist, plaintext, tmp_path):
+    from PIL import Image
+
+    images, _ = mnist
+    files = []
+    for i in range(6):  # enlarged, dark ink on white paper, as people photograph digits
+        img = Image.fromarray(255 - images[300 + i]).resize((112, 112), Image.BICUBIC)
+        files.append(tmp_path / f"digit{i}.png")
+        img.convert("RGB").save(files[-1])
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    args = [str(f) for f in files] + [str(tmp_path / "broken.png")]
+    out = subprocess.run(
+        [
+            sys.executable,
+            "clients/predict.py",
+            *args,
+            "--json",
+            "--replicas",
+            ",".join(cluster.replica_urls),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1, out.stderr  # one file failed, the others were classified
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    by_file = {Path(r["file"]).name: r for r in rows}
+    assert "error" in by_file["broken.png"] and "broken.png" in out.stderr
+    pre = np.stack([privdigit.preprocess(f) for f in files])
+    expected = _plain_labels(plaintext, pre)
+    assert [by_file[f.name]["label"] for f in files] == list(expected)
+
+
+def test_health_model_metrics(cluster):
+    r0, r1 = cluster.replica_urls
+    assert httpx.get(f"{r0}/v1/health").json() == {"status": "ok", "party": 0}
+    info = [httpx.get(f"{u}/v1/model").json() for u in (r0, r1)]
+    assert info[0]["model_version"] == info[1]["model_version"] == info[0]["serving_version"]
+    assert [i["party"] for i in info] == [0, 1]
+    assert info[0]["fixed_point"] == {"ring_bits": 64, "frac_bits": 16}
+    metrics = httpx.get(f"{r0}/metrics").text
+    for name in (
+        "privdigit_requests_total",
+        "privdigit_protocol_rounds_total",
+        "privdigit_peer_bytes_sent_total",
+        "privdigit_predict_seconds_bucket",
+    ):
+        assert name in metrics
+
+
+def test_logs_never_hold_shares(cluster, mnist):
+    images, _ = mnist
+    s0, s1 = _shares(images[:1] / 255.0)
+    bodies = [_body(s0), _body(s1)]
+    bodies[1]["request_id"] = bodies[0]["request_id"]
+    assert [r.status_code for r in _post_pair(cluster, bodies)] == [200, 200]
+    logs = "".join(cluster.tail(r, 10_000) for r in ("replica0", "replica1", "dealer"))
+    assert bodies[0]["request_id"] in logs
+    assert (
+        bodies[0]["input"]["data"][:64] not in logs and bodies[1]["input"]["data"][:64] not in logs
+    )
+
+
+# -- error paths: each answers its documented JSON error -----------------------------------------
+
+
+def test_replayed_request_id_is_refused(cluster, mnist):
+    s0, s1 = _shares(mnist[0][:1] / 255.0)
+    rid = secrets.token_urlsafe(18)
+    assert [r.status_code for r in _post_pair(cluster, [_body(s0, rid), _body(s1, rid)])] == [
+        200
+    ] * 2
+    for r in _post_pair(cluster, [_body(s0, rid), _body(s1, rid)]):
+        _assert_error(r, 409, "replayed_request")
+
+
+def test_share_sent_to_one_replica_times_out(cluster, mnist):
+    s0, _ = _shares(mnist[0][:1] / 255.0)
+    r = httpx.post(f"{cluster.replica_urls[0]}/v1/predict", json=_body(s0), timeout=30)
+    _assert_error(r, 504, "peer_timeout")
+
+
+def test_shares_of_different_sizes_are_refused_by_both(cluster, mnist):
+    s0, _ = _shares(mnist[0][:1] / 255.0)
+    _, s1 = _shares(mnist[0][:2] / 255.0)
+    rid = secrets.token_urlsafe(18)
+    for r in _post_pair(cluster, [_body(s0, rid), _body(s1, rid)]):
+        _assert_error(r, 400, "share_mismatch")
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "code"),
+    [
+        (lambda b: b["input"].update(data="!!!"), 400, "bad_tensor"),
+        (lambda b: b["input"].update(data=b["input"]["data"][:-8]), 400, "bad_tensor"),
+        (lambda b: b["input"].update(shape=[1, 1, 14, 56]), 400, "bad_tensor"),
+        (lambda b: b["input"].update(dtype="float32"), 422, "invalid_request"),
+        (lambda b: b["input"].update(shape="784"), 422, "invalid_request"),
+        (lambda b: b.pop("request_id"), 422, "invalid_request"),
+        (lambda b: b.update(request_id="short"), 422, "invalid_request"),
+        (lambda b: b.update(request_id="x" * 20 + "/../"), 422, "invalid_request"),
+        (lambda b: b.update(output="logits"), 422, "invalid_request"),
+        (lambda b: b.update(output="scores"), 403, "scores_disabled"),
+        (lambda b: b.update(model_version="not-a-version"), 409, "model_version_mismatch"),
+        (lambda b: b.update(unexpected=1), 422, "invalid_request"),
+    ],
+)
+def test_malformed_predict_bodies(cluster, mnist, mutate, status, code):
+    s0, _ = _shares(mnist[0][:1] / 255.0)
+    body = _body(s0)
+    mutate(body)
+    _assert_error(httpx.post(f"{cluster.replica_urls[0]}/v1/predict", json=body), status, code)
+
+
+def test_batch_and_body_limits(cluster):
+    url = f"{cluster.replica_urls[0]}/v1/predict"
+    big = np.zeros((65, 1, 28, 28), dtype=np.int64)
+    _assert_error(httpx.post(url, json=_body(big)), 413, "batch_too_large")
+    huge = {"request_id": secrets.token_urlsafe(18), "pad": "x" * 2_000_000}
+    _assert_error(httpx.post(url, json=huge), 413, "payload_too_large")
+    _assert_error(httpx.post(url, content=b"{not json"), 422, "invalid_request")
+    _assert_error(httpx.get(f"{cluster.replica_urls[0]}/v1/nothing"), 404, "not_found")
+    _assert_error(httpx.get(url), 405, "method_not_allowed")
+
+
+def test_reload_needs_the_deployment_secret(cluster):
+    url = f"{cluster.replica_urls[0]}/v1/admin/reload"
+    _assert_error(httpx.post(url), 401, "unauthenticated")
+    _assert_error(httpx.post(url, headers={auth.AUTH_HEADER: "00" * 32}), 401, "unauthenticated")
+    tag = auth.mac(cluster.secret.encode(), "reload", "0")
+    r = httpx.post(url, headers={auth.AUTH_HEADER: tag})
+    assert r.status_code == 200 and r.json()["changed"] is False
+
+
+def test_dealer_refuses_strangers_and_replays(cluster):
+    body = json.dumps(
+        {
+            "request_id": secrets.token_urlsafe(18),
+            "party": 0,
+            "plan": [{"kind": "and", "shapes": [[4]], "params": []}],
+        }
+    ).encode()
+    url = f"{cluster.dealer_url}/v1/randomness"
+    _assert_error(httpx.post(url, content=body), 401, "unauthenticated")
+    wrong = auth.dealer_tag(b"w" * 32, 0, body)
+    _assert_error(
+        httpx.post(url, content=body, headers={auth.AUTH_HEADER: wrong}), 401, "unauthenticated"
+    )
+    good = {auth.AUTH_HEADER: auth.dealer_tag(cluster.secret.encode(), 0, body)}
+    assert httpx.post(url, content=body, headers=good).status_code == 200
+    _assert_error(httpx.post(url, content=body, headers=good), 409, "replayed_request")
+
+
+def test_peer_stream_refuses_an_unauthenticated_party(cluster):
+    import asyncio
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    async def intrude() -> int | None:
+        async with connect(f"ws://127.0.0.1:{cluster.ports[1]}/v1/peer") as ws:
+            hello = json.loads(await ws.recv())
+            assert hello["party"] == 1 and "nonce" in hello
+            await ws.send(json.dumps({"party": 0, "nonce": "00", "versions": "[]", "mac": "ab"}))
+            try:
+                await ws.recv()
+            except ConnectionClosed as exc:
+                return exc.rcvd.code if exc.rcvd else None
+        return None
+
+    assert asyncio.run(intrude()) == 4401
+    metrics = httpx.get(f"{cluster.replica_urls[1]}/metrics").text
+    line = next(
+        m
+        for m in metrics.splitlines()
+        if m.startswith('privdigit_auth_failures_total{what="peer"}')
+    )
+    assert float(line.split()[-1]) >= 1
+    # the real peer stream is untouched: the replicas still serve
+    assert httpx.get(f"{cluster.replica_urls[0]}/v1/ready").status_code == 200
+
+
+# -- versions ------------------------------------------------------------------------------------
+
+
+def test_readiness_refuses_mismatched_model_versions(tmp_path, mnist):
+    from training.export import resplit
+
+    d0, d1 = tmp_path / "m0", tmp_path / "m1"
+    shutil.copytree(DEFAULT_MODEL, d0)
+    shutil.copytree(DEFAULT_MODEL, d1)
+    resplit(d1)  # same weights, another split: its shares do not pair with d0's
+    c = Cluster(model=(d0, d1), ports=free_ports(3), log_dir=tmp_path / "logs")
+    c.log_dir.mkdir()
+    for role in ("dealer", "replica1", "replica0"):
+        c.start_process(role)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"{c.replica_urls[0]}/v1/ready", timeout=2)
+                if r.json()["peer_connected"]:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, c.tails()
+            time.sleep(0.2)
+        for url in c.replica_urls:
+            r = httpx.get(f"{url}/v1/ready")
+            assert r.status_code == 503 and not r.json()["ready"]
+            assert "versions disagree" in " ".join(r.json()["reasons"])
+        s0, _ = _shares(mnist[0][:1] / 255.0)
+        rid = secrets.token_urlsafe(18)
+        r = httpx.post(f"{c.replica_urls[0]}/v1/predict", json=_body(s0, rid))
+        _assert_error(r, 503, "not_ready")
+        with pytest.raises(privdigit.VersionMismatch):
+            privdigit.PrivDigitClient(c.replica_urls).predict_encoded(mnist[0][:1] / 255.0)
+    finally:
+        c.stop()
+
+
+def test_model_refresh_switches_both_replicas_without_dropping_requests(tmp_path, mnist, plaintext):
+    """Re-split the served model while a client keeps predicting: no request fails, both
+    replicas end on the new version together; a half-written model is refused, old one kept."""
+    import threading
+
+    from training.export import resplit
+
+    d = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, d)
+    c = Cluster(
+        model=d,
+        ports=free_ports(3),
+        log_dir=tmp_path / "logs",
+        replica_args=("--reload-poll", "0.2"),
+    )
+    images, _ = mnist
+    x = images[:4] / 255.0
+    expected = list(_plain_labels(plaintext, x))
+    with c:
+        old = httpx.get(f"{c.replica_urls[0]}/v1/model").json()["model_version"]
+        stop, results, errors = threading.Event(), [], []
+
+        def keep_predicting():
+            with privdigit.PrivDigitClient(c.replica_urls) as client:
+                while not stop.is_set():
+                    try:
+                        preds = client.predict_encoded(x)
+                        results.append(([p.label for p in preds], preds[0].model_version))
+                    except privdigit.PrivDigitError as exc:
+                        errors.append(exc)
+
+        worker = threading.Thread(target=keep_predicting)
+        worker.start()
+        time.sleep(1.0)
+        new = resplit(d)["model_version"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            ready = [httpx.get(f"{u}/v1/ready").json() for u in c.replica_urls]
+            if all(r["serving_version"] == new for r in ready):
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)
+        stop.set()
+        worker.join(30)
+        assert not errors, errors[:3]
+        assert all(labels == expected for labels, _ in results)
+        versions = [v for _, v in results]
+        assert versions[0] == old and versions[-1] == new
+        assert all(r["serving_version"] == new for r in ready), ready
+
+        # a half-written share: refused, the good version keeps serving
+        share = d / "share-0.safetensors"
+        share.write_bytes(share.read_bytes()[:5000])
+        time.sleep(1.0)
+        ready0 = httpx.get(f"{c.replica_urls[0]}/v1/ready").json()
+        assert ready0["ready"] and ready0["serving_version"] == new
+        assert "commitment" in ready0["last_reload_error"] or ready0["last_reload_error"]
+        with privdigit.PrivDigitClient(c.replica_urls) as client:
+            assert [p.label for p in client.predict_encoded(x)] == expected
+
+
+def test_scores_where_the_operator_enables_them(tmp_path, mnist, plaintext):
+    images, _ = mnist
+    x = images[:8] / 255.0
+    with Cluster(ports=free_ports(3), log_dir=tmp_path, scores=True) as c:
+        with privdigit.PrivDigitClient(c.replica_urls, scores=True) as client:
+            preds = client.predict_encoded(x)
+        with torch.no_grad():
+            probs = torch.softmax(
+                plaintext(torch.from_numpy(x.astype(np.float32)).reshape(-1, 1, 28, 28)), -1
+            )
+        assert [p.label for p in preds] == probs.argmax(-1).tolist()
+        for p, row in zip(preds, probs, strict=True):
+            assert abs(p.confidence - float(row.max())) < 1e-3
+        assert httpx.get(f"{c.replica_urls[0]}/v1/ready").status_code == 200

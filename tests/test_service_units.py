@@ -1,0 +1,177 @@
+"""The service's pieces without processes: wire formats, share store, auth, the OpenAPI contract."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.api import auth, wire
+from service.api.errors import ERRORS
+from service.mpc.dealer import Dealer, Request
+from service.store import ModelRegistry, StoreError, load_share
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPO / "models" / "default"
+INT64 = st.integers(-(2**63), 2**63 - 1)
+
+
+@given(st.lists(INT64, min_size=0, max_size=40))
+def test_tensor_json_round_trip(values):
+    t = torch.tensor(values, dtype=torch.int64).reshape(len(values), 1)
+    obj = wire.tensor_to_json(t)
+    assert torch.equal(wire.tensor_from_json(obj["dtype"], obj["shape"], obj["data"]), t)
+
+
+def test_tensor_json_matches_the_client_byte_for_byte():
+    from clients import privdigit
+
+    t = torch.tensor([[0, 1, -1, 2**63 - 1, -(2**63)]], dtype=torch.int64)
+    ours = wire.tensor_to_json(t)
+    theirs = privdigit.encode_tensor(t.numpy())
+    assert ours == theirs
+    assert (privdigit.decode_tensor(ours) == t.numpy()).all()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "data", "needle"),
+    [
+        ("float32", [1], "AAAAAAAAAAA=", "dtype"),
+        ("int64", [2], "AAAAAAAAAAA=", "needs 16"),
+        ("int64", [1], "not base64!", "base64"),
+        ("int64", [-1], "", "negative"),
+    ],
+)
+def test_tensor_json_refuses_garbage(dtype, shape, data, needle):
+    with pytest.raises(wire.WireError, match=needle):
+        wire.tensor_from_json(dtype, shape, data)
+
+
+def test_peer_frames_round_trip_and_refuse_truncation():
+    ts = [torch.arange(6, dtype=torch.int64).reshape(2, 3) - 3, torch.tensor([2**63 - 1])]
+    frame = wire.decode_frame(wire.encode_data("rid-1", 7, ts))
+    assert (frame.kind, frame.request_id, frame.round) == (wire.DATA, "rid-1", 7)
+    assert all(torch.equal(a, b) for a, b in zip(frame.tensors, ts, strict=True))
+    meta = wire.decode_frame(wire.encode_json(wire.META, "r", {"shape": [1, 1, 28, 28]}))
+    assert meta.payload == {"shape": [1, 1, 28, 28]}
+    with pytest.raises(wire.WireError):
+        wire.decode_frame(wire.encode_data("rid-1", 7, ts)[:-3])
+    with pytest.raises(wire.WireError):
+        wire.decode_frame(b"\x09\x00\x00")
+
+
+def test_dealer_material_survives_the_wire():
+    plan = (Request.beaver("matmul", (2, 3), (3, 4)), Request.and_((5,)), Request.trunc((2,), 16))
+    dealer = Dealer()
+    for party in (0, 1):
+        m = dealer.deal("wire-test-request", party, plan)
+        back = wire.material_from_bytes(wire.material_to_bytes(m), m.request_id, party, plan)
+        assert back.seed == m.seed
+        assert all(torch.equal(a, b) for a, b in zip(back.corrections, m.corrections, strict=True))
+        with pytest.raises(wire.WireError):
+            wire.material_from_bytes(wire.material_to_bytes(m) + b"x", m.request_id, party, plan)
+    assert wire.plan_from_json(json.loads(json.dumps(wire.plan_to_json(plan)))) == plan
+
+
+def test_auth_macs_bind_every_part_and_compare_in_constant_time():
+    s = b"s" * 32
+    tag = auth.mac(s, "peer", "0", "n1", "n2")
+    auth.verify(s, tag, "peer", "0", "n1", "n2")
+    for parts in (("peer", "1", "n1", "n2"), ("peer", "0", "n1n", "2")):
+        with pytest.raises(auth.AuthError):
+            auth.verify(s, tag, *parts)
+    with pytest.raises(auth.AuthError):
+        auth.verify(b"t" * 32, tag, "peer", "0", "n1", "n2")
+    with pytest.raises(auth.AuthError):
+        auth.verify(s, None, "peer")
+    with pytest.raises(ValueError, match="32"):
+        auth.parse_secret("short")
+
+
+# -- the share store -----------------------------------------------------------------------------
+
+
+def test_bundled_model_loads_for_both_parties():
+    m0, m1 = load_share(DEFAULT_MODEL, 0), load_share(DEFAULT_MODEL, 1)
+    assert m0.version == m1.version
+    assert m0.network.input_shape == (1, 28, 28)
+    assert set(m0.weights) == set(m0.network.weight_names())
+
+
+def _copy(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    shutil.copytree(DEFAULT_MODEL, d)
+    return d
+
+
+def test_tampered_share_is_refused(tmp_path):
+    d = _copy(tmp_path)
+    data = bytearray((d / "share-0.safetensors").read_bytes())
+    data[-1] ^= 1
+    (d / "share-0.safetensors").write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="commitment"):
+        load_share(d, 0)
+    load_share(d, 1)  # the other party's share is untouched
+
+
+def test_half_written_share_and_missing_manifest_are_refused(tmp_path):
+    d = _copy(tmp_path)
+    (d / "share-1.safetensors").write_bytes((d / "share-1.safetensors").read_bytes()[:1000])
+    with pytest.raises(StoreError):
+        load_share(d, 1)
+    (d / "manifest.json").unlink()
+    with pytest.raises(StoreError, match="python -m training"):
+        load_share(d, 0)
+
+
+def test_share_of_the_other_party_is_refused(tmp_path):
+    d = _copy(tmp_path)
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["shares"][0]["file"] = "share-1.safetensors"
+    manifest["shares"][0]["sha256"] = manifest["shares"][1]["sha256"]
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="party 1's share"):
+        load_share(d, 0)
+
+
+def test_registry_keeps_old_version_when_reload_is_refused(tmp_path):
+    from training.export import resplit
+
+    d = _copy(tmp_path)
+    reg = ModelRegistry(d, 0)
+    assert reg.reload() and not reg.reload()
+    first = reg.latest.version
+    new_version = resplit(d)["model_version"]
+    assert reg.changed_on_disk() and reg.reload()
+    assert reg.versions() == [new_version, first]
+    assert reg.newest_common([first]).version == first
+    (d / "share-0.safetensors").write_bytes(b"garbage")
+    with pytest.raises(StoreError):
+        reg.reload()
+    assert reg.latest.version == new_version and reg.last_error
+
+
+# -- the contract --------------------------------------------------------------------------------
+
+
+def test_openapi_yaml_is_what_the_app_serves():
+    from service.__main__ import OPENAPI_FILE, openapi_text
+
+    assert yaml.safe_load(OPENAPI_FILE.read_text()) == yaml.safe_load(openapi_text()), (
+        "openapi.yaml is stale: run `python -m service openapi --write`"
+    )
+
+
+def test_openapi_documents_every_error_code_of_predict():
+    doc = yaml.safe_load((REPO / "openapi.yaml").read_text())
+    responses = doc["paths"]["/v1/predict"]["post"]["responses"]
+    text = json.dumps(responses)
+    for code in ("bad_tensor", "replayed_request", "batch_too_large", "peer_timeout", "busy"):
+        assert f"`{code}`" in text
+        assert str(ERRORS[code][0]) in responses
