@@ -177,7 +177,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
             cmd = [
                 sys.executable,
                 str(REPO / "clients" / "predict.py"),
-                *map(str, samples),
+                *(str(p.relative_to(REPO)) for p in samples),
                 "--replicas",
                 f"{r0},{r1}",
             ]
