@@ -413,3 +413,26 @@ def test_scores_where_the_operator_enables_them(tmp_path, mnist, plaintext):
         for p, row in zip(preds, probs, strict=True):
             assert abs(p.confidence - float(row.max())) < 1e-3
         assert httpx.get(f"{c.replica_urls[0]}/v1/ready").status_code == 200
+
+
+def test_client_names_the_unreachable_replica(cluster, mnist):
+    dead = f"http://127.0.0.1:{free_ports(1)[0]}"
+    client = privdigit.PrivDigitClient([cluster.replica_urls[0], dead], timeout=5)
+    with client, pytest.raises(privdigit.ReplicaUnreachable) as info:
+        client.predict_encoded(mnist[0][:1] / 255.0)
+    assert dead in str(info.value)
+
+
+def test_peer_stream_reconnects_after_a_replica_restarts(tmp_path, mnist, plaintext):
+    x = mnist[0][:2] / 255.0
+    with Cluster(ports=free_ports(3), log_dir=tmp_path) as c:
+        c.stop_process("replica1", kill=True)
+        ready = httpx.get(f"{c.replica_urls[0]}/v1/ready")
+        assert ready.status_code == 503 and not ready.json()["peer_connected"]
+        client = privdigit.PrivDigitClient(c.replica_urls, timeout=5)
+        with client, pytest.raises(privdigit.PrivDigitError):
+            client.predict_encoded(x)
+        c.start_process("replica1")
+        c.wait_ready(60)  # party 0 redials by itself; nothing to do by hand
+        with privdigit.PrivDigitClient(c.replica_urls) as client:
+            assert [p.label for p in client.predict_encoded(x)] == list(_plain_labels(plaintext, x))
