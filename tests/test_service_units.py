@@ -175,3 +175,51 @@ def test_openapi_documents_every_error_code_of_predict():
     for code in ("bad_tensor", "replayed_request", "batch_too_large", "peer_timeout", "busy"):
         assert f"`{code}`" in text
         assert str(ERRORS[code][0]) in responses
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+def _run_cli(args, monkeypatch, capsys, env):
+    import os
+
+    from service.__main__ import main
+
+    for key in [k for k in os.environ if k.startswith("PRIVDIGIT_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(REPO)
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (("replica", "--party", "0", "--model", "models/default"), {}, "secret"),
+        (
+            ("replica", "--party", "0", "--model", "/nonexistent"),
+            {"PRIVDIGIT_SECRET": "k" * 32},
+            "manifest.json not found",
+        ),
+        (("replica", "--model", "models/default"), {"PRIVDIGIT_SECRET": "k" * 32}, "party"),
+        (("dealer",), {"PRIVDIGIT_SECRET": "short"}, "at least 32"),
+        (("up", "--ports", "1,2"), {}, "three"),
+        (("up", "--model", "/nonexistent"), {}, "python -m training"),
+    ],
+)
+def test_cli_errors_are_one_line_with_nonzero_exit(args, env, needle, monkeypatch, capsys):
+    code, _, err = _run_cli(args, monkeypatch, capsys, env)
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("cmd", [(), ("up",), ("replica",), ("dealer",), ("demo",), ("openapi",)])
+def test_cli_help(cmd, monkeypatch, capsys):
+    code, out, _ = _run_cli((*cmd, "--help"), monkeypatch, capsys, {})
+    assert code == 0 and "usage" in out
