@@ -98,6 +98,18 @@ def cmd_dealer(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_web(a: argparse.Namespace) -> int:
+    from service.api.web_app import WEB_DIR, create_web_app
+
+    replicas = tuple(u.strip().rstrip("/") for u in a.replicas.split(","))
+    if len(replicas) != 2 or not all(u.startswith(("http://", "https://")) for u in replicas):
+        return _fail("--replicas must be two URLs: http(s)://HOST:PORT,http(s)://HOST:PORT")
+    if not (WEB_DIR / "index.html").is_file():
+        return _fail(f"{WEB_DIR}/index.html not found")
+    _serve(create_web_app(replicas), a.host, a.port, "info")  # type: ignore[arg-type]
+    return 0
+
+
 def _ports(text: str) -> tuple[int, int, int]:
     try:
         ports = tuple(int(p) for p in text.split(","))
@@ -109,7 +121,7 @@ def _ports(text: str) -> tuple[int, int, int]:
 
 
 def cmd_up(a: argparse.Namespace) -> int:
-    from service.cluster import DEFAULT_MODEL, Cluster, ClusterError
+    from service.cluster import DEFAULT_MODEL, REPO, Cluster, ClusterError
     from service.store import StoreError, load_share
 
     model = Path(a.model) if a.model else DEFAULT_MODEL
@@ -118,8 +130,13 @@ def cmd_up(a: argparse.Namespace) -> int:
             load_share(model, party)
         except StoreError as exc:
             return _fail(f"{exc} (train one with `python -m training --out DIR`)")
+    web_port = None if a.no_web or not (REPO / "web" / "index.html").is_file() else a.web_port
     cluster = Cluster(
-        model=model, ports=a.ports, scores=a.scores, log_dir=Path(a.log_dir) if a.log_dir else None
+        model=model,
+        ports=a.ports,
+        scores=a.scores,
+        web_port=web_port,
+        log_dir=Path(a.log_dir) if a.log_dir else None,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -130,6 +147,8 @@ def cmd_up(a: argparse.Namespace) -> int:
         return _fail(str(exc))
     r0, r1 = cluster.replica_urls
     print(f"replica 0: {r0}\nreplica 1: {r1}\ndealer:    {cluster.dealer_url}")
+    if cluster.web_url:
+        print(f"web page:  {cluster.web_url}/   (open it in a browser)")
     print(f"logs:      {cluster.log_dir}")
     print(f"try:       python clients/predict.py digit.png --replicas {r0},{r1}")
     if a.model is None:
@@ -252,6 +271,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--model", help="model directory from `python -m training` (default: bundled)")
     up.add_argument("--ports", type=_ports, default=(8000, 8001, 8002), help="R0,R1,DEALER")
     up.add_argument("--scores", action="store_true", help="let clients ask for scores")
+    up.add_argument("--web-port", type=int, default=8003, help="port of the web page")
+    up.add_argument("--no-web", action="store_true", help="do not serve the web page")
     up.add_argument("--log-dir", help="where the three processes log (default: a temp dir)")
     up.add_argument("--ready-timeout", type=float, default=60.0)
     up.set_defaults(fn=cmd_up)
@@ -268,7 +289,20 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--reload-poll", type=float, help="seconds between model checks; 0 = off")
     rep.add_argument("--scores", action="store_true", help="let clients ask for scores")
     rep.add_argument("--secret", help="deployment secret (better: PRIVDIGIT_SECRET)")
+    rep.add_argument(
+        "--cors-origin", action="append", help="a web page origin allowed by CORS (repeatable)"
+    )
     rep.set_defaults(fn=cmd_replica)
+
+    web = sub.add_parser("web", help="serve the web page (web/) from its own origin")
+    web.add_argument("--host", default="127.0.0.1")
+    web.add_argument("--port", type=int, default=8003)
+    web.add_argument(
+        "--replicas",
+        default="http://127.0.0.1:8000,http://127.0.0.1:8001",
+        help="the two replicas' URLs the page may call: R0,R1",
+    )
+    web.set_defaults(fn=cmd_web)
 
     dl = sub.add_parser("dealer", help="run the dealer of correlated randomness")
     dl.add_argument("--host")

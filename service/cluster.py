@@ -50,12 +50,21 @@ class Cluster:
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     replica_args: tuple[str, ...] = ()
+    web_port: int | None = None  # also serve the web page (its own origin) on this port
     secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
     def replica_urls(self) -> tuple[str, str]:
         return (f"http://{self.host}:{self.ports[0]}", f"http://{self.host}:{self.ports[1]}")
+
+    @property
+    def web_url(self) -> str | None:
+        return None if self.web_port is None else f"http://{self.host}:{self.web_port}"
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("dealer", "replica1", "replica0") + (("web",) if self.web_port else ())
 
     @property
     def dealer_url(self) -> str:
@@ -70,6 +79,17 @@ class Cluster:
         base = [sys.executable, "-m", "service"]
         if role == "dealer":
             return [*base, "dealer", "--host", self.host, "--port", str(self.ports[2])]
+        if role == "web":
+            return [
+                *base,
+                "web",
+                "--host",
+                self.host,
+                "--port",
+                str(self.web_port),
+                "--replicas",
+                ",".join(self.replica_urls),
+            ]
         party = int(role[-1])
         model = self.model[party] if isinstance(self.model, tuple) else self.model
         cmd = [
@@ -89,6 +109,8 @@ class Cluster:
             f"ws://{self.host}:{self.ports[1]}/v1/peer",
             *self.replica_args,
         ]
+        if self.web_url:
+            cmd += ["--cors-origin", self.web_url]
         return [*cmd, "--scores"] if self.scores else cmd
 
     def start_process(self, role: str) -> None:
@@ -115,7 +137,7 @@ class Cluster:
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="privdigit-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for role in ("dealer", "replica1", "replica0"):
+        for role in self.roles:
             self.start_process(role)
         try:
             self.wait_ready(timeout)
@@ -126,7 +148,9 @@ class Cluster:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        pending = list(self.replica_urls)
+        pending = [f"{u}/v1/ready" for u in self.replica_urls]
+        if self.web_url:
+            pending.append(f"{self.web_url}/config.json")
         while pending:
             for role, proc in self.procs.items():
                 if proc.poll() is not None:
@@ -135,7 +159,7 @@ class Cluster:
                     )
             for url in list(pending):
                 try:
-                    if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
+                    if httpx.get(url, timeout=2).status_code == 200:
                         pending.remove(url)
                 except httpx.HTTPError:
                     pass
@@ -150,10 +174,10 @@ class Cluster:
         return "\n".join(text.splitlines()[-lines:])
 
     def tails(self) -> str:
-        return "\n".join(f"--- {r}\n{self.tail(r)}" for r in ("dealer", "replica0", "replica1"))
+        return "\n".join(f"--- {r}\n{self.tail(r)}" for r in self.roles)
 
     def stop(self) -> None:
-        for role in ("replica0", "replica1", "dealer"):
+        for role in ("web", "replica0", "replica1", "dealer"):
             self.stop_process(role)
 
     def __enter__(self) -> Cluster:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Header, Request, WebSocket
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -372,6 +373,14 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
     app.state.replica = rep
     install_error_handlers(app)
     limit = max_body_bytes(settings.max_batch)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["content-type"],
+            max_age=600,
+        )
 
     @app.middleware("http")
     async def body_limit(request: Request, call_next):

@@ -54,6 +54,11 @@ class ReplicaSettings(_Base):
         default=False, description="let clients ask for the logits' shares (output=scores)"
     )
     torch_threads: int = Field(default=1, ge=1)
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="page origins allowed to call this replica from a browser (exact match); "
+        "none by default",
+    )
 
 
 class DealerSettings(_Base):
