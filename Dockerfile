@@ -23,6 +23,6 @@ RUN pip install --no-cache-dir '.[service]' \
 USER 10001
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/v1/health' % os.environ.get('PRIVDIGIT_PORT', '8000'))"]
+    CMD ["python", "-c", "import os, ssl, urllib.request as u; e = os.environ; tls = bool(e.get('PRIVDIGIT_TLS_CERT')); ctx = ssl.create_default_context(cafile=e.get('PRIVDIGIT_TLS_CA')) if tls else None; u.urlopen('%s://localhost:%s/v1/health' % ('https' if tls else 'http', e.get('PRIVDIGIT_PORT', '8000')), context=ctx)"]
 ENTRYPOINT ["python", "-m", "service"]
 CMD ["--help"]

@@ -40,8 +40,9 @@ openapi: $(STAMP)
 
 # Copy a model's manifest and each party's share into its own directory (docker-compose volumes).
 MODEL ?= models/default
-deploy-shares:
+deploy-shares: $(STAMP)
 	@test -f $(MODEL)/manifest.json || { echo "error: $(MODEL)/manifest.json not found"; exit 1; }
 	mkdir -p deploy/share-0 deploy/share-1
 	cp $(MODEL)/manifest.json $(MODEL)/share-0.safetensors deploy/share-0/
 	cp $(MODEL)/manifest.json $(MODEL)/share-1.safetensors deploy/share-1/
+	$(BIN)/python -m service certs deploy/certs --host replica-0 --host replica-1 --host dealer

@@ -37,6 +37,7 @@ HINTS = {
     "scores_disabled": "the operator has not enabled scores; run without --scores",
     "peer_timeout": "the replicas could not complete together; check that both are up",
     "dealer_unavailable": "the dealer is down or refused; check the cluster",
+    "unauthenticated": "this deployment needs an API key: --api-key KEY or $PRIVDIGIT_API_KEY",
 }
 
 
@@ -65,6 +66,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--timeout", type=float, default=30.0, metavar="S", help="HTTP timeout in seconds"
+    )
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="client API key, where the operator requires one (default: $PRIVDIGIT_API_KEY)",
     )
     tls = parser.add_mutually_exclusive_group()
     tls.add_argument("--cacert", metavar="PATH", help="CA bundle to verify the replicas' TLS")
@@ -99,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         verify: bool | str = False if args.insecure else (args.cacert or True)
         try:
             with PrivDigitClient(
-                args.replicas, timeout=args.timeout, verify=verify, scores=args.scores
+                args.replicas,
+                timeout=args.timeout,
+                verify=verify,
+                scores=args.scores,
+                api_key=args.api_key,
             ) as client:
                 predictions = client.predict_encoded(np.stack(images))
         except PrivDigitError as exc:

@@ -458,9 +458,9 @@ def _parse_replicas(replicas: Sequence[str] | str | None) -> tuple[str, str]:
     return urls[0], urls[1]
 
 
-def _ssl_verify(verify: bool | str) -> bool | ssl.SSLContext:
+def _ssl_verify(verify: bool | str | ssl.SSLContext) -> bool | ssl.SSLContext:
     """httpx's `verify`: a bool, or an SSL context trusting the CA bundle at path `verify`."""
-    if isinstance(verify, bool):
+    if isinstance(verify, bool | ssl.SSLContext):
         return verify
     try:
         return ssl.create_default_context(cafile=str(verify))
@@ -675,13 +675,22 @@ def _predictions(
 
 # -- clients ---------------------------------------------------------------------------------
 
+API_KEY_ENV = "PRIVDIGIT_API_KEY"
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    """Headers for every call: our user agent, and the API key if the operator requires one."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    return {"User-Agent": USER_AGENT, **({"X-API-Key": key} if key else {})}
+
 
 class PrivDigitClient:
     """Classifies digits on two replicas (party 0 first); each sees only a random share.
 
     `replicas` is "URL0,URL1", a sequence of two URLs, or None for $PRIVDIGIT_REPLICAS or
     the local default. `verify` is True, False or a CA bundle path. `scores=True` asks for the
-    logits (when the operator enabled them) so predictions carry a confidence. `transport`
+    logits (when the operator enabled them) so predictions carry a confidence. `api_key` (or
+    $PRIVDIGIT_API_KEY) goes in X-API-Key where the operator requires one. `transport`
     replaces httpx's network transport (tests).
     """
 
@@ -690,8 +699,9 @@ class PrivDigitClient:
         replicas: Sequence[str] | str | None = None,
         *,
         timeout: float = 30.0,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
         scores: bool = False,
+        api_key: str | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.replicas = _parse_replicas(replicas)
@@ -704,7 +714,7 @@ class PrivDigitClient:
                 timeout=timeout,
                 verify=tls,
                 transport=transport,
-                headers={"User-Agent": USER_AGENT},
+                headers=_headers(api_key),
             )
             for url in self.replicas
         )
@@ -813,8 +823,9 @@ class AsyncPrivDigitClient:
         replicas: Sequence[str] | str | None = None,
         *,
         timeout: float = 30.0,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
         scores: bool = False,
+        api_key: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.replicas = _parse_replicas(replicas)
@@ -827,7 +838,7 @@ class AsyncPrivDigitClient:
                 timeout=timeout,
                 verify=tls,
                 transport=transport,
-                headers={"User-Agent": USER_AGENT},
+                headers=_headers(api_key),
             )
             for url in self.replicas
         )

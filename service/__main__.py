@@ -4,6 +4,8 @@
     python -m service replica --party 0|1 --model DIR [--port P] [--peer-url WS] [--dealer-url URL]
     python -m service dealer [--port 8002]
     python -m service demo                    # start, classify clients/samples/*.png, stop
+    python -m service certs DIR               # development TLS certificates (CA + server)
+    python -m service web [--port 8003]       # the web page, from its own origin
     python -m service openapi [--check]       # print (or check) openapi.yaml from the app
     python -m service reload URL              # ask a replica to load its model directory now
 
@@ -40,11 +42,14 @@ def _settings(cls, given: dict):
         raise SystemExit(_fail(f"{where}: {first['msg']}")) from None
 
 
-def _serve(app, host: str, port: int, log_level: str) -> None:
+def _serve(app, host: str, port: int, log_level: str, tls_cert=None, tls_key=None) -> None:
     import uvicorn
 
     from service.api.peer import MAX_FRAME
 
+    tls = {}
+    if tls_cert is not None:
+        tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)}
     uvicorn.run(
         app,
         host=host,
@@ -53,7 +58,24 @@ def _serve(app, host: str, port: int, log_level: str) -> None:
         access_log=False,
         ws_max_size=MAX_FRAME,
         ws_per_message_deflate=False,
+        **tls,
     )
+
+
+def _transport(a: argparse.Namespace) -> dict:
+    return {
+        "tls_cert": a.tls_cert,
+        "tls_key": a.tls_key,
+        "tls_ca": a.tls_ca,
+        "allow_http": True if a.allow_http else None,
+    }
+
+
+def _add_transport(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", help="PEM certificate: serve HTTPS (python -m service certs)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", help="CA bundle that verifies the peer replica and the dealer")
+    p.add_argument("--allow-http", action="store_true", help="serve plain HTTP (local use only)")
 
 
 def cmd_replica(a: argparse.Namespace) -> int:
@@ -76,14 +98,19 @@ def cmd_replica(a: argparse.Namespace) -> int:
             "reload_poll_s": a.reload_poll,
             "secret": a.secret,
             "peer_timeout_s": a.peer_timeout,
+            "cors_origins": a.cors_origin,
+            "api_keys": a.api_key,
+            **_transport(a),
         },
     )
+    if problem := s.transport_problem():
+        return _fail(problem)
     try:
         load_share(s.model, s.party)  # fail fast with a clear message; the app reloads itself
     except StoreError as exc:
         return _fail(str(exc))
     setup_logging(s.log_level)
-    _serve(create_replica_app(s), s.host, s.port, s.log_level)
+    _serve(create_replica_app(s), s.host, s.port, s.log_level, s.tls_cert, s.tls_key)
     return 0
 
 
@@ -92,9 +119,13 @@ def cmd_dealer(a: argparse.Namespace) -> int:
     from service.api.observability import setup_logging
     from service.api.settings import DealerSettings
 
-    s = _settings(DealerSettings, {"host": a.host, "port": a.port, "secret": a.secret})
+    s = _settings(
+        DealerSettings, {"host": a.host, "port": a.port, "secret": a.secret, **_transport(a)}
+    )
+    if problem := s.transport_problem():
+        return _fail(problem)
     setup_logging(s.log_level)
-    _serve(create_dealer_app(s), s.host, s.port, s.log_level)
+    _serve(create_dealer_app(s), s.host, s.port, s.log_level, s.tls_cert, s.tls_key)
     return 0
 
 
@@ -106,7 +137,20 @@ def cmd_web(a: argparse.Namespace) -> int:
         return _fail("--replicas must be two URLs: http(s)://HOST:PORT,http(s)://HOST:PORT")
     if not (WEB_DIR / "index.html").is_file():
         return _fail(f"{WEB_DIR}/index.html not found")
-    _serve(create_web_app(replicas), a.host, a.port, "info")  # type: ignore[arg-type]
+    if (a.tls_cert is None) != (a.tls_key is None):
+        return _fail("--tls-cert and --tls-key go together")
+    _serve(create_web_app(replicas), a.host, a.port, "info", a.tls_cert, a.tls_key)  # type: ignore[arg-type]
+    return 0
+
+
+def cmd_certs(a: argparse.Namespace) -> int:
+    from service.devcerts import make_dev_certs
+
+    out = make_dev_certs(Path(a.directory), tuple(a.host or ()), days=a.days)
+    print(
+        f"wrote {out}/ca.pem (clients: --cacert), cert.pem + key.pem (servers: --tls-cert, "
+        f"--tls-key; replicas also --tls-ca {out}/ca.pem)"
+    )
     return 0
 
 
@@ -136,6 +180,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         ports=a.ports,
         scores=a.scores,
         web_port=web_port,
+        tls=a.tls,
         log_dir=Path(a.log_dir) if a.log_dir else None,
     )
     stop = threading.Event()
@@ -150,7 +195,10 @@ def cmd_up(a: argparse.Namespace) -> int:
     if cluster.web_url:
         print(f"web page:  {cluster.web_url}/   (open it in a browser)")
     print(f"logs:      {cluster.log_dir}")
-    print(f"try:       python clients/predict.py digit.png --replicas {r0},{r1}")
+    cacert = f" --cacert {cluster.ca}" if cluster.ca else ""
+    print(f"try:       python clients/predict.py digit.png --replicas {r0},{r1}{cacert}")
+    if not a.tls:
+        print("transport: plain HTTP on 127.0.0.1 (local use); --tls for HTTPS with dev certs")
     if a.model is None:
         print(
             "note: the bundled demo model's two shares both ship in the repository; for real "
@@ -271,6 +319,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--model", help="model directory from `python -m training` (default: bundled)")
     up.add_argument("--ports", type=_ports, default=(8000, 8001, 8002), help="R0,R1,DEALER")
     up.add_argument("--scores", action="store_true", help="let clients ask for scores")
+    up.add_argument("--tls", action="store_true", help="HTTPS/WSS with fresh development certs")
     up.add_argument("--web-port", type=int, default=8003, help="port of the web page")
     up.add_argument("--no-web", action="store_true", help="do not serve the web page")
     up.add_argument("--log-dir", help="where the three processes log (default: a temp dir)")
@@ -292,6 +341,10 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--cors-origin", action="append", help="a web page origin allowed by CORS (repeatable)"
     )
+    rep.add_argument(
+        "--api-key", action="append", help="require this client key in X-API-Key (repeatable)"
+    )
+    _add_transport(rep)
     rep.set_defaults(fn=cmd_replica)
 
     web = sub.add_parser("web", help="serve the web page (web/) from its own origin")
@@ -302,12 +355,21 @@ def parser() -> argparse.ArgumentParser:
         default="http://127.0.0.1:8000,http://127.0.0.1:8001",
         help="the two replicas' URLs the page may call: R0,R1",
     )
+    web.add_argument("--tls-cert", help="PEM certificate: serve the page over HTTPS")
+    web.add_argument("--tls-key", help="PEM private key of --tls-cert")
     web.set_defaults(fn=cmd_web)
+
+    certs = sub.add_parser("certs", help="create development TLS certificates (a CA + a server)")
+    certs.add_argument("directory", help="where to write ca.pem, cert.pem, key.pem")
+    certs.add_argument("--host", action="append", help="another DNS name or IP (repeatable)")
+    certs.add_argument("--days", type=int, default=30, help="validity in days")
+    certs.set_defaults(fn=cmd_certs)
 
     dl = sub.add_parser("dealer", help="run the dealer of correlated randomness")
     dl.add_argument("--host")
     dl.add_argument("--port", type=int)
     dl.add_argument("--secret", help="deployment secret (better: PRIVDIGIT_SECRET)")
+    _add_transport(dl)
     dl.set_defaults(fn=cmd_dealer)
 
     demo = sub.add_parser("demo", help="start the cluster, classify the sample digits, stop")

@@ -11,6 +11,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -51,16 +52,48 @@ class Cluster:
     extra_env: dict[str, str] = field(default_factory=dict)
     replica_args: tuple[str, ...] = ()
     web_port: int | None = None  # also serve the web page (its own origin) on this port
+    tls: bool = False  # HTTPS/WSS everywhere with fresh development certificates
+    api_keys: tuple[str, ...] = ()
     secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def replica_urls(self) -> tuple[str, str]:
-        return (f"http://{self.host}:{self.ports[0]}", f"http://{self.host}:{self.ports[1]}")
+        return (
+            f"{self.scheme}://{self.host}:{self.ports[0]}",
+            f"{self.scheme}://{self.host}:{self.ports[1]}",
+        )
 
     @property
     def web_url(self) -> str | None:
-        return None if self.web_port is None else f"http://{self.host}:{self.web_port}"
+        return None if self.web_port is None else f"{self.scheme}://{self.host}:{self.web_port}"
+
+    @property
+    def ca(self) -> Path | None:
+        """The development CA that signs every server's certificate (TLS only)."""
+        return (self.log_dir / "certs" / "ca.pem") if self.tls and self.log_dir else None
+
+    @property
+    def verify(self) -> bool | ssl.SSLContext:
+        """What an HTTP client should pass as `verify` to trust this cluster."""
+        return ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
+
+    def _transport_args(self) -> list[str]:
+        if not self.tls:
+            return ["--allow-http"]
+        certs = self.log_dir / "certs"  # type: ignore[operator]
+        return [
+            "--tls-cert",
+            str(certs / "cert.pem"),
+            "--tls-key",
+            str(certs / "key.pem"),
+            "--tls-ca",
+            str(certs / "ca.pem"),
+        ]
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -68,7 +101,7 @@ class Cluster:
 
     @property
     def dealer_url(self) -> str:
-        return f"http://{self.host}:{self.ports[2]}"
+        return f"{self.scheme}://{self.host}:{self.ports[2]}"
 
     def _env(self) -> dict[str, str]:
         env = {**os.environ, **self.extra_env, "PRIVDIGIT_SECRET": self.secret}
@@ -78,18 +111,13 @@ class Cluster:
     def command(self, role: str) -> list[str]:
         base = [sys.executable, "-m", "service"]
         if role == "dealer":
-            return [*base, "dealer", "--host", self.host, "--port", str(self.ports[2])]
+            port = str(self.ports[2])
+            return [*base, "dealer", "--host", self.host, "--port", port, *self._transport_args()]
         if role == "web":
-            return [
-                *base,
-                "web",
-                "--host",
-                self.host,
-                "--port",
-                str(self.web_port),
-                "--replicas",
-                ",".join(self.replica_urls),
-            ]
+            tls = self._transport_args()[:4] if self.tls else []
+            urls = ",".join(self.replica_urls)
+            return [*base, "web", "--host", self.host, "--port", str(self.web_port),
+                    "--replicas", urls, *tls]  # fmt: skip
         party = int(role[-1])
         model = self.model[party] if isinstance(self.model, tuple) else self.model
         cmd = [
@@ -106,9 +134,12 @@ class Cluster:
             "--dealer-url",
             self.dealer_url,
             "--peer-url",
-            f"ws://{self.host}:{self.ports[1]}/v1/peer",
+            f"{'wss' if self.tls else 'ws'}://{self.host}:{self.ports[1]}/v1/peer",
+            *self._transport_args(),
             *self.replica_args,
         ]
+        for key in self.api_keys:
+            cmd += ["--api-key", key]
         if self.web_url:
             cmd += ["--cors-origin", self.web_url]
         return [*cmd, "--scores"] if self.scores else cmd
@@ -137,6 +168,10 @@ class Cluster:
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="privdigit-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.tls and not (self.log_dir / "certs" / "ca.pem").exists():
+            from service.devcerts import make_dev_certs
+
+            make_dev_certs(self.log_dir / "certs", days=2)
         for role in self.roles:
             self.start_process(role)
         try:
@@ -159,7 +194,7 @@ class Cluster:
                     )
             for url in list(pending):
                 try:
-                    if httpx.get(url, timeout=2).status_code == 200:
+                    if httpx.get(url, timeout=2, verify=self.verify).status_code == 200:
                         pending.remove(url)
                 except httpx.HTTPError:
                     pass

@@ -51,5 +51,8 @@ def test_compose_roles_use_real_commands_and_settings():
         if role == "replica":
             party = svc["environment"]["PRIVDIGIT_PARTY"]
             assert name == f"replica-{party}"
-            volumes.add(svc["volumes"][0].split(":")[0])
+            shares = [v.split(":")[0] for v in svc["volumes"] if ":/models" in v]
+            assert len(shares) == 1 and svc["environment"]["PRIVDIGIT_MODEL"] == "/models"
+            volumes.add(shares[0])
+        assert "PRIVDIGIT_TLS_CERT" in svc["environment"], "every hop is TLS in compose"
     assert len(volumes) == 2, "each replica must have its own share volume"

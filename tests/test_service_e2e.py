@@ -28,6 +28,7 @@ from training.model import DigitCNN
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
+PAGE = "http://page.example:8003"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def cluster(tmp_path_factory):
     c = Cluster(
         ports=free_ports(3),
         log_dir=tmp_path_factory.mktemp("logs"),
-        replica_args=("--peer-timeout", "3", "--max-batch", "64"),
+        replica_args=("--peer-timeout", "3", "--max-batch", "64", "--cors-origin", PAGE),
     )
     with c:
         yield c
@@ -436,3 +437,46 @@ def test_peer_stream_reconnects_after_a_replica_restarts(tmp_path, mnist, plaint
         c.wait_ready(60)  # party 0 redials by itself; nothing to do by hand
         with privdigit.PrivDigitClient(c.replica_urls) as client:
             assert [p.label for p in client.predict_encoded(x)] == list(_plain_labels(plaintext, x))
+
+
+def test_tls_everywhere_and_client_api_keys(tmp_path, mnist, plaintext):
+    """HTTPS for clients, WSS between replicas, HTTPS to the dealer, all from a dev CA; a
+    client without the CA or without the API key is refused."""
+    x = mnist[0][:3] / 255.0
+    with Cluster(ports=free_ports(3), log_dir=tmp_path, tls=True, api_keys=("k-123",)) as c:
+        assert all(u.startswith("https://") for u in c.replica_urls)
+        with privdigit.PrivDigitClient(c.replica_urls, verify=c.verify, api_key="k-123") as cl:
+            assert [p.label for p in cl.predict_encoded(x)] == list(_plain_labels(plaintext, x))
+        with pytest.raises(privdigit.ReplicaUnreachable, match=r"(?i)certificate"):
+            privdigit.PrivDigitClient(c.replica_urls, api_key="k-123").predict_encoded(x)
+        with pytest.raises(privdigit.ServiceError) as info:
+            privdigit.PrivDigitClient(c.replica_urls, verify=c.verify).predict_encoded(x)
+        assert info.value.status == 401 and info.value.code == "unauthenticated"
+        r = httpx.get(
+            f"{c.replica_urls[0]}/v1/model", verify=c.verify, headers={"X-API-Key": "wrong"}
+        )
+        _assert_error(r, 401, "unauthenticated")
+        metrics = httpx.get(f"{c.replica_urls[0]}/metrics", verify=c.verify).text
+        assert 'privdigit_auth_failures_total{what="client"}' in metrics
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on a TLS deployment
+            httpx.get(f"http://127.0.0.1:{c.ports[0]}/v1/health", timeout=5)
+
+
+def test_servers_refuse_plain_http_unless_allowed(monkeypatch, capsys):
+    from service.__main__ import main
+
+    monkeypatch.setenv("PRIVDIGIT_SECRET", "s" * 32)
+    code = main(["dealer", "--port", str(free_ports(1)[0])])
+    assert code == 2 and "--allow-http" in capsys.readouterr().err
+
+
+def test_cors_allows_exactly_the_configured_page_origin(cluster):
+    url = f"{cluster.replica_urls[0]}/v1/predict"
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type",
+    }
+    ok = httpx.options(url, headers={"Origin": PAGE, **preflight})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == PAGE
+    other = httpx.options(url, headers={"Origin": "http://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers

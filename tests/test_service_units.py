@@ -203,7 +203,7 @@ def _run_cli(args, monkeypatch, capsys, env):
     [
         (("replica", "--party", "0", "--model", "models/default"), {}, "secret"),
         (
-            ("replica", "--party", "0", "--model", "/nonexistent"),
+            ("replica", "--party", "0", "--model", "/nonexistent", "--allow-http"),
             {"PRIVDIGIT_SECRET": "k" * 32},
             "manifest.json not found",
         ),
@@ -211,6 +211,8 @@ def _run_cli(args, monkeypatch, capsys, env):
         (("dealer",), {"PRIVDIGIT_SECRET": "short"}, "at least 32"),
         (("up", "--ports", "1,2"), {}, "three"),
         (("up", "--model", "/nonexistent"), {}, "python -m training"),
+        (("dealer",), {"PRIVDIGIT_SECRET": "k" * 32}, "--allow-http"),
+        (("dealer", "--tls-cert", "/nonexistent"), {"PRIVDIGIT_SECRET": "k" * 32}, "together"),
     ],
 )
 def test_cli_errors_are_one_line_with_nonzero_exit(args, env, needle, monkeypatch, capsys):

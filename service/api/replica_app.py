@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
+import ssl
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +27,10 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Header, Request, WebSocket
+from fastapi import FastAPI, Header, Request, Security, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api import auth, wire
@@ -106,10 +110,23 @@ class Replica:
             timeout=s.peer_timeout_s,
             on_auth_failure=lambda: self.metrics.auth_failures.labels("peer").inc(),
         )
-        self.dealer = DealerClient(s.dealer_url, self.secret, s.party, timeout=s.dealer_timeout_s)
+        self.ssl = ssl.create_default_context(cafile=str(s.tls_ca) if s.tls_ca else None)
+        self.dealer = DealerClient(
+            s.dealer_url, self.secret, s.party, timeout=s.dealer_timeout_s, verify=self.ssl
+        )
+        self._api_keys = [hashlib.sha256(k.encode()).digest() for k in s.api_keys]
         self.replay = ReplayGuard()
         self.executor = ThreadPoolExecutor(s.max_inflight, thread_name_prefix="mpc")
         self.inflight = 0
+
+    def check_api_key(self, key: str | None) -> None:
+        """Refuse (401) a client without a valid X-API-Key when the operator set keys."""
+        if not self._api_keys:
+            return
+        digest = hashlib.sha256((key or "").encode()).digest()
+        if not any(hmac.compare_digest(digest, k) for k in self._api_keys):
+            self.metrics.auth_failures.labels("client").inc()
+            raise ApiError("unauthenticated", "missing or unknown API key (header X-API-Key)")
 
     # -- readiness -----------------------------------------------------------------------------
 
@@ -300,6 +317,11 @@ class Replica:
 
 
 _ERR = {"model": ErrorBody}
+API_KEY = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    description="needed only where the operator configured client API keys",
+)
 
 
 def _errors(*codes: str) -> dict[int | str, dict[str, Any]]:
@@ -356,7 +378,9 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         if settings.reload_poll_s > 0:
             tasks.append(asyncio.create_task(rep.watch()))
         if settings.party == 0:
-            tasks.append(asyncio.create_task(rep.peer.dial_forever(settings.peer_url)))
+            url = settings.peer_url
+            tls = rep.ssl if url.startswith("wss://") else None
+            tasks.append(asyncio.create_task(rep.peer.dial_forever(url, ssl=tls)))
         yield
         for t in tasks:
             t.cancel()
@@ -406,9 +430,15 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         r = rep.readiness()
         return JSONResponse(r.model_dump(), status_code=200 if r.ready else 503)
 
-    @app.get("/v1/model", response_model=ModelInfo, tags=["model"], responses=_errors("not_ready"))
-    async def model_info() -> ModelInfo:
+    @app.get(
+        "/v1/model",
+        response_model=ModelInfo,
+        tags=["model"],
+        responses=_errors("unauthenticated", "not_ready"),
+    )
+    async def model_info(api_key: str | None = Security(API_KEY)) -> ModelInfo:
         """The public manifest of the model being served (else the newest this replica holds)."""
+        rep.check_api_key(api_key)
         serving = rep.registry.newest_common(rep.peer.peer_versions)
         shown = serving or rep.registry.latest
         if shown is None:
@@ -429,6 +459,7 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         responses=_errors(
             "bad_tensor",
             "share_mismatch",
+            "unauthenticated",
             "scores_disabled",
             "replayed_request",
             "model_version_mismatch",
@@ -443,10 +474,13 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
             "peer_timeout",
         ),
     )
-    async def predict(body: PredictRequest) -> PredictResponse:
+    async def predict(
+        body: PredictRequest, api_key: str | None = Security(API_KEY)
+    ) -> PredictResponse:
         """Run the network on this party's share of a batch; returns this party's share."""
         started = time.perf_counter()
         try:
+            rep.check_api_key(api_key)
             out = await rep.predict(body)
         except ApiError as exc:
             rep.metrics.errors.labels(exc.code).inc()

@@ -22,6 +22,18 @@ class _Base(BaseSettings):
         repr=False,
     )
     log_level: str = "info"
+    tls_cert: Path | None = Field(default=None, description="PEM certificate to serve HTTPS")
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
+    tls_ca: Path | None = Field(
+        default=None, description="CA bundle to verify the peer replica and the dealer"
+    )
+    allow_http: bool = Field(
+        default=False, description="serve plain HTTP (local use or a private network only)"
+    )
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @field_validator("secret")
     @classmethod
@@ -32,6 +44,20 @@ class _Base(BaseSettings):
                 "with: python -c 'import secrets; print(secrets.token_hex(32))'"
             )
         return v
+
+    def transport_problem(self) -> str | None:
+        """Why this configuration must not start, or None."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            return "--tls-cert and --tls-key go together"
+        for path in (self.tls_cert, self.tls_key, self.tls_ca):
+            if path is not None and not Path(path).is_file():
+                return f"{path} not found"
+        if self.tls_cert is None and not self.allow_http:
+            return (
+                "no TLS certificate: pass --tls-cert and --tls-key (make development ones with "
+                "`python -m service certs DIR`), or --allow-http for local use"
+            )
+        return None
 
 
 class ReplicaSettings(_Base):
@@ -54,6 +80,11 @@ class ReplicaSettings(_Base):
         default=False, description="let clients ask for the logits' shares (output=scores)"
     )
     torch_threads: int = Field(default=1, ge=1)
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="if set, /v1/predict and /v1/model need one of these in X-API-Key",
+        repr=False,
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="page origins allowed to call this replica from a browser (exact match); "
