@@ -43,6 +43,9 @@ def _settings(cls, given: dict):
 
 
 def _serve(app, host: str, port: int, log_level: str, tls_cert=None, tls_key=None) -> None:
+    """Run `app` under uvicorn; on SIGTERM/SIGINT drain first where the app can (replicas)."""
+    import asyncio
+
     import uvicorn
 
     from service.api.peer import MAX_FRAME
@@ -50,7 +53,7 @@ def _serve(app, host: str, port: int, log_level: str, tls_cert=None, tls_key=Non
     tls = {}
     if tls_cert is not None:
         tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)}
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -58,8 +61,29 @@ def _serve(app, host: str, port: int, log_level: str, tls_cert=None, tls_key=Non
         access_log=False,
         ws_max_size=MAX_FRAME,
         ws_per_message_deflate=False,
+        timeout_graceful_shutdown=30,
         **tls,
     )
+    drain = getattr(getattr(app.state, "replica", None), "drain", None)
+
+    class Server(uvicorn.Server):
+        """A first signal drains (new requests get 503, in-flight ones finish); a second quits."""
+
+        draining = False
+
+        def handle_exit(self, sig, frame) -> None:
+            if drain is None or self.draining:
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            loop = asyncio.get_event_loop()
+
+            async def drain_then_exit() -> None:
+                await drain()
+                super(Server, self).handle_exit(sig, frame)
+
+            loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_exit()))
+
+    Server(config).run()
 
 
 def _transport(a: argparse.Namespace) -> dict:

@@ -115,6 +115,7 @@ class Replica:
             s.dealer_url, self.secret, s.party, timeout=s.dealer_timeout_s, verify=self.ssl
         )
         self._api_keys = [hashlib.sha256(k.encode()).digest() for k in s.api_keys]
+        self.draining = False
         self.replay = ReplayGuard()
         self.executor = ThreadPoolExecutor(s.max_inflight, thread_name_prefix="mpc")
         self.inflight = 0
@@ -133,7 +134,7 @@ class Replica:
     def readiness(self) -> Readiness:
         latest = self.registry.latest
         serving = self.registry.newest_common(self.peer.peer_versions)
-        reasons = []
+        reasons = ["shutting down"] if self.draining else []
         if latest is None:
             reasons.append(f"no model loaded: {self.registry.last_error or 'not yet loaded'}")
         if not self.peer.connected:
@@ -155,6 +156,14 @@ class Replica:
             reasons=reasons,
             last_reload_error=self.registry.last_error,
         )
+
+    async def drain(self) -> None:
+        """Stop taking requests (503) and wait for the in-flight ones to finish."""
+        self.draining = True
+        log.info("draining", extra={"fields": {"inflight": self.inflight}})
+        deadline = time.monotonic() + self.settings.peer_timeout_s + 5
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     # -- reload --------------------------------------------------------------------------------
 
@@ -280,6 +289,8 @@ class Replica:
                 f"this replica does not hold model version {body.model_version!r} (it holds "
                 f"{self.registry.versions()}); fetch /v1/model again",
             )
+        if self.draining:
+            raise ApiError("not_ready", "this replica is shutting down; retry on its successor")
         if not self.peer.connected:
             raise ApiError("not_ready", f"peer replica not connected ({self.peer.last_error})")
         if self.inflight >= s.max_inflight:
