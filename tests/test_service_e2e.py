@@ -194,10 +194,24 @@ def test_replayed_request_id_is_refused(cluster, mnist):
         _assert_error(r, 409, "replayed_request")
 
 
-def test_share_sent_to_one_replica_times_out(cluster, mnist):
+def _gauge(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return float(next(ln for ln in text.splitlines() if ln.startswith(name + " ")).split()[-1])
+
+
+def test_share_sent_to_one_replica_times_out_and_frees_everything(cluster, mnist):
     s0, _ = _shares(mnist[0][:1] / 255.0)
+    started = time.monotonic()
     r = httpx.post(f"{cluster.replica_urls[0]}/v1/predict", json=_body(s0), timeout=30)
     _assert_error(r, 504, "peer_timeout")
+    assert time.monotonic() - started < 3 + 2  # the configured --peer-timeout 3, not forever
+    assert _gauge(cluster.replica_urls[0], "privdigit_inflight") == 0
+    assert _gauge(cluster.replica_urls[0], "privdigit_peer_pending") == 0
+    # replica 1 holds party 0's opening frame for a request it never got; it expires
+    deadline = time.monotonic() + 4 * 3 + 5
+    while _gauge(cluster.replica_urls[1], "privdigit_peer_pending") > 0:
+        assert time.monotonic() < deadline, "frames for an orphan request were never freed"
+        time.sleep(0.5)
 
 
 def test_shares_of_different_sizes_are_refused_by_both(cluster, mnist):

@@ -38,6 +38,9 @@ class ReplicaMetrics:
             "privdigit_auth_failures", "unauthenticated attempts refused", ["what"], registry=r
         )
         self.inflight = Gauge("privdigit_inflight", "inferences in flight", registry=r)
+        self.pending = Gauge(
+            "privdigit_peer_pending", "requests with frames held for the peer stream", registry=r
+        )
         self.ready = Gauge("privdigit_ready", "1 when ready to serve", registry=r)
         self.reloads = Counter(
             "privdigit_reloads", "model reloads by result", ["result"], registry=r

@@ -550,6 +550,7 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         rep.readiness()
+        rep.metrics.pending.set(rep.peer.pending)
         return Response(generate_latest(rep.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.websocket("/v1/peer")
