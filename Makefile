@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint bench clean openapi deploy-shares
+.PHONY: setup browser demo test test-slow lint bench clean openapi deploy-shares
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run 'make PY=/path/to/python3.11'"; exit 1; }
@@ -13,7 +13,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# Headless Chromium for tests/test_web_e2e.py: Debian's packages, installed only when missing.
+CHROMIUM_PKGS := chromium chromium-driver
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	  else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing $(CHROMIUM_PKGS) for the browser test"; \
+	    $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+	      --no-install-recommends $(CHROMIUM_PKGS) \
+	      || echo "warning: could not install $(CHROMIUM_PKGS); the browser test will not run"; \
+	  else \
+	    echo "note: /usr/bin/chromium or /usr/bin/chromedriver is missing and cannot be installed" \
+	      "here (needs apt-get and root or sudo): install $(CHROMIUM_PKGS) yourself;" \
+	      "tests/test_web_e2e.py skips without them (and fails in CI)"; \
+	  fi; \
+	fi
+
+setup: $(STAMP) browser
 
 demo: $(STAMP)
 	$(BIN)/python -m service demo
@@ -22,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
 

@@ -494,3 +494,37 @@ def test_cors_allows_exactly_the_configured_page_origin(cluster):
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == PAGE
     other = httpx.options(url, headers={"Origin": "http://evil.example", **preflight})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_label(cluster, mnist, plaintext):
+    """16 clients at once: the replicas run them in shared protocol runs (batch_images > 1),
+    yet each client reconstructs only its own image's label; a request whose other share never
+    comes fails alone (504) without failing the batch it would have joined."""
+    images, _ = mnist
+    x = images[400:416] / 255.0
+    expected = list(_plain_labels(plaintext, x))
+    orphan_s0, _ = _shares(images[:1] / 255.0)
+
+    def one(i):
+        s0, s1 = _shares(x[i : i + 1])
+        rid = secrets.token_urlsafe(18)
+        return _post_pair(cluster, [_body(s0, rid), _body(s1, rid)])
+
+    with ThreadPoolExecutor(17) as ex:
+        orphan = ex.submit(
+            httpx.post, f"{cluster.replica_urls[0]}/v1/predict", json=_body(orphan_s0), timeout=30
+        )
+        pairs = list(ex.map(one, range(16)))
+    labels, batch_sizes = [], []
+    for r0, r1 in pairs:
+        assert r0.status_code == r1.status_code == 200, (r0.text[:200], r1.text[:200])
+        a, b = r0.json(), r1.json()
+        assert a["batch_images"] == b["batch_images"]
+        batch_sizes.append(a["batch_images"])
+        one_hot = privdigit.reconstruct_label(
+            privdigit.decode_tensor(a["share"]), privdigit.decode_tensor(b["share"])
+        )
+        labels.append(int(one_hot[0]))
+    assert labels == expected
+    assert max(batch_sizes) > 1, batch_sizes
+    _assert_error(orphan.result(), 504, "peer_timeout")

@@ -58,8 +58,8 @@ def test_peer_frames_round_trip_and_refuse_truncation():
     frame = wire.decode_frame(wire.encode_data("rid-1", 7, ts))
     assert (frame.kind, frame.request_id, frame.round) == (wire.DATA, "rid-1", 7)
     assert all(torch.equal(a, b) for a, b in zip(frame.tensors, ts, strict=True))
-    meta = wire.decode_frame(wire.encode_json(wire.META, "r", {"shape": [1, 1, 28, 28]}))
-    assert meta.payload == {"shape": [1, 1, 28, 28]}
+    meta = wire.decode_frame(wire.encode_json(wire.ARRIVED, "r", {"shape": [1, 1, 28, 28]}))
+    assert (meta.kind, meta.payload) == (wire.ARRIVED, {"shape": [1, 1, 28, 28]})
     with pytest.raises(wire.WireError):
         wire.decode_frame(wire.encode_data("rid-1", 7, ts)[:-3])
     with pytest.raises(wire.WireError):

@@ -5,8 +5,8 @@ Party 0 dials party 1's `/v1/peer` and redials by itself when the stream drops; 
 HMAC challenge-response (`auth.py`) that also tells each side which model versions the other
 holds; a HAVE frame repeats that after every reload.
 
-Each inference is a request id. Its frames (META once, then one DATA frame per protocol round,
-or ABORT) go into a per-request mailbox, so any number of inferences share the one stream.
+Each protocol run has an id (a batch id, see `batching.py`). Its frames (one DATA frame per
+round, or ABORT) go into a per-run mailbox, so any number of inferences share the one stream.
 Frames that arrive before the local request starts (the client's post reached the peer first)
 wait in their mailbox; unclaimed mailboxes expire. `PeerChannel` is the engine's `Channel` for
 one request: protocol code runs in a worker thread and blocks on its mailbox, the event loop
@@ -90,6 +90,9 @@ class PeerLink:
         self._lock = threading.Lock()
         self.peer_versions: list[str] = []
         self.last_error: str | None = None
+        # set by the replica: control frames (pairing, batching) and loss of the stream
+        self.on_control: Callable[[wire.Frame], None] = lambda frame: None
+        self.on_disconnect: Callable[[str], None] = lambda reason: None
         self.connects = 0
 
     @property
@@ -186,11 +189,15 @@ class PeerLink:
         with self._lock:
             for box in self._boxes.values():
                 box.q.put(PeerLost(reason))
+        self.on_disconnect(reason)
         log.warning("peer disconnected: %s", reason)
 
     def _deliver(self, frame: wire.Frame) -> None:
         if frame.kind == wire.HAVE:
             self.peer_versions = [str(v) for v in (frame.payload or {}).get("versions", [])]
+            return
+        if frame.kind in wire.CONTROL:
+            self.on_control(frame)
             return
         with self._lock:
             box = self._boxes.get(frame.request_id)
@@ -267,15 +274,6 @@ class PeerChannel:
             p = item.payload or {}
             raise PeerAborted(str(p.get("code", "peer_error")), str(p.get("message", "aborted")))
         return item
-
-    def send_meta(self, meta: dict[str, Any]) -> None:
-        self._link.send(wire.encode_json(wire.META, self.request_id, meta))
-
-    def recv_meta(self) -> dict[str, Any]:
-        frame = self._next()
-        if frame.kind != wire.META:
-            raise ChannelError("the peer skipped the request's opening frame")
-        return dict(frame.payload or {})
 
     def exchange(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self.stats.record(tensors)

@@ -4,11 +4,11 @@ Routes (the contract is `openapi.yaml`): `GET /v1/health`, `GET /v1/ready`, `GET
 `POST /v1/predict`, `POST /v1/admin/reload` (deployment secret), `GET /metrics`, and the
 WebSocket `/v1/peer` (party 1 accepts party 0 there). One predict request:
   1. validate the body and the share's shape; refuse a request id seen before (409);
-  2. open the request's mailbox on the peer stream and send META (party 0 names the model
-     version both hold; party 1 follows it), check the peer's META (same shape and output);
-  3. fetch this party's randomness for the request id from the dealer;
-  4. run `PrivateNetwork.forward` in a worker thread over the peer channel;
-  5. answer with this party's share of the label (XOR) or of the logits (additive).
+  2. pair it with the peer's copy and batch it with concurrent ones (`batching.py`: party 0
+     pairs, checks both copies describe the same job, and announces each batch);
+  3. fetch this party's randomness for the batch id from the dealer;
+  4. run `PrivateNetwork.forward` on the batch in a worker thread over the peer channel;
+  5. answer with this request's rows of this party's share of the label (XOR) or logits.
 What this replica sees: its share of the image, its share of the weights, masked openings.
 """
 
@@ -34,6 +34,7 @@ from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api import auth, wire
+from service.api.batching import Batcher
 from service.api.dealer_client import DealerClient
 from service.api.errors import ERRORS, ApiError, error_response, install_error_handlers
 from service.api.observability import ReplicaMetrics
@@ -119,6 +120,18 @@ class Replica:
         self.replay = ReplayGuard()
         self.executor = ThreadPoolExecutor(s.max_inflight, thread_name_prefix="mpc")
         self.inflight = 0
+        self.batcher = Batcher(
+            s.party,
+            self.peer,
+            self.registry,
+            self.run_batch,
+            self.executor,
+            max_batch=s.max_batch,
+            max_batches=s.max_batches,
+            timeout=s.peer_timeout_s,
+        )
+        self.peer.on_control = self.batcher.on_control
+        self.peer.on_disconnect = self.batcher.on_disconnect
 
     def check_api_key(self, key: str | None) -> None:
         """Refuse (401) a client without a valid X-API-Key when the operator set keys."""
@@ -189,60 +202,25 @@ class Replica:
 
     # -- one inference (worker thread) ---------------------------------------------------------
 
-    def _pick_model(self, want: str | None) -> LoadedModel:
-        peer_versions = self.peer.peer_versions
-        if want is not None:
-            model = self.registry.get(want)
-            if model is None or want not in peer_versions:
-                raise ApiError(
-                    "model_version_mismatch",
-                    f"model version {want!r} is not held by both replicas (this one holds "
-                    f"{self.registry.versions()}); fetch /v1/model again",
-                )
-            return model
-        model = self.registry.newest_common(peer_versions)
-        if model is None:
-            raise ApiError("not_ready", "the replicas hold no common model version")
-        return model
-
-    def infer(
-        self, request_id: str, x: torch.Tensor, output: str, want: str | None
-    ) -> tuple[torch.Tensor, LoadedModel, int, int]:
-        ch = self.peer.channel(request_id)
+    def run_batch(
+        self, batch_id: str, x: torch.Tensor, output: str, model: LoadedModel
+    ) -> tuple[torch.Tensor, int, int]:
+        """Worker thread: one protocol run on a batch, with the peer, keyed by the batch id."""
+        ch = self.peer.channel(batch_id)
         try:
-            meta = {"shape": list(x.shape), "output": output}
-            if self.party == 0:
-                model = self._pick_model(want)
-                ch.send_meta({**meta, "version": model.version})
-                theirs = ch.recv_meta()
-            else:
-                ch.send_meta(meta)
-                theirs = ch.recv_meta()
-                found = self.registry.get(str(theirs.get("version")))
-                if found is None or (want is not None and want != found.version):
-                    raise ApiError(
-                        "model_version_mismatch",
-                        f"party 0 serves model version {theirs.get('version')!r}; this replica "
-                        f"holds {self.registry.versions()} and the client asked for {want!r}",
-                    )
-                model = found
-            if theirs.get("shape") != meta["shape"] or theirs.get("output") != output:
-                raise ApiError(
-                    "share_mismatch",
-                    f"this replica got a share of shape {meta['shape']} for {output!r}, the "
-                    f"peer one of shape {theirs.get('shape')} for {theirs.get('output')!r}",
-                )
             net, kind = model.network, "label" if output == "label" else "logits"
             plan = net.plan(x.shape[0], kind, model.weight_shapes)
-            rand = Randomness(self.dealer.fetch(request_id, plan)).prefetch()
+            rand = Randomness(self.dealer.fetch(batch_id, plan)).prefetch()
             party = Party(self.party, ch, rand, net.fp)
             share = net.forward(party, x, model.weights, kind)
-            return share, model, ch.stats.rounds, ch.stats.bytes_sent
+            return share, ch.stats.rounds, ch.stats.bytes_sent
         except ApiError as exc:
             ch.abort(exc.code, exc.message)
             raise
         except PeerAborted as exc:
             code = exc.code if exc.code in ERRORS and ERRORS[exc.code][0] < 500 else "peer_error"
+            if code == "peer_error" and exc.code in ("dealer_unavailable", "not_ready"):
+                code = exc.code
             raise ApiError(code, f"the peer replica aborted: {exc}") from None
         except PeerTimeout as exc:
             raise ApiError("peer_timeout", str(exc)) from None
@@ -254,7 +232,7 @@ class Replica:
             ch.abort("peer_error", str(exc))
             raise ApiError("peer_error", f"protocol error with the peer: {exc}") from None
         except Exception as exc:
-            log.exception("inference failed", extra={"fields": {"request_id": request_id}})
+            log.exception("inference failed", extra={"fields": {"batch_id": batch_id}})
             ch.abort("internal", "the peer replica failed")
             raise ApiError("internal", f"inference failed: {type(exc).__name__}") from None
         finally:
@@ -293,6 +271,12 @@ class Replica:
             raise ApiError("not_ready", "this replica is shutting down; retry on its successor")
         if not self.peer.connected:
             raise ApiError("not_ready", f"peer replica not connected ({self.peer.last_error})")
+        if self.registry.newest_common(self.peer.peer_versions) is None:
+            raise ApiError(
+                "not_ready",
+                f"the replicas hold no common model version (this one {self.registry.versions()}"
+                f", the peer {self.peer.peer_versions})",
+            )
         if self.inflight >= s.max_inflight:
             raise ApiError(
                 "busy", f"{self.inflight} inferences in flight", headers={"Retry-After": "1"}
@@ -301,15 +285,13 @@ class Replica:
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
         try:
-            loop = asyncio.get_running_loop()
-            share, model, rounds, nbytes = await loop.run_in_executor(
-                self.executor, self.infer, body.request_id, x, body.output, body.model_version
-            )
+            res = await self.batcher.submit(body.request_id, x, body.output, body.model_version)
         finally:
             self.inflight -= 1
             self.metrics.inflight.set(self.inflight)
-        self.metrics.rounds.inc(rounds)
-        self.metrics.peer_bytes.inc(nbytes)
+        share, model, rounds, nbytes = res.share, res.model, res.rounds, res.peer_bytes
+        self.metrics.rounds.inc(rounds * x.shape[0] / res.batch_images)
+        self.metrics.peer_bytes.inc(nbytes * x.shape[0] / res.batch_images)
         self.metrics.images.inc(x.shape[0])
         return PredictResponse(
             request_id=body.request_id,
@@ -324,6 +306,7 @@ class Replica:
             ),
             rounds=rounds,
             peer_bytes=nbytes,
+            batch_images=res.batch_images,
         )
 
 
@@ -386,6 +369,7 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         with contextlib.suppress(StoreError):
             await rep.reload()
         tasks = [asyncio.create_task(rep.peer.janitor())]
+        rep.batcher.start()
         if settings.reload_poll_s > 0:
             tasks.append(asyncio.create_task(rep.watch()))
         if settings.party == 0:
@@ -393,6 +377,7 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
             tls = rep.ssl if url.startswith("wss://") else None
             tasks.append(asyncio.create_task(rep.peer.dial_forever(url, ssl=tls)))
         yield
+        await rep.batcher.stop()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

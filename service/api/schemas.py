@@ -66,8 +66,12 @@ class PredictResponse(BaseModel):
         description="the newest version both replicas hold now; when it differs from "
         "model_version, a newer model is being served: fetch /v1/model again"
     )
-    rounds: int = Field(description="protocol rounds this request took with the peer")
-    peer_bytes: int = Field(description="bytes this replica sent to its peer for this request")
+    rounds: int = Field(description="protocol rounds of the run with the peer")
+    peer_bytes: int = Field(description="bytes this replica sent to its peer for the batch")
+    batch_images: int = Field(
+        description="images in the protocol run this request joined (dynamic batching); "
+        "rounds and peer_bytes are that run's"
+    )
 
 
 class ErrorDetail(BaseModel):

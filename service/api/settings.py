@@ -71,6 +71,13 @@ class ReplicaSettings(_Base):
     dealer_url: str = "http://127.0.0.1:8002"
     max_batch: int = Field(default=64, ge=1, le=1024)
     max_inflight: int = Field(default=32, ge=1, le=1024)
+    max_batches: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="protocol runs in flight; requests that arrive "
+        "while all are busy queue and leave together as one batch",
+    )
     peer_timeout_s: float = Field(default=10.0, gt=0)
     dealer_timeout_s: float = Field(default=10.0, gt=0)
     reload_poll_s: float = Field(

@@ -9,7 +9,7 @@ little-endian int64 in plan order (their shapes follow from the public plan).
 Peer frame (one WebSocket binary message):
     u8 kind | u16 len(request id) | request id (ASCII) | body
     kind DATA:  u32 round | u16 count | count x (u8 ndim | ndim x u32 dim | int64 LE data)
-    kind META, ABORT, HAVE: a UTF-8 JSON object
+    kind ABORT, HAVE, ARRIVED, BATCH, REJECT, WITHDRAW: a UTF-8 JSON object
 """
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def material_from_bytes(
 
 # -- peer frames ---------------------------------------------------------------------------------
 
-DATA, META, ABORT, HAVE = 1, 2, 3, 4
+DATA, ABORT, HAVE = 1, 3, 4
+ARRIVED, BATCH, REJECT, WITHDRAW = 5, 6, 7, 8  # pairing and batching (see batching.py)
+CONTROL = frozenset({ARRIVED, BATCH, REJECT, WITHDRAW})
 _HEAD = struct.Struct("<BH")
 _ROUND = struct.Struct("<IH")
 
@@ -139,7 +141,7 @@ def decode_frame(data: bytes) -> Frame:
         rid = data[pos : pos + n].decode("ascii")
         pos += n
         if kind != DATA:
-            if kind not in (META, ABORT, HAVE):
+            if kind not in (ABORT, HAVE) and kind not in CONTROL:
                 raise WireError(f"unknown frame kind {kind}")
             return Frame(kind, rid, payload=json.loads(data[pos:]))
         round_, count = _ROUND.unpack_from(data, pos)

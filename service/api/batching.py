@@ -1,0 +1,319 @@
+"""Pairing and dynamic batching: which client requests run together, agreed by both replicas.
+
+A client posts one share to each replica under one request id. Party 1 tells party 0 that a
+request arrived (ARRIVED: shape, output, wanted version); party 0 pairs it with its own copy,
+checks that both describe the same job (else both answer 400 `share_mismatch`), and queues it.
+Party 0's batcher takes queued requests of the same output and model version, up to
+`max_batch` images, whenever one of its `max_batches` slots is free, and announces the batch
+(BATCH: a fresh batch id, the version, the request ids in order). Both replicas then run ONE
+protocol on the concatenated shares, keyed by the batch id (peer mailbox and dealer
+randomness), and give each request its own rows of the result. At low load a batch is one
+request and starts at once; under load requests queue while the slots are busy and leave
+together, so throughput rises without a fixed waiting window.
+
+A request that only one replica received never joins a batch: it fails alone with 504 after
+the peer timeout (party 1 withdraws it, WITHDRAW). If a withdrawn request was already
+announced, party 1 runs its rows on zeros and drops the result, so one client's missing share
+never fails another client's request. Rounds and bytes are per batch, independent of its size.
+What the replicas learn from batching: which requests ran together and their sizes (public).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from service.api import wire
+from service.api.errors import ApiError
+from service.api.peer import PeerLink, PeerLost
+from service.store import LoadedModel, ModelRegistry
+
+# (shares of the batch, model) -> (share of the result, rounds, bytes): runs in a worker thread
+RunBatch = Callable[[str, torch.Tensor, str, LoadedModel], tuple[torch.Tensor, int, int]]
+
+
+@dataclass
+class Job:
+    request_id: str
+    x: torch.Tensor
+    output: str
+    want: str | None
+    future: asyncio.Future
+    batched: bool = False
+    created: float = field(default_factory=time.monotonic)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {"shape": list(self.x.shape), "output": self.output, "want": self.want}
+
+
+@dataclass
+class Result:
+    share: torch.Tensor
+    model: LoadedModel
+    rounds: int
+    peer_bytes: int
+    batch_images: int
+
+
+class Batcher:
+    """One per replica process; lives on the event loop (no locks: one thread touches it)."""
+
+    def __init__(
+        self,
+        party: int,
+        peer: PeerLink,
+        registry: ModelRegistry,
+        run_batch: RunBatch,
+        executor: Any,
+        *,
+        max_batch: int,
+        max_batches: int,
+        timeout: float,
+    ) -> None:
+        self.party, self.peer, self.registry = party, peer, registry
+        self._run, self._executor = run_batch, executor
+        self.max_batch, self.timeout = max_batch, timeout
+        self._slots = asyncio.Semaphore(max_batches)
+        self._jobs: dict[str, Job] = {}  # this replica's requests not yet in a batch
+        self._peer_meta: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
+        self._queue: OrderedDict[str, Job] = OrderedDict()  # party 0: paired, waiting
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self.batches = 0
+
+    # -- the client-facing side ----------------------------------------------------------------
+
+    async def submit(self, rid: str, x: torch.Tensor, output: str, want: str | None) -> Result:
+        job = Job(rid, x, output, want, asyncio.get_running_loop().create_future())
+        self._jobs[rid] = job
+        if self.party == 1:
+            self._send(wire.ARRIVED, rid, job.meta)
+        else:
+            self._try_pair(rid)
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), self.timeout)
+        except TimeoutError:
+            if job.batched:  # running: its batch has its own timeouts on the peer channel
+                return await job.future
+            self._forget(rid)
+            if self.party == 1:
+                self._send(wire.WITHDRAW, rid, {})
+            raise ApiError(
+                "peer_timeout",
+                f"the peer replica did not get request {rid!r} within {self.timeout:g} s (did "
+                "the client post the other share with the same request id?)",
+            ) from None
+        finally:
+            self._jobs.pop(rid, None)
+
+    def _forget(self, rid: str) -> None:
+        self._jobs.pop(rid, None)
+        self._queue.pop(rid, None)
+
+    def _send(self, kind: int, rid: str, payload: dict[str, Any]) -> None:
+        with contextlib.suppress(PeerLost):
+            self.peer.send(wire.encode_json(kind, rid, payload))
+
+    @property
+    def waiting(self) -> int:
+        return len(self._jobs)
+
+    # -- control frames from the peer (event loop) ---------------------------------------------
+
+    def on_control(self, frame: wire.Frame) -> None:
+        p, rid = frame.payload or {}, frame.request_id
+        if frame.kind == wire.ARRIVED and self.party == 0:
+            self._peer_meta[rid] = (p, time.monotonic())
+            self._try_pair(rid)
+        elif frame.kind == wire.WITHDRAW and self.party == 0:
+            self._peer_meta.pop(rid, None)
+            self._queue.pop(rid, None)  # paired but not batched: it now times out alone
+        elif frame.kind == wire.REJECT:
+            job = self._jobs.get(rid)
+            if job is not None and not job.future.done():
+                job.future.set_exception(ApiError(str(p.get("code")), str(p.get("message"))))
+        elif frame.kind == wire.BATCH and self.party == 1:
+            self._start(self._run_announced(rid, p))
+        self._expire()
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - 2 * self.timeout
+        while self._peer_meta:
+            rid, (_, seen) = next(iter(self._peer_meta.items()))
+            if seen >= cutoff:
+                break
+            del self._peer_meta[rid]
+
+    def on_disconnect(self, reason: str) -> None:
+        """The stream is gone: requests that wait for their pair cannot complete."""
+        for job in list(self._jobs.values()):
+            if not job.batched and not job.future.done():
+                job.future.set_exception(ApiError("not_ready", f"lost the peer replica: {reason}"))
+        self._queue.clear()
+        self._peer_meta.clear()
+
+    # -- party 0: pairing and batching ---------------------------------------------------------
+
+    def _try_pair(self, rid: str) -> None:
+        job, seen = self._jobs.get(rid), self._peer_meta.get(rid)
+        if job is None or seen is None or job.batched:
+            return
+        del self._peer_meta[rid]
+        theirs = seen[0]
+        if theirs != job.meta:
+            message = (
+                f"replica 0 got a share of shape {job.meta['shape']} for {job.output!r} "
+                f"(version {job.want!r}), replica 1 one of shape {theirs.get('shape')} for "
+                f"{theirs.get('output')!r} (version {theirs.get('want')!r})"
+            )
+            self._send(wire.REJECT, rid, {"code": "share_mismatch", "message": message})
+            job.future.set_exception(ApiError("share_mismatch", message))
+            return
+        self._queue[rid] = job
+        self._wake.set()
+
+    def start(self) -> None:
+        if self.party == 0:
+            self._start(self._batch_forever())
+
+    def _start(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _pick_model(self, want: str | None) -> LoadedModel:
+        if want is not None:
+            model = self.registry.get(want)
+            if model is None or want not in self.peer.peer_versions:
+                raise ApiError(
+                    "model_version_mismatch",
+                    f"model version {want!r} is not held by both replicas (this one holds "
+                    f"{self.registry.versions()}); fetch /v1/model again",
+                )
+            return model
+        model = self.registry.newest_common(self.peer.peer_versions)
+        if model is None:
+            raise ApiError("not_ready", "the replicas hold no common model version")
+        return model
+
+    def _take_batch(self) -> list[Job]:
+        """The oldest queued job and the queued jobs that can run with it, up to max_batch."""
+        first = next(iter(self._queue.values()))
+        batch, images = [], 0
+        for job in list(self._queue.values()):
+            if (job.output, job.want) != (first.output, first.want):
+                continue
+            if batch and images + job.x.shape[0] > self.max_batch:
+                break
+            batch.append(job)
+            images += job.x.shape[0]
+            del self._queue[job.request_id]
+        return batch
+
+    async def _batch_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                await self._slots.acquire()
+                jobs = [j for j in self._take_batch() if not j.future.done()]
+                if not jobs:
+                    self._slots.release()
+                    continue
+                try:
+                    model = self._pick_model(jobs[0].want)
+                except ApiError as exc:
+                    self._slots.release()
+                    for job in jobs:
+                        self._send(
+                            wire.REJECT, job.request_id, {"code": exc.code, "message": exc.message}
+                        )
+                        job.future.set_exception(exc)
+                    continue
+                for job in jobs:
+                    job.batched = True
+                batch_id = secrets.token_urlsafe(18)
+                self._send(
+                    wire.BATCH,
+                    batch_id,
+                    {
+                        "version": model.version,
+                        "output": jobs[0].output,
+                        "requests": [[j.request_id, j.x.shape[0]] for j in jobs],
+                    },
+                )
+                self._start(self._execute(batch_id, jobs, model, release=True))
+
+    # -- both parties: running a batch ---------------------------------------------------------
+
+    async def _run_announced(self, batch_id: str, p: dict[str, Any]) -> None:
+        """Party 1: run the batch party 0 announced, with zeros for requests it never got."""
+        requests = [(str(r), int(n)) for r, n in p.get("requests", [])]
+        model = self.registry.get(str(p.get("version")))
+        jobs: list[Job | None] = []
+        for rid, _ in requests:
+            job = self._jobs.get(rid)
+            if job is not None and not job.batched:
+                job.batched = True
+                jobs.append(job)
+            else:
+                jobs.append(None)
+        if model is None:
+            err = ApiError(
+                "model_version_mismatch",
+                f"party 0 serves model version {p.get('version')!r}; this replica holds "
+                f"{self.registry.versions()}",
+            )
+            for job in jobs:
+                if job is not None and not job.future.done():
+                    job.future.set_exception(err)
+            self._send(wire.ABORT, batch_id, {"code": err.code, "message": err.message})
+            return
+        filler = [
+            job if job is not None else
+            Job(rid, torch.zeros((n, *model.network.input_shape), dtype=torch.int64),
+                str(p.get("output")), None, asyncio.get_running_loop().create_future())
+            for job, (rid, n) in zip(jobs, requests, strict=True)
+        ]  # fmt: skip
+        await self._execute(batch_id, filler, model, release=False)
+
+    async def _execute(
+        self, batch_id: str, jobs: list[Job], model: LoadedModel, *, release: bool
+    ) -> None:
+        try:
+            x = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
+            loop = asyncio.get_running_loop()
+            share, rounds, nbytes = await loop.run_in_executor(
+                self._executor, self._run, batch_id, x, jobs[0].output, model
+            )
+            self.batches += 1
+            start = 0
+            for job in jobs:
+                n = job.x.shape[0]
+                if not job.future.done():
+                    job.future.set_result(
+                        Result(share[start : start + n], model, rounds, nbytes, x.shape[0])
+                    )
+                start += n
+        except Exception as exc:  # ApiError from the protocol run, or anything unexpected
+            err = exc if isinstance(exc, ApiError) else ApiError("internal", repr(exc))
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(err)
+        finally:
+            if release:
+                self._slots.release()
