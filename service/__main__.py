@@ -118,6 +118,8 @@ def cmd_replica(a: argparse.Namespace) -> int:
             "peer_url": a.peer_url,
             "dealer_url": a.dealer_url,
             "max_batch": a.max_batch,
+            "max_inflight": a.max_inflight,
+            "max_batches": a.max_batches,
             "scores_enabled": True if a.scores else None,
             "reload_poll_s": a.reload_poll,
             "secret": a.secret,
@@ -357,7 +359,9 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--port", type=int)
     rep.add_argument("--peer-url", help="party 0: party 1's ws://HOST:PORT/v1/peer")
     rep.add_argument("--dealer-url")
-    rep.add_argument("--max-batch", type=int)
+    rep.add_argument("--max-batch", type=int, help="most images in one request and one run")
+    rep.add_argument("--max-inflight", type=int, help="requests in flight before 429 busy")
+    rep.add_argument("--max-batches", type=int, help="protocol runs in flight (dynamic batching)")
     rep.add_argument("--peer-timeout", type=float)
     rep.add_argument("--reload-poll", type=float, help="seconds between model checks; 0 = off")
     rep.add_argument("--scores", action="store_true", help="let clients ask for scores")
