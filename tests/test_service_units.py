@@ -225,3 +225,40 @@ def test_cli_errors_are_one_line_with_nonzero_exit(args, env, needle, monkeypatc
 def test_cli_help(cmd, monkeypatch, capsys):
     code, out, _ = _run_cli((*cmd, "--help"), monkeypatch, capsys, {})
     assert code == 0 and "usage" in out
+
+
+def test_dev_certs_keep_private_keys_private(tmp_path):
+    import stat
+
+    from service.devcerts import make_dev_certs
+
+    d = make_dev_certs(tmp_path / "certs", ("replica-1",))
+    for key in ("key.pem", "ca-key.pem"):
+        assert stat.S_IMODE((d / key).stat().st_mode) == 0o600
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((d / "cert.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "replica-1" in names.get_values_for_type(x509.DNSName)
+
+
+def test_replay_guard_refuses_seen_ids_and_stays_bounded():
+    from service.api.errors import ApiError
+    from service.api.replica_app import ReplayGuard
+
+    guard = ReplayGuard(capacity=3)
+    for rid in ("a", "b", "c"):
+        guard.claim(rid)
+    with pytest.raises(ApiError) as info:
+        guard.claim("b")
+    assert info.value.code == "replayed_request"
+    guard.claim("d")  # the oldest id ("a") leaves the window; memory stays bounded
+    assert len(guard._seen) == 3
+
+
+def test_settings_never_print_secrets():
+    from service.api.settings import ReplicaSettings
+
+    s = ReplicaSettings(party=0, model=Path("."), secret="s" * 40, api_keys=["key-xyz"])
+    assert "s" * 40 not in repr(s) and "key-xyz" not in repr(s)
+    assert s.cors_origins == []  # no browser origin is allowed unless configured
