@@ -1,12 +1,18 @@
 """Federated benchmark: the FedAvg paper's MNIST CNN setup, IID and pathological non-IID.
 
-    python -m benchmarks.federated [--json] [--splits iid,shards] [--max-rounds 60]
-                                   [--server-opts fedavg,fedavgm] [--dp-table]
+    python -m benchmarks.federated [--json] [--splits iid,shards] [--server-opts fedavg,fedavgm]
+                                   [--max-rounds N] [--stop-at-target] [--dp-table]
 
 100 clients x 600 examples, C = 0.1, E = 5, B = 10 (McMahan et al. 2017, who needed 20 rounds
-IID and 229 non-IID to reach 99%). Per split and server optimizer it trains until the test
-accuracy reaches 99% (or --max-rounds) and prints rounds_to_99, final_accuracy and wall_s.
---dp-table adds central DP runs (clip 1.0, several noise multipliers) with their epsilon.
+IID and 229 non-IID to reach 99%); those four are fixed. Per split and server optimizer it
+trains for --max-rounds (default: 20 IID, 200 shards/dirichlet) and prints rounds_to_99 (first
+round with test accuracy >= 99%), final_accuracy, best_accuracy, wall_s and s_per_round.
+The defaults of the free knobs (model, client rate and its decay, client momentum, server
+optimizers) are the best settings found; see docs/federated-benchmark.md.
+--dp-table adds central-DP runs on IID (clip --dp-clip, several noise multipliers; 0 = clipping
+only) with their epsilon at --dp-delta from the RDP accountant.
+Runs use one torch thread by default (--threads): on two shared cores, and with batches of 10,
+more threads make a round slower, and the thread count changes float summation order.
 """
 
 from __future__ import annotations
@@ -15,80 +21,287 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
+from math import inf
+from pathlib import Path
 
-from training.data import load_mnist
-from training.fedavg import FedConfig, train
+from training.fedavg import SERVER_OPTS, FedConfig, RoundMetrics, train
+from training.model import MODELS
+from training.partition import parse_partition
+
+TARGET = 0.99
+DEFAULT_ROUNDS = {"iid": 40}
+DEFAULT_ROUNDS_NONIID = 200
+DP_NOISES = "0,0.1,0.3,1.0"
+# client schedule lr * decay**(round-1): tuned on IID; the non-IID pair is slower (long runs)
+IID_LR, IID_DECAY = 0.25, 0.95
+NONIID_LR, NONIID_DECAY = 0.1, 0.99
 
 
-def run(cfg: FedConfig, train_split, test_split, label: str, quiet: bool) -> dict:
+def run(
+    cfg: FedConfig, train_split, test_split, label: str, quiet: bool, stop_at_target: bool
+) -> dict:
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.rounds, desc=label, unit="round", disable=quiet, leave=False)
+    bar = tqdm(total=cfg.rounds, desc=label, unit="round", disable=quiet, file=sys.stderr)
     reached: list[int] = []
+    curve: list[float | None] = []
+    eps: list[float] = []
 
-    def progress(i: int, m) -> None:
-        bar.set_postfix(acc=f"{m.test_accuracy:.4f}")
+    def progress(_: int, m: RoundMetrics) -> None:
+        curve.append(m.test_accuracy)
+        if m.epsilon is not None:
+            eps.append(m.epsilon)
+        bar.set_postfix(acc=f"{m.test_accuracy:.4f}", best=f"{max(c or 0 for c in curve):.4f}")
         bar.update(1)
-        if m.test_accuracy >= 0.99 and not reached:
+        if m.test_accuracy is not None and m.test_accuracy >= TARGET and not reached:
             reached.append(m.round)
+            reached_s.append(time.perf_counter() - started)
 
+    reached_s: list[float] = []
     started = time.perf_counter()
-    result = train(cfg, train_split, test_split, progress=progress)
+    interrupted = False
+    try:
+        train(
+            cfg,
+            train_split,
+            test_split,
+            progress=progress,
+            stop=lambda _: stop_at_target and bool(reached),
+        )
+    except KeyboardInterrupt:  # Ctrl-C / SIGINT: report the rounds run so far
+        interrupted = True
     bar.close()
-    last = result.history[-1]
+    wall = time.perf_counter() - started
+    if not curve:  # interrupted before the first round ended
+        raise KeyboardInterrupt
+    done = [c for c in curve if c is not None]
     return {
         "split": cfg.partition,
         "server_opt": cfg.server_opt,
-        "rounds_run": len(result.history),
+        "model": cfg.model,
+        "rounds_run": len(curve),
+        "interrupted": interrupted,
         "rounds_to_99": reached[0] if reached else None,
-        "final_accuracy": round(last.test_accuracy, 4),
-        "best_accuracy": round(max(m.test_accuracy for m in result.history), 4),
-        "epsilon": last.epsilon,
-        "dp_noise": cfg.dp_noise,
-        "wall_s": round(time.perf_counter() - started, 1),
+        "final_accuracy": round(done[-1], 4) if done else None,
+        "best_accuracy": round(max(done), 4) if done else None,
+        # epsilon at dp_delta; None without DP and for noise 0 (clipping only: epsilon = inf)
+        "epsilon": None if not eps or eps[-1] == inf else round(eps[-1], 3),
+        "dp_noise": cfg.dp_noise if cfg.dp_clip is not None else None,
+        "wall_s": round(wall, 1),
+        "wall_s_to_99": round(reached_s[0], 1) if reached_s else None,
+        "s_per_round": round(wall / len(curve), 2),
+        "accuracy_curve": [None if c is None else round(c, 4) for c in curve],
+        "config": asdict(cfg),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _server_opts(text: str) -> list[str]:
+    opts = _csv(text)
+    bad = [o for o in opts if o not in SERVER_OPTS]
+    if not opts or bad:
+        raise argparse.ArgumentTypeError(f"server optimizers must be in {SERVER_OPTS}, got {text}")
+    return opts
+
+
+def _splits(text: str) -> list[str]:
+    splits = _csv(text)
+    try:
+        for s in splits:
+            parse_partition(s)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not splits:
+        raise argparse.ArgumentTypeError("need at least one split")
+    return splits
+
+
+def _noises(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"need comma-separated numbers, got {text}") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"noise multipliers must be >= 0, got {text}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _unit(low_open: bool, high_open: bool):
+    def parse(text: str) -> float:
+        value = float(text)
+        ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+        if not ok:
+            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in {lo}0, 1{hi}, got {text}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.federated",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--json", action="store_true", help="one JSON object per run")
-    p.add_argument("--splits", default="iid,shards", help="comma list: iid, shards, dirichlet:A")
-    p.add_argument("--server-opts", default="fedavg,fedavgm", help="comma list")
-    p.add_argument("--max-rounds", type=int, default=60, help="rounds per run (60)")
-    p.add_argument("--lr", type=float, default=0.05, help="client learning rate (0.05)")
-    p.add_argument("--dp-table", action="store_true", help="add central-DP runs (IID)")
-    args = p.parse_args(argv)
-    train_split, test_split = load_mnist("train"), load_mnist("test")
-    base = FedConfig(
-        rounds=args.max_rounds, clients=100, fraction=0.1, local_epochs=5, batch_size=10, lr=args.lr
+    p.add_argument("--json", action="store_true", help="one JSON object per run, no progress bar")
+    p.add_argument("--splits", type=_splits, default="iid,shards", help="iid, shards, dirichlet:A")
+    p.add_argument("--server-opts", type=_server_opts, default="fedavg,fedavgm", help="comma list")
+    p.add_argument(
+        "--max-rounds",
+        type=_positive_int,
+        default=None,
+        help=f"rounds per run (default {DEFAULT_ROUNDS['iid']} IID, {DEFAULT_ROUNDS_NONIID} "
+        "non-IID)",
     )
-    runs = [
-        replace(base, partition=s, server_opt=o)
-        for s in args.splits.split(",")
-        for o in args.server_opts.split(",")
-    ]
-    if args.dp_table:
+    p.add_argument(
+        "--stop-at-target",
+        action="store_true",
+        help="stop a run at the first round with test accuracy >= 99%%",
+    )
+    p.add_argument("--model", choices=sorted(MODELS), default="cnn-wide", help="(cnn-wide)")
+    p.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help=f"client rate (IID {IID_LR}, non-IID {NONIID_LR})",
+    )
+    p.add_argument(
+        "--lr-decay",
+        type=_unit(True, False),
+        default=None,
+        help=f"client rate x this per round (IID {IID_DECAY}, non-IID {NONIID_DECAY})",
+    )
+    p.add_argument(
+        "--client-momentum", type=_unit(False, True), default=0.0, help="client SGD momentum (0)"
+    )
+    p.add_argument(
+        "--server-lr",
+        type=_positive_float,
+        default=None,
+        help="server rate (1.0; 0.01 for fedadam)",
+    )
+    p.add_argument(
+        "--server-momentum", type=_unit(False, True), default=0.9, help="fedavgm momentum (0.9)"
+    )
+    p.add_argument("--out", type=Path, default=None, help="also append each JSON row to this file")
+    p.add_argument("--seed", type=int, default=0, help="seed (0)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
+    p.add_argument("--dp-table", action="store_true", help="add central-DP runs (IID)")
+    p.add_argument(
+        "--dp-only", action="store_true", help="only the central-DP runs (implies --dp-table)"
+    )
+    p.add_argument("--dp-noises", type=_noises, default=DP_NOISES, help=f"({DP_NOISES})")
+    p.add_argument("--dp-clip", type=_positive_float, default=1.0, help="update clip norm (1.0)")
+    p.add_argument("--dp-delta", type=_positive_float, default=1e-5, help="DP delta (1e-5)")
+    p.add_argument("--dp-rounds", type=_positive_int, default=20, help="rounds per DP run (20)")
+    p.add_argument("--dp-server-opt", choices=SERVER_OPTS, default="fedavg", help="(fedavg)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    import torch
+
+    from training.data import MnistUnavailable, load_mnist
+
+    torch.set_num_threads(args.threads)
+    try:
+        train_split, test_split = load_mnist("train"), load_mnist("test")
+    except MnistUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    splits, opts, noises = args.splits, args.server_opts, args.dp_noises  # parsed by type=
+    base = FedConfig(
+        clients=100,
+        fraction=0.1,
+        local_epochs=5,
+        batch_size=10,
+        client_momentum=args.client_momentum,
+        model=args.model,
+        seed=args.seed,
+        server_momentum=args.server_momentum,
+    )
+
+    def server_lr(opt: str) -> float:
+        return args.server_lr or (0.01 if opt == "fedadam" else 1.0)
+
+    def schedule(split: str) -> dict[str, float]:
+        iid = split == "iid"
+        return {
+            "lr": args.lr or (IID_LR if iid else NONIID_LR),
+            "lr_decay": args.lr_decay or (IID_DECAY if iid else NONIID_DECAY),
+        }
+
+    runs: list[FedConfig] = []
+    if not args.dp_only:
+        for s in splits:
+            rounds = args.max_rounds or DEFAULT_ROUNDS.get(s, DEFAULT_ROUNDS_NONIID)
+            runs += [
+                replace(
+                    base,
+                    rounds=rounds,
+                    partition=s,
+                    server_opt=o,
+                    server_lr=server_lr(o),
+                    **schedule(s),
+                )
+                for o in opts
+            ]
+    if args.dp_table or args.dp_only:
         runs += [
-            replace(base, rounds=min(args.max_rounds, 30), dp_clip=1.0, dp_noise=z, fraction=0.1)
-            for z in (0.5, 1.0, 2.0)
+            replace(
+                base,
+                rounds=args.dp_rounds,
+                partition="iid",
+                **schedule("iid"),
+                server_opt=args.dp_server_opt,
+                server_lr=server_lr(args.dp_server_opt),
+                dp_clip=args.dp_clip,
+                dp_noise=z,
+                dp_delta=args.dp_delta,
+            )
+            for z in noises
         ]
-    rows = []
     for cfg in runs:
-        row = run(cfg, train_split, test_split, f"{cfg.partition}/{cfg.server_opt}", args.json)
-        rows.append(row)
-        print(
-            json.dumps(row)
-            if args.json
-            else f"{row['split']:>12} {row['server_opt']:>8}  rounds to 99%: "
-            f"{row['rounds_to_99']}  final {100 * row['final_accuracy']:.2f}%  "
-            f"eps {row['epsilon']}  {row['wall_s']} s",
-            flush=True,
+        label = f"{cfg.partition}/{cfg.server_opt}" + (
+            f"/dp z={cfg.dp_noise}" if cfg.dp_clip is not None else ""
         )
+        row = run(cfg, train_split, test_split, label, args.json, args.stop_at_target)
+        if args.out is not None:
+            with args.out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        if args.json:
+            print(json.dumps(row), flush=True)
+        else:
+            eps = f"  epsilon {row['epsilon']}" if row["epsilon"] is not None else ""
+            print(
+                f"{row['split']:>8} {row['server_opt']:>8}  rounds to 99%: "
+                f"{row['rounds_to_99']}  final {100 * row['final_accuracy']:.2f}%  best "
+                f"{100 * row['best_accuracy']:.2f}%{eps}  {row['wall_s']} s "
+                f"({row['s_per_round']} s/round)",
+                flush=True,
+            )
+        if row["interrupted"]:
+            break
     return 0
 
 

@@ -23,6 +23,7 @@ import secrets
 import ssl
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -263,8 +264,10 @@ def _open(image: str | os.PathLike[str] | bytes | bytearray | memoryview) -> Ima
     else:
         source, fp = None, io.BytesIO(bytes(image))
     try:
-        img = Image.open(fp)
-        img.load()
+        with warnings.catch_warnings():  # Pillow warns on odd files; the CLI prints one line
+            warnings.simplefilter("ignore")
+            img = Image.open(fp)
+            img.load()
     except Image.DecompressionBombError:
         raise ImageError("the image is too large to decode safely", source) from None
     except UnidentifiedImageError:

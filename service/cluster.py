@@ -183,7 +183,7 @@ class Cluster:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
-        pending = [f"{u}/v1/ready" for u in self.replica_urls]
+        pending = [f"{u}/v1/ready" for u in self.replica_urls] + [f"{self.dealer_url}/v1/health"]
         if self.web_url:
             pending.append(f"{self.web_url}/config.json")
         while pending:

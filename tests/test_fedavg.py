@@ -155,6 +155,63 @@ def test_dp_combine_is_clipped_unweighted_mean() -> None:
     assert torch.allclose(out[0], torch.tensor([(0.6 + 0.3) / 2, 0.8 / 2]))
 
 
+def test_client_lr_decay_and_momentum(mnist1000: MnistSplit) -> None:
+    cfg = FedConfig(**{**SMALL.__dict__, "lr": 0.2, "lr_decay": 0.5})
+    assert cfg.client_lr(1) == 0.2 and cfg.client_lr(3) == pytest.approx(0.05)
+    params = list(init_model(0).parameters())
+    x, y = mnist1000.images[:30], mnist1000.labels[:30]
+    # round 3 at lr 0.2 * 0.5**2 takes exactly the steps of round 1 at lr 0.05
+    decayed = client_update(params, x, y, cfg, seed=1, round_index=3)
+    flat = client_update(params, x, y, FedConfig(**{**SMALL.__dict__, "lr": 0.05}), seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(decayed.delta, flat.delta, strict=True))
+    # one local step: momentum changes nothing; later steps it does, deterministically
+    one = FedConfig(**{**SMALL.__dict__, "batch_size": 30})
+    plain = client_update(params, x, y, one, seed=1)
+    heavy = client_update(params, x, y, FedConfig(**{**one.__dict__, "client_momentum": 0.9}), 1)
+    assert all(torch.equal(a, b) for a, b in zip(plain.delta, heavy.delta, strict=True))
+    mom = FedConfig(**{**SMALL.__dict__, "client_momentum": 0.9})
+    a = client_update(params, x, y, mom, seed=1)
+    b = client_update(params, x, y, mom, seed=1)
+    c = client_update(params, x, y, SMALL, seed=1)
+    assert all(torch.equal(u, v) for u, v in zip(a.delta, b.delta, strict=True))
+    assert not torch.equal(a.delta[0], c.delta[0])
+    # the same steps as torch.optim.SGD(momentum=0.9) over the same minibatch order
+    model = init_model(0)
+    sgd = torch.optim.SGD(model.parameters(), lr=mom.lr, momentum=0.9)
+    xt, yt = to_tensor(x), torch.from_numpy(y)
+    perm = torch.randperm(30, generator=torch.Generator().manual_seed(1))
+    for i in range(0, 30, mom.batch_size):
+        sgd.zero_grad()
+        idx = perm[i : i + mom.batch_size]
+        torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+        sgd.step()
+    for d, p0, p1 in zip(a.delta, params, model.parameters(), strict=True):
+        assert torch.allclose(d, p1.detach() - p0, atol=1e-6)
+    # end to end: deterministic under the seed
+    run = train(FedConfig(**{**mom.__dict__, "lr_decay": 0.9}), mnist1000, mnist1000)
+    again = train(FedConfig(**{**mom.__dict__, "lr_decay": 0.9}), mnist1000, mnist1000)
+    assert all(
+        torch.equal(u, v) for u, v in zip(weights(run.model), weights(again.model), strict=True)
+    )
+
+
+def test_wide_model_and_early_stop(mnist1000: MnistSplit) -> None:
+    small = sum(p.numel() for p in init_model(0).parameters())
+    wide = init_model(0, "cnn-wide")
+    assert small == 33_542 and sum(p.numel() for p in wide.parameters()) == 155_606
+    assert [n for n, _ in wide.named_parameters()] == [
+        n for n, _ in init_model(0).named_parameters()
+    ]
+    cfg = FedConfig(
+        rounds=3, clients=3, fraction=1.0, local_epochs=1, model="cnn-wide", eval_limit=100
+    )
+    part = MnistSplit(images=mnist1000.images[:150], labels=mnist1000.labels[:150])
+    res = train(cfg, part, mnist1000, stop=lambda m: m.round == 2)
+    assert [m.round for m in res.history] == [1, 2]
+    assert res.model.conv2.out_channels == 64
+    assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
 def test_bad_config() -> None:
     with pytest.raises(ValueError, match="server_opt"):
         FedConfig(server_opt="sgd")  # type: ignore[arg-type]
@@ -162,5 +219,11 @@ def test_bad_config() -> None:
         FedConfig(partition="dirichlet:0")
     with pytest.raises(ValueError, match="dp_clip"):
         FedConfig(dp_noise=1.0)
+    with pytest.raises(ValueError, match="model"):
+        FedConfig(model="resnet")
+    with pytest.raises(ValueError, match="lr_decay"):
+        FedConfig(lr_decay=0.0)
+    with pytest.raises(ValueError, match="client_momentum"):
+        FedConfig(client_momentum=1.0)
     assert FedConfig().clients_per_round == 10
     assert FedConfig(clients=3, fraction=0.01).clients_per_round == 1

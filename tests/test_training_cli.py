@@ -36,6 +36,9 @@ def test_help_lists_every_flag(small_mnist):
         "--local-epochs",
         "--batch-size",
         "--lr",
+        "--lr-decay",
+        "--client-momentum",
+        "--server-momentum",
         "--partition",
         "--seed",
         "--dp-clip",
@@ -55,6 +58,8 @@ def test_help_lists_every_flag(small_mnist):
         (["--fraction", "1.5"], "(0, 1]"),
         (["--partition", "zipf"], "iid"),
         (["--dp-noise", "1.0"], "--dp-clip"),
+        (["--lr-decay", "0"], "(0, 1]"),
+        (["--client-momentum", "1"], "[0, 1)"),
     ],
 )
 def test_bad_arguments_fail_with_one_clear_line(small_mnist, tmp_path, args, message):

@@ -20,6 +20,7 @@ from typing import IO
 EPILOG = """examples:
   python -m training --rounds 5 --out models/quick
   python -m training --partition dirichlet:0.3 --server-opt fedadam --out models/noniid
+  python -m training --model cnn-wide --lr 0.25 --lr-decay 0.95 --rounds 40 --out models/wide
   python -m training --dp-clip 1.0 --dp-noise 1.0 --out models/dp
   python -m training --secure-agg --out models/secagg
   python -m training resplit models/quick
@@ -47,6 +48,20 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _decay(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _momentum(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def _partition(text: str) -> str:
     from training.partition import parse_partition
 
@@ -71,6 +86,18 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=10, help="local batch B (10)")
     p.add_argument("--lr", type=_positive_float, default=0.05, help="client SGD rate (0.05)")
     p.add_argument(
+        "--lr-decay",
+        type=_decay,
+        default=1.0,
+        help="multiply the client rate by this every round: lr * decay**(round-1), in (0, 1] (1)",
+    )
+    p.add_argument(
+        "--client-momentum",
+        type=_momentum,
+        default=0.0,
+        help="heavy-ball momentum of the clients' local SGD, in [0, 1), reset each round (0)",
+    )
+    p.add_argument(
         "--partition",
         type=_partition,
         default="iid",
@@ -82,6 +109,19 @@ def train_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=None,
         help="server rate (1.0; 0.01 for fedadam)",
+    )
+    p.add_argument(
+        "--server-momentum",
+        type=_momentum,
+        default=0.9,
+        help="fedavgm: server momentum, in [0, 1) (0.9)",
+    )
+    p.add_argument(
+        "--model",
+        choices=["cnn", "cnn-wide"],
+        default="cnn",
+        help="cnn: conv 16/16, fc 100, 33k parameters (default); cnn-wide: conv 32/64, fc 100, "
+        "156k parameters, same layer types but about 2x the private-inference cost",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for partitions, sampling, init")
     p.add_argument(
@@ -161,10 +201,14 @@ def run_train(args: argparse.Namespace) -> int:
         local_epochs=args.local_epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        lr_decay=args.lr_decay,
+        client_momentum=args.client_momentum,
         partition=args.partition,
         seed=args.seed,
+        model=args.model,
         server_opt=args.server_opt,
         server_lr=args.server_lr or (0.01 if args.server_opt == "fedadam" else 1.0),
+        server_momentum=args.server_momentum,
         dp_clip=args.dp_clip,
         dp_noise=args.dp_noise,
         dp_delta=args.dp_delta,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from training import privacy, secagg
 from training.data import MnistSplit, to_tensor
-from training.model import DigitCNN
+from training.model import MODELS, DigitCNN, build_model
 from training.partition import parse_partition
 
 ServerOptName = Literal["fedavg", "fedavgm", "fedadam"]
@@ -56,8 +56,11 @@ class FedConfig:
     local_epochs: int = 5
     batch_size: int = 10
     lr: float = 0.05
+    lr_decay: float = 1.0
+    client_momentum: float = 0.0
     partition: str = "iid"
     seed: int = 0
+    model: str = "cnn"
     server_opt: ServerOptName = "fedavg"
     server_lr: float = 1.0
     server_momentum: float = 0.9
@@ -82,6 +85,10 @@ class FedConfig:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0 or not self.server_lr > 0:
             problems.append("lr and server_lr must be > 0")
+        if not 0 < self.lr_decay <= 1:
+            problems.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
+        if not 0 <= self.client_momentum < 1:
+            problems.append(f"client_momentum must be in [0, 1), got {self.client_momentum}")
         if not 0 <= self.server_momentum < 1:
             problems.append(f"server_momentum must be in [0, 1), got {self.server_momentum}")
         if self.server_opt not in SERVER_OPTS:
@@ -94,6 +101,8 @@ class FedConfig:
             problems.append("dp_noise > 0 needs dp_clip (the noise is scaled by the clip)")
         if not 0 < self.dp_delta < 1:
             problems.append(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.model not in MODELS:
+            problems.append(f"model must be one of {sorted(MODELS)}, got {self.model!r}")
         if self.eval_every < 1:
             problems.append(f"eval_every must be >= 1, got {self.eval_every}")
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -109,6 +118,10 @@ class FedConfig:
     def clients_per_round(self) -> int:
         """Cohort size: ``max(1, round(fraction * clients))``."""
         return max(1, round(self.fraction * self.clients))
+
+    def client_lr(self, round_index: int) -> float:
+        """Client learning rate in round ``round_index`` (1-based): ``lr * lr_decay**(r-1)``."""
+        return self.lr * self.lr_decay ** (max(1, round_index) - 1)
 
 
 @dataclass
@@ -144,10 +157,10 @@ class TrainResult:
 # --------------------------------------------------------------------------- helpers
 
 
-def _work_model() -> DigitCNN:
-    """An uninitialised DigitCNN (built on the meta device: no RNG draws, no init cost)."""
+def _work_model(name: str = "cnn") -> DigitCNN:
+    """An uninitialised model (built on the meta device: no RNG draws, no init cost)."""
     with torch.device("meta"):
-        model = DigitCNN()
+        model = build_model(name)
     return model.to_empty(device="cpu")
 
 
@@ -156,7 +169,7 @@ def _as_param_list(
 ) -> list[torch.Tensor]:
     """Global weights as a list in ``model.parameters()`` order (accepts a state_dict too)."""
     if isinstance(state, Mapping):
-        names = [n for n, _ in _work_model().named_parameters()]
+        names = [n for n, _ in _work_model().named_parameters()]  # same names for every model
         return [state[n] for n in names]
     return list(state)
 
@@ -191,19 +204,25 @@ def client_update(
     labels: torch.Tensor | np.ndarray,
     cfg: FedConfig,
     seed: int,
+    round_index: int = 1,
 ) -> ClientResult:
-    """Local SGD (``cfg.local_epochs`` epochs, batch ``cfg.batch_size``, ``cfg.lr``) from the
-    global weights; returns ``delta = local - global`` in ``model.parameters()`` order.
+    """Local SGD (``cfg.local_epochs`` epochs, batch ``cfg.batch_size``) from the global
+    weights; returns ``delta = local - global`` in ``model.parameters()`` order.
 
+    The step size is ``cfg.client_lr(round_index)`` (``lr * lr_decay**(round - 1)``). With
+    ``cfg.client_momentum = mu > 0`` it is heavy-ball SGD, ``v = mu v + g; w -= lr v``, with the
+    velocity starting at zero in every round (clients keep no optimizer state between rounds).
     ``images`` are float ``(N, 1, 28, 28)`` in [0, 1] (or uint8 ``(N, 28, 28)``).
     """
     start = _as_param_list(global_state)
     x, y = _images(images), _labels(labels)
     n = int(y.shape[0])
-    model = _work_model()
+    model = _work_model(cfg.model)
     _load(model, start)
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(seed)
+    lr, mu = cfg.client_lr(round_index), cfg.client_momentum
+    velocity: list[torch.Tensor] | None = None
     loss_sum, steps = 0.0, 0
     for _ in range(cfg.local_epochs if n else 0):
         perm = torch.randperm(n, generator=gen)
@@ -212,7 +231,14 @@ def client_update(
             loss = F.cross_entropy(model(x[idx]), y[idx])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
-                torch._foreach_add_(params, grads, alpha=-cfg.lr)
+                if mu > 0:
+                    if velocity is None:
+                        velocity = [g.clone() for g in grads]
+                    else:
+                        torch._foreach_mul_(velocity, mu)
+                        torch._foreach_add_(velocity, grads)
+                    grads = velocity
+                torch._foreach_add_(params, grads, alpha=-lr)
             loss_sum += float(loss.detach())
             steps += 1
     with torch.no_grad():
@@ -356,11 +382,11 @@ def evaluate(
     return correct / n, loss_sum / n
 
 
-def init_model(seed: int) -> DigitCNN:
-    """A freshly initialised DigitCNN from ``torch.manual_seed(seed)`` (global RNG untouched)."""
+def init_model(seed: int, model: str = "cnn") -> DigitCNN:
+    """A freshly initialised ``model`` from ``torch.manual_seed(seed)`` (global RNG untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return DigitCNN()
+        return build_model(model)
 
 
 def train(
@@ -370,16 +396,18 @@ def train(
     progress: Callable[[int, RoundMetrics], None] | None = None,
     *,
     noise_seed: int | None = None,
+    stop: Callable[[RoundMetrics], bool] | None = None,
 ) -> TrainResult:
     """Run ``cfg.rounds`` rounds of federated training; ``progress(round, metrics)`` per round.
 
     ``noise_seed`` makes the DP noise reproducible (tests only); by default it is seeded from
-    ``os.urandom``.
+    ``os.urandom``. ``stop(metrics)`` returning True ends training after that round (early
+    stopping, e.g. once a target accuracy is reached).
     """
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(cfg, train_split, test_split, progress, noise_seed)
+        return _train(cfg, train_split, test_split, progress, noise_seed, stop)
     finally:
         torch.use_deterministic_algorithms(previous)
 
@@ -390,8 +418,9 @@ def _train(
     test_split: MnistSplit,
     progress: Callable[[int, RoundMetrics], None] | None,
     noise_seed: int | None,
+    stop: Callable[[RoundMetrics], bool] | None,
 ) -> TrainResult:
-    model = init_model(cfg.seed)
+    model = init_model(cfg.seed, cfg.model)
     params = [p.detach().clone() for p in model.parameters()]
     x_train, y_train = to_tensor(train_split.images), _labels(train_split.labels)
     limit = len(test_split) if cfg.eval_limit is None else min(cfg.eval_limit, len(test_split))
@@ -410,7 +439,12 @@ def _train(
             idx = parts_t[int(k)]
             results.append(
                 client_update(
-                    params, x_train[idx], y_train[idx], cfg, client_seed(cfg.seed, r, int(k))
+                    params,
+                    x_train[idx],
+                    y_train[idx],
+                    cfg,
+                    client_seed(cfg.seed, r, int(k)),
+                    round_index=r,
                 )
             )
         direction = combine(results, cfg, noise_gen)
@@ -442,4 +476,6 @@ def _train(
         history.append(metrics)
         if progress is not None:
             progress(r, metrics)
+        if stop is not None and stop(metrics):
+            break
     return TrainResult(model=model, history=history)

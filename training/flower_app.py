@@ -21,8 +21,9 @@ and secure aggregation are not wired into the Flower path (use ``python -m train
 Run config keys (``[tool.flwr.app.config]`` in ``training/flower/pyproject.toml``, override
 with ``flwr run ... --run-config 'key=value ...'``): ``num-server-rounds``, ``num-partitions``
 (nodes the server waits for and samples each round), ``local-epochs``, ``batch-size``, ``lr``,
-``partition``, ``seed``, ``server-opt``, ``server-lr``, ``central-eval``, ``eval-limit``
-(0 = all), ``out-dir`` and ``force``.
+``lr-decay``, ``client-momentum``, ``partition``, ``seed``, ``model``, ``server-opt``,
+``server-lr``, ``server-momentum``, ``central-eval``, ``eval-limit`` (0 = all), ``out-dir`` and
+``force``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from training.fedavg import (
     init_model,
     make_server_optimizer,
 )
-from training.model import DigitCNN
+from training.model import DigitCNN, build_model
 from training.partition import parse_partition
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,14 @@ DEFAULTS: dict[str, Any] = {
     "local-epochs": 1,
     "batch-size": 10,
     "lr": 0.05,
+    "lr-decay": 1.0,
+    "client-momentum": 0.0,
     "partition": "iid",
     "seed": 0,
+    "model": "cnn",
     "server-opt": "fedavg",
     "server-lr": 1.0,
+    "server-momentum": 0.9,
     "central-eval": True,
     "eval-limit": 0,
     "out-dir": "flower-model",
@@ -119,10 +124,14 @@ def fed_config(run_config: Mapping[str, Any], num_partitions: int | None = None)
         local_epochs=int(s["local-epochs"]),
         batch_size=int(s["batch-size"]),
         lr=float(s["lr"]),
+        lr_decay=float(s["lr-decay"]),
+        client_momentum=float(s["client-momentum"]),
         partition=str(s["partition"]),
         seed=int(s["seed"]),
+        model=str(s["model"]),
         server_opt=str(s["server-opt"]),  # type: ignore[arg-type]
         server_lr=float(s["server-lr"]),
+        server_momentum=float(s["server-momentum"]),
         eval_limit=eval_limit if eval_limit > 0 else None,
     )
 
@@ -175,6 +184,7 @@ def train_reply(
         labels,
         cfg,
         client_seed(cfg.seed, server_round, partition_id),
+        round_index=server_round,
     )
     metrics = MetricRecord(
         {
@@ -259,9 +269,9 @@ class CoreFedAvg(FedAvg):
         return to_record(params), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
-def model_from(params: list[torch.Tensor]) -> DigitCNN:
-    """A :class:`DigitCNN` holding ``params`` (parameter order)."""
-    model = DigitCNN()
+def model_from(params: list[torch.Tensor], name: str = "cnn") -> DigitCNN:
+    """The model ``name`` (:data:`training.model.MODELS`) holding ``params`` (parameter order)."""
+    model = build_model(name)
     model.load_state_dict(dict(zip(param_names(), params, strict=True)))
     return model
 
@@ -274,7 +284,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> tuple[DigitCNN, dic
     s = run_settings(run_config)
     cfg = fed_config(run_config)
     strategy = CoreFedAvg(cfg, min_nodes=cfg.clients)
-    initial = [p.detach().clone() for p in init_model(cfg.seed).parameters()]
+    initial = [p.detach().clone() for p in init_model(cfg.seed, cfg.model).parameters()]
 
     evaluate_fn = None
     if s["central-eval"]:
@@ -286,7 +296,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> tuple[DigitCNN, dic
         y_test = torch.as_tensor(test.labels[:limit], dtype=torch.int64)
 
         def evaluate_fn(_: int, arrays: ArrayRecord) -> MetricRecord:
-            acc, loss = evaluate(model_from(from_record(arrays)), x_test, y_test)
+            acc, loss = evaluate(model_from(from_record(arrays), cfg.model), x_test, y_test)
             return MetricRecord({"test-accuracy": acc, "test-loss": loss})
 
     result = strategy.start(
@@ -296,7 +306,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> tuple[DigitCNN, dic
         train_config=ConfigRecord(),
         evaluate_fn=evaluate_fn,
     )
-    model = model_from(from_record(result.arrays))
+    model = model_from(from_record(result.arrays), cfg.model)
     rounds = []
     for r in range(1, cfg.rounds + 1):
         row: dict[str, Any] = {"round": r}

@@ -14,24 +14,28 @@ from torch import nn
 
 
 class DigitCNN(nn.Module):
-    """conv(1->16,5) -> avgpool2 -> relu -> conv(16->16,5) -> avgpool2 -> relu -> fc 256-100-10.
+    """conv(1->c1,5) -> avgpool2 -> relu -> conv(c1->c2,5) -> avgpool2 -> relu -> fc 16*c2-h-10.
+
+    The default (c1 = c2 = 16, h = 100: 33k parameters) is the product's model; ``"cnn-wide"`` in
+    :data:`MODELS` (32, 64, 100: 156k parameters) is the same shape with more channels, which the
+    engine evaluates unchanged but at a higher cost (more ReLUs and multiplications).
 
     Pooling comes before ReLU so the (non-linear, expensive under MPC) ReLU runs on a quarter of
     the activations; average pooling is linear and therefore free on additive shares.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, conv1_channels: int = 16, conv2_channels: int = 16, hidden: int = 100):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, kernel_size=5, stride=1, padding=0)
-        self.conv2 = nn.Conv2d(16, 16, kernel_size=5, stride=1, padding=0)
-        self.fc1 = nn.Linear(256, 100)
-        self.fc2 = nn.Linear(100, 10)
+        self.conv1 = nn.Conv2d(1, conv1_channels, kernel_size=5, stride=1, padding=0)
+        self.conv2 = nn.Conv2d(conv1_channels, conv2_channels, kernel_size=5, stride=1, padding=0)
+        self.fc1 = nn.Linear(16 * conv2_channels, hidden)
+        self.fc2 = nn.Linear(hidden, 10)
         self.pool = nn.AvgPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.pool(self.conv1(x)))  # (N,16,12,12)
-        x = torch.relu(self.pool(self.conv2(x)))  # (N,16,4,4)
-        x = torch.flatten(x, 1)  # (N,256)
+        x = torch.relu(self.pool(self.conv1(x)))  # (N,c1,12,12)
+        x = torch.relu(self.pool(self.conv2(x)))  # (N,c2,4,4)
+        x = torch.flatten(x, 1)  # (N,16*c2)
         x = torch.relu(self.fc1(x))
         return self.fc2(x)
 
@@ -74,6 +78,19 @@ class FCNet(nn.Module):
             {"type": "relu"},
             _linear("fc3", self.fc3),
         ]
+
+
+MODELS: dict[str, dict[str, int]] = {
+    "cnn": {"conv1_channels": 16, "conv2_channels": 16, "hidden": 100},
+    "cnn-wide": {"conv1_channels": 32, "conv2_channels": 64, "hidden": 100},
+}
+
+
+def build_model(name: str = "cnn") -> DigitCNN:
+    """The federated-training model called ``name`` in :data:`MODELS` (uses the global RNG)."""
+    if name not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {name!r}")
+    return DigitCNN(**MODELS[name])
 
 
 def _conv(name: str, conv: nn.Conv2d) -> dict[str, Any]:

@@ -30,7 +30,9 @@ def mac(secret: bytes, *parts: str | bytes) -> str:
 
 
 def verify(secret: bytes, tag: str | None, *parts: str | bytes) -> None:
-    if not tag or not hmac.compare_digest(str(tag), mac(secret, *parts)):
+    if not isinstance(tag, str) or not tag.isascii() or not tag:
+        raise AuthError("authentication failed: wrong or missing deployment secret")
+    if not hmac.compare_digest(tag, mac(secret, *parts)):
         raise AuthError("authentication failed: wrong or missing deployment secret")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 
 from fastapi import FastAPI, Request
@@ -19,10 +18,10 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from service.api import auth, wire
-from service.api.errors import ApiError, install_error_handlers
+from service.api.errors import ApiError, RequestGuard, install_error_handlers
 from service.api.schemas import REQUEST_ID_PATTERN, ErrorBody, Health
 from service.api.settings import DealerSettings
-from service.mpc.dealer import Dealer, RandomnessReused
+from service.mpc.dealer import Dealer, PlanTooLarge, RandomnessReused, validate_plan
 
 log = logging.getLogger("privdigit.dealer")
 _RID = re.compile(REQUEST_ID_PATTERN)
@@ -38,6 +37,11 @@ def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) ->
 
     app = FastAPI(title="privdigit dealer", version="1", docs_url=None, redoc_url=None)
     install_error_handlers(app)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=1_000_000,
+        on_refuse=lambda code: refused.labels(code).inc(),
+    )
 
     def refuse(code: str, message: str) -> ApiError:
         refused.labels(code).inc()
@@ -61,23 +65,25 @@ def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) ->
             req = json.loads(body)
             rid, party = str(req["request_id"]), int(req["party"])
             plan = wire.plan_from_json(req["plan"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise refuse("invalid_request", f"body is not a randomness request ({exc})") from None
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            msg = f"body is not a randomness request ({type(exc).__name__})"
+            raise refuse("invalid_request", msg) from None
         try:
             auth.verify(secret, request.headers.get(auth.AUTH_HEADER), "dealer", str(party), body)
         except auth.AuthError as exc:
             raise refuse("unauthenticated", str(exc)) from None
         if not _RID.match(rid) or party not in (0, 1):
             raise refuse("invalid_request", "request_id or party is malformed")
-        elements = sum(math.prod(s) for r in plan for s in r.shapes)
-        if elements > settings.max_plan_elements:
-            raise refuse("payload_too_large", f"plan asks for {elements} ring elements")
+        try:
+            validate_plan(plan, settings.max_plan_elements)
+        except PlanTooLarge as exc:
+            raise refuse("payload_too_large", str(exc)) from None
+        except ValueError as exc:
+            raise refuse("invalid_request", f"plan cannot be dealt: {exc}") from None
         try:
             material = await run_in_threadpool(dealer.deal, rid, party, plan)
         except RandomnessReused as exc:
             raise refuse("replayed_request", str(exc)) from None
-        except (ValueError, RuntimeError) as exc:
-            raise refuse("invalid_request", f"plan cannot be dealt: {exc}") from None
         data = wire.material_to_bytes(material)
         served.labels(str(party)).inc()
         served_bytes.inc(len(data))

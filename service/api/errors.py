@@ -6,10 +6,15 @@ errors (422 `invalid_request`), unknown routes (404 `not_found`) and wrong metho
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("privdigit.errors")
 
 # code -> (HTTP status, when it happens); the table `openapi.yaml` documents.
 ERRORS: dict[str, tuple[int, str]] = {
@@ -22,7 +27,9 @@ ERRORS: dict[str, tuple[int, str]] = {
     "method_not_allowed": (405, "wrong HTTP method"),
     "replayed_request": (409, "this request id was already used"),
     "model_version_mismatch": (409, "this replica does not hold the requested model version"),
+    "request_timeout": (408, "the body did not arrive in time"),
     "payload_too_large": (413, "the body exceeds the size limit"),
+    "headers_too_large": (431, "the request headers exceed the size limit"),
     "batch_too_large": (413, "more images than the replica's max_batch"),
     "busy": (429, "too many inferences in flight; retry after the Retry-After seconds"),
     "internal": (500, "an unexpected failure; see the replica's log"),
@@ -65,11 +72,86 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, _Refused):  # RequestGuard stopped the body mid-read
+            return error_response(exc.__cause__.code, str(exc.__cause__))
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status_code, "invalid_request"
-        )
-        return JSONResponse(
-            {"error": {"code": code, "message": str(exc.detail)}},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+        )  # FastAPI's 400 "error parsing the body" is an invalid request: 422
+        return error_response(code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected failure")
+        return error_response("internal", f"unexpected failure: {type(exc).__name__}")
+
+
+class _Refused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class RequestGuard:
+    """ASGI middleware: bounds what a request may make the server read, before the app runs.
+
+    Headers over `max_header_bytes` get 431; a body over `max_body_bytes` gets 413 whether it
+    announces its length or comes chunked; a body that does not arrive within
+    `body_timeout_s` (a client that stalls mid-upload) gets 408. `on_refuse(code)` counts it.
+    """
+
+    def __init__(
+        self,
+        app,
+        *,
+        max_body_bytes: int,
+        max_header_bytes: int = 16_384,
+        body_timeout_s: float = 10.0,
+        on_refuse=lambda code: None,
+    ) -> None:
+        self.app, self.max_body, self.max_header = app, max_body_bytes, max_header_bytes
+        self.timeout, self.on_refuse = body_timeout_s, on_refuse
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def guarded_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        async def refuse(code: str, message: str) -> None:
+            self.on_refuse(code)
+            if not started:
+                await error_response(code, message)(scope, receive, send)
+
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header:
+            return await refuse("headers_too_large", f"headers exceed {self.max_header} bytes")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return await refuse("payload_too_large", f"body exceeds {self.max_body} bytes")
+        seen, complete = 0, False
+
+        async def guarded_receive():
+            nonlocal seen, complete
+            if complete:  # the body is in: later receives wait for a disconnect, untimed
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                self.on_refuse("request_timeout")
+                raise _Refused("request_timeout", f"no body for {self.timeout:g} s") from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+                if seen > self.max_body:
+                    self.on_refuse("payload_too_large")
+                    raise _Refused("payload_too_large", f"body exceeds {self.max_body} bytes")
+            return message
+
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        except _Refused as exc:  # raised outside FastAPI's body parsing
+            if not started:
+                await error_response(exc.code, str(exc))(scope, receive, send)

@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import torch
-from fastapi import FastAPI, Header, Request, Security, WebSocket
+from fastapi import FastAPI, Header, Security, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
@@ -36,7 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from service.api import auth, wire
 from service.api.batching import Batcher
 from service.api.dealer_client import DealerClient
-from service.api.errors import ERRORS, ApiError, error_response, install_error_handlers
+from service.api.errors import ERRORS, ApiError, RequestGuard, install_error_handlers
 from service.api.observability import ReplicaMetrics
 from service.api.peer import PeerAborted, PeerLink, PeerLost, PeerTimeout
 from service.api.schemas import (
@@ -393,22 +393,21 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
     app.state.replica = rep
     install_error_handlers(app)
     limit = max_body_bytes(settings.max_batch)
+    app.add_middleware(  # inside CORS, so that its refusals carry CORS headers
+        RequestGuard,
+        max_body_bytes=limit,
+        body_timeout_s=settings.peer_timeout_s,
+        on_refuse=lambda code: rep.metrics.errors.labels(code).inc(),
+    )
+
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
-            allow_headers=["content-type"],
+            allow_headers=["content-type", "x-api-key"],
             max_age=600,
         )
-
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            rep.metrics.errors.labels("payload_too_large").inc()
-            return error_response("payload_too_large", f"body exceeds {limit} bytes")
-        return await call_next(request)
 
     @app.get("/v1/health", response_model=Health, tags=["status"])
     async def health() -> Health:

@@ -46,8 +46,8 @@ def tensor_to_json(t: torch.Tensor) -> dict[str, Any]:
 def tensor_from_json(dtype: str, shape: Sequence[int], data: str) -> torch.Tensor:
     if dtype != "int64":
         raise WireError(f"dtype must be 'int64', got {dtype!r}")
-    if any(int(d) < 0 for d in shape):
-        raise WireError("shape has a negative dimension")
+    if any(int(d) < 0 or int(d) >= 2**31 for d in shape):
+        raise WireError("shape dimensions must be in [0, 2^31)")
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
@@ -56,7 +56,10 @@ def tensor_from_json(dtype: str, shape: Sequence[int], data: str) -> torch.Tenso
     if len(raw) != expected:
         raise WireError(f"data holds {len(raw)} bytes; shape {list(shape)} needs {expected}")
     arr = np.frombuffer(raw, dtype="<i8").astype(np.int64, copy=True)
-    return torch.from_numpy(arr.reshape(tuple(shape)))
+    try:
+        return torch.from_numpy(arr.reshape(tuple(int(d) for d in shape)))
+    except ValueError as exc:  # e.g. a zero dimension beside one too large to index
+        raise WireError(f"shape {list(shape)} cannot hold this data ({exc})") from None
 
 
 # -- dealer material -----------------------------------------------------------------------------

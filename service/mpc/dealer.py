@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,10 @@ from service.mpc.ring import logical_shift_right, msb
 
 class RandomnessReused(RuntimeError):
     """Correlated randomness was asked for a second time (replay), or past its plan."""
+
+
+class PlanTooLarge(ValueError):
+    """A plan asks for more randomness than the dealer is willing to make at once."""
 
 
 class PlanMismatch(RuntimeError):
@@ -109,6 +114,51 @@ def _derived_shape(req: Request) -> tuple[int, ...]:
         y = torch.empty(req.shapes[1], dtype=torch.int64, device="meta")
         return tuple(bilinear(str(req.params[0]), req.params[1:])(x, y).shape)
     return req.shapes[0]
+
+
+_ARITY = {"beaver": 2, "and": 1, "trunc": 1, "mux": 1}
+
+
+def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> None:
+    """Raise ValueError unless every request is a well-formed kind with sane shapes and params.
+
+    Run on plans that come from outside (the dealer's web endpoint): a plan that passes can be
+    dealt without any other error.
+    """
+    for i, req in enumerate(plan):
+        if req.kind not in _ARITY or len(req.shapes) != _ARITY[req.kind]:
+            raise ValueError(f"step {i}: unknown kind {req.kind!r} or wrong number of shapes")
+        for shape in req.shapes:
+            if len(shape) > 8 or any(not isinstance(d, int) or not 0 <= d < 2**31 for d in shape):
+                raise ValueError(f"step {i}: bad shape {shape}")
+        if req.kind == "trunc" and (
+            len(req.params) != 1
+            or not isinstance(req.params[0], int)
+            or not 1 <= req.params[0] < 63
+        ):
+            raise ValueError(f"step {i}: trunc needs one shift in [1, 63)")
+        if req.kind == "beaver":
+            op = req.params[0] if req.params else None
+            if op not in ("mul", "matmul", "conv2d"):
+                raise ValueError(f"step {i}: unknown bilinear op {op!r}")
+            if op == "conv2d" and (
+                len(req.params) != 3
+                or not all(isinstance(p, int) and 0 <= p < 64 for p in req.params[1:])
+            ):
+                raise ValueError(f"step {i}: conv2d needs stride and padding")
+            try:
+                _derived_shape(req)
+            except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+                raise ValueError(f"step {i}: shapes do not fit {op}: {exc}") from None
+        elif req.params and req.kind != "trunc":
+            raise ValueError(f"step {i}: {req.kind} takes no params")
+    total = sum(
+        math.prod(s)
+        for r in plan
+        for s in (*r.shapes, *([_derived_shape(r)] * len(_DERIVED[r.kind])))
+    )
+    if total > max_elements:
+        raise PlanTooLarge(f"plan asks for {total} ring elements; the limit is {max_elements}")
 
 
 def correction_shapes(plan: tuple[Request, ...]) -> list[tuple[int, ...]]:

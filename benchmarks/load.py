@@ -1,0 +1,387 @@
+"""Load test: N concurrent clients for T seconds on the cluster; labels checked, memory watched.
+
+    python -m benchmarks.load [--clients 16] [--seconds 60] [--json] [--model DIR]
+                              [--replicas URL0,URL1] [--warmup 10] [--max-memory-growth PCT]
+
+Starts dealer and both replicas on free ports (bundled model unless --model), or uses the two
+running replicas given by --replicas. Each client is a thread with its own `PrivDigitClient`
+sending one image per request, cycling through tests/fixtures/mnist_test_1000.npz; every label
+is compared with the plaintext model's (torch, tests/fixtures/cnn.safetensors unless --model).
+A warm-up of --warmup seconds at full concurrency comes first (connections, allocator arenas,
+caches), then the replicas' RSS is read, the measured run goes, and RSS is read again.
+
+Prints requests, errors (by type and service error code), wrong_labels, latency_ms_p50/p99
+(client call to label, successful requests), images_per_s, and each replica's RSS before and
+after with memory_growth_pct, plus a dozen samples in between (memory_rss_mb_series) and
+memory_trend_pct (median of the last third of once-a-second samples against the first third:
+a plateau or a leak, less noisy than two single readings). Memory is VmRSS from
+/proc/PID/status: for a cluster this command started, of its processes; with --replicas, of the
+process listening on each replica's port when it runs here as this user (else null).
+Exit status: 0 when there were no errors and no wrong labels (and, with --max-memory-growth,
+no replica grew more than PCT percent), 1 otherwise, 2 on a usage or startup error.
+Target (issue 5): --clients 16 --seconds 60: 0 errors, 0 wrong labels, memory growth <= 10%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from clients.privdigit import PrivDigitClient, PrivDigitError, ServiceError
+from service.cluster import DEFAULT_MODEL, Cluster, ClusterError, free_ports
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+DATA = FIXTURES / "mnist_test_1000.npz"
+WEIGHTS = FIXTURES / "cnn.safetensors"  # the plaintext of the bundled models/default
+
+
+# -- reference labels ----------------------------------------------------------------------------
+
+
+def plaintext_labels(images01: np.ndarray, model_dir: Path | None) -> np.ndarray:
+    """The plaintext model's label for every image (N, 28, 28) in [0, 1].
+
+    The bundled model is tests/fixtures/cnn.safetensors; another model directory from
+    `python -m training` holds its plaintext as model.safetensors (a CNN of any width, or the
+    fully connected net).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from training.model import DigitCNN, FCNet
+
+    weights = WEIGHTS
+    if model_dir is not None and model_dir.resolve() != DEFAULT_MODEL.resolve():
+        weights = model_dir / "model.safetensors"
+        if not weights.is_file():
+            raise SystemExit(f"error: {weights} not found: no plaintext to check labels against")
+    state = load_file(str(weights))
+    if "conv1.weight" in state:
+        widths = {
+            "conv1_channels": state["conv1.weight"].shape[0],
+            "conv2_channels": state["conv2.weight"].shape[0],
+            "hidden": state["fc1.weight"].shape[0],
+        }
+        try:
+            model: torch.nn.Module = DigitCNN(**widths)
+        except TypeError:  # a DigitCNN without width arguments: the default widths only
+            model = DigitCNN()
+    else:
+        model = FCNet()
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        x = torch.from_numpy(images01.astype(np.float32)).reshape(-1, 1, 28, 28)
+        return model(x).argmax(-1).numpy()
+
+
+# -- memory --------------------------------------------------------------------------------------
+
+
+def rss_bytes(pid: int | None) -> int | None:
+    """Resident set size of process `pid` (VmRSS in /proc/PID/status), None if unreadable."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def listening_pid(port: int) -> int | None:
+    """The pid of this user's process listening on TCP `port` on this machine, if any."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    local, state, inode = cols[1], cols[3], cols[9]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{inode}]")
+        except OSError:
+            continue
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return int(pid)
+            except OSError:
+                continue
+    return None
+
+
+def memory(pids: dict[str, int | None]) -> dict[str, int | None]:
+    return {role: rss_bytes(pid) for role, pid in pids.items()}
+
+
+def _mb(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
+
+
+def _series(samples: list[int | None], points: int = 12) -> list[float | None]:
+    """About `points` evenly spaced samples (MB) of a once-a-second RSS series: the trend."""
+    if not samples:
+        return []
+    idx = sorted({round(i * (len(samples) - 1) / max(1, points - 1)) for i in range(points)})
+    return [_mb(samples[i]) for i in idx]
+
+
+def _trend(samples: list[int | None]) -> float | None:
+    """Growth from the median RSS of the run's first third to that of its last third: less
+    sensitive than two single readings to the swings of a busy allocator."""
+    vals = [v for v in samples if v is not None]
+    if len(vals) < 3:
+        return None
+    third = len(vals) // 3
+    return _growth(int(np.median(vals[:third])), int(np.median(vals[-third:])))
+
+
+def _growth(before: int | None, after: int | None) -> float | None:
+    if not before or after is None:
+        return None
+    return round(100.0 * (after - before) / before, 2)
+
+
+# -- the load ------------------------------------------------------------------------------------
+
+
+class Load:
+    """N client threads predicting one image at a time; results counted under a lock."""
+
+    def __init__(self, urls: tuple[str, str], images: np.ndarray, expected: np.ndarray) -> None:
+        self.urls, self.images, self.expected = urls, images, expected
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests = 0
+            self.wrong = 0
+            self.errors: Counter[str] = Counter()
+            self.error_examples: dict[str, str] = {}
+            self.latencies: list[float] = []
+
+    def _record(self, latency_ms: float | None, wrong: bool, error: str | None, detail: str):
+        with self._lock:
+            self.requests += 1
+            if error is not None:
+                self.errors[error] += 1
+                self.error_examples.setdefault(error, detail[:300])
+            else:
+                self.latencies.append(latency_ms or 0.0)
+                self.wrong += wrong
+
+    def client(self, k: int, n_clients: int, stop: threading.Event) -> None:
+        i = k
+        with PrivDigitClient(self.urls, timeout=30.0) as client:
+            while not stop.is_set():
+                j = i % len(self.images)
+                i += n_clients
+                started = time.perf_counter()
+                try:
+                    label = client.predict_encoded(self.images[j : j + 1])[0].label
+                except ServiceError as exc:
+                    self._record(None, False, f"ServiceError:{exc.status}:{exc.code}", str(exc))
+                    continue
+                except PrivDigitError as exc:
+                    self._record(None, False, type(exc).__name__, str(exc))
+                    continue
+                except Exception as exc:  # a client bug is an error too, never a dead thread
+                    self._record(None, False, f"unexpected:{type(exc).__name__}", repr(exc))
+                    continue
+                ms = (time.perf_counter() - started) * 1000.0
+                self._record(ms, label != int(self.expected[j]), None, "")
+
+    def run(
+        self,
+        n_clients: int,
+        seconds: float,
+        *,
+        desc: str,
+        progress: bool,
+        on_tick: Callable[[], None] = lambda: None,
+    ) -> float:
+        """Run the clients for `seconds` (calling `on_tick` about once a second); the wall time
+        from start to the last thread's end."""
+        from tqdm import tqdm
+
+        stop = threading.Event()
+        threads = [
+            threading.Thread(target=self.client, args=(k, n_clients, stop), daemon=True)
+            for k in range(n_clients)
+        ]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        deadline = started + seconds
+        with tqdm(
+            total=round(seconds),
+            desc=desc,
+            disable=not progress,
+            file=sys.stderr,
+            bar_format="{desc}: {bar} {n}/{total} s {postfix}",
+        ) as bar:
+            while (now := time.perf_counter()) < deadline:
+                time.sleep(min(1.0, deadline - now))
+                bar.n = min(round(time.perf_counter() - started), round(seconds))
+                with self._lock:
+                    bar.set_postfix(requests=self.requests, errors=sum(self.errors.values()))
+                on_tick()
+        stop.set()
+        for t in threads:
+            t.join(60)
+        return time.perf_counter() - started
+
+
+def _parse_replicas(text: str) -> tuple[str, str]:
+    urls = [u.strip().rstrip("/") for u in text.split(",") if u.strip()]
+    if len(urls) != 2:
+        raise argparse.ArgumentTypeError("give two URLs: party 0's, then party 1's")
+    return urls[0], urls[1]
+
+
+def _port(url: str) -> int | None:
+    import httpx
+
+    u = httpx.URL(url)
+    if u.host not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return u.port or (443 if u.scheme == "https" else 80)
+
+
+def _ms(values: list[float], q: float | None) -> float | None:
+    if not values:
+        return None
+    return round(float(np.percentile(values, q) if q is not None else max(values)), 2)
+
+
+def measure(
+    a: argparse.Namespace,
+    urls: tuple[str, str],
+    pids: dict[str, int | None],
+    images: np.ndarray,
+    expected: np.ndarray,
+) -> dict:
+    load = Load(urls, images, expected)
+    progress = not a.json
+    if a.warmup > 0:
+        load.run(a.clients, a.warmup, desc="warm-up", progress=progress)
+    warm_errors = dict(load.errors)
+    before = memory(pids)
+    series: dict[str, list[int | None]] = {role: [] for role in pids}
+
+    def sample() -> None:
+        for role, rss in memory(pids).items():
+            series[role].append(rss)
+
+    load.reset()
+    wall = load.run(a.clients, a.seconds, desc="load", progress=progress, on_tick=sample)
+    after = memory(pids)
+    errors = sum(load.errors.values())
+    ok = load.requests - errors
+    growth = {role: _growth(before[role], after[role]) for role in pids}
+    return {
+        "clients": a.clients,
+        "seconds": a.seconds,
+        "requests": load.requests,
+        "ok": ok,
+        "errors": errors,
+        "errors_by_type": dict(sorted(load.errors.items())),
+        "error_examples": load.error_examples,
+        "warmup_errors": warm_errors,
+        "wrong_labels": int(load.wrong),
+        "latency_ms_p50": _ms(load.latencies, 50),
+        "latency_ms_p99": _ms(load.latencies, 99),
+        "latency_ms_max": _ms(load.latencies, None),
+        "images_per_s": round(ok / wall, 1),
+        "memory_rss_mb_before": {role: _mb(v) for role, v in before.items()},
+        "memory_rss_mb_after": {role: _mb(v) for role, v in after.items()},
+        "memory_growth_pct": growth,
+        "memory_rss_mb_series": {role: _series(v) for role, v in series.items()},
+        "memory_trend_pct": {role: _trend(v) for role, v in series.items()},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.load",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--clients", type=int, default=16, help="concurrent clients (threads)")
+    p.add_argument("--seconds", type=float, default=60.0, help="measured duration")
+    p.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
+    p.add_argument("--model", help="model directory (default: the bundled models/default)")
+    p.add_argument(
+        "--replicas",
+        type=_parse_replicas,
+        metavar="URL0,URL1",
+        help="use these running replicas instead of starting a cluster",
+    )
+    p.add_argument(
+        "--warmup", type=float, default=10.0, help="seconds of load before memory is read"
+    )
+    p.add_argument(
+        "--max-memory-growth",
+        type=float,
+        metavar="PCT",
+        help="also exit 1 if a replica's RSS grew more than PCT percent",
+    )
+    a = p.parse_args(argv)
+    if a.clients < 1 or a.seconds <= 0 or a.warmup < 0:
+        p.error("--clients must be >= 1, --seconds > 0 and --warmup >= 0")
+
+    images = np.load(DATA)["images"].astype(np.float64) / 255.0
+    expected = plaintext_labels(images, Path(a.model) if a.model else None)
+    if a.replicas:
+        urls = a.replicas
+        pids = {
+            f"replica{k}": (listening_pid(port) if (port := _port(u)) else None)
+            for k, u in enumerate(urls)
+        }
+        result = measure(a, urls, pids, images, expected)
+    else:
+        cluster = Cluster(model=Path(a.model) if a.model else DEFAULT_MODEL, ports=free_ports(3))
+        try:
+            with cluster:
+                pids = {r: cluster.procs[r].pid for r in ("replica0", "replica1")}
+                result = measure(a, cluster.replica_urls, pids, images, expected)
+        except ClusterError as exc:
+            print(f"error: the cluster did not start: {exc}", file=sys.stderr)
+            return 2
+
+    grown = [g for g in result["memory_growth_pct"].values() if g is not None]
+    memory_ok = a.max_memory_growth is None or all(g <= a.max_memory_growth for g in grown)
+    result["passed"] = result["errors"] == 0 and result["wrong_labels"] == 0 and memory_ok
+    if a.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:22s} {v}")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
