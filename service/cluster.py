@@ -51,6 +51,7 @@ class Cluster:
     log_dir: Path | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
     replica_args: tuple[str, ...] = ()
+    role_args: dict[str, tuple[str, ...]] = field(default_factory=dict)  # e.g. {"replica0": ...}
     web_port: int | None = None  # also serve the web page (its own origin) on this port
     tls: bool = False  # HTTPS/WSS everywhere with fresh development certificates
     api_keys: tuple[str, ...] = ()
@@ -140,6 +141,7 @@ class Cluster:
         ]
         for key in self.api_keys:
             cmd += ["--api-key", key]
+        cmd += list(self.role_args.get(role, ()))  # last on the line: overrides the above
         if self.web_url:
             cmd += ["--cors-origin", self.web_url]
         return [*cmd, "--scores"] if self.scores else cmd

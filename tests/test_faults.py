@@ -139,3 +139,30 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_new(cluster, images):
     cluster.start_process("replica0")
     cluster.wait_ready(60)
     assert _labels(cluster, images[:4]) == expected[:4]
+
+
+def test_a_peer_with_a_certificate_from_another_ca_is_refused(tmp_path):
+    """TLS between the replicas is verified: party 0 trusting another CA never pairs."""
+    from service.devcerts import make_dev_certs
+
+    stranger = make_dev_certs(tmp_path / "other-ca", days=1) / "ca.pem"
+    c = Cluster(ports=free_ports(3), log_dir=tmp_path, tls=True,
+                role_args={"replica0": ("--tls-ca", str(stranger))})  # fmt: skip
+    make_dev_certs(tmp_path / "certs", days=1)
+    for role in c.roles:
+        c.start_process(role)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.get(f"{c.replica_urls[0]}/v1/ready", verify=c.verify, timeout=2)
+                reasons = " ".join(r.json()["reasons"])
+                if "CERTIFICATE_VERIFY_FAILED" in reasons or "certificate" in reasons.lower():
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, c.tails()
+            time.sleep(0.2)
+        assert r.status_code == 503 and not r.json()["peer_connected"]
+    finally:
+        c.stop()
