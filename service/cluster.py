@@ -49,9 +49,8 @@ class Cluster:
     host: str = "127.0.0.1"
     scores: bool = False
     log_dir: Path | None = None
-    extra_env: dict[str, str] = field(default_factory=dict)
     replica_args: tuple[str, ...] = ()
-    role_args: dict[str, tuple[str, ...]] = field(default_factory=dict)  # e.g. {"replica0": ...}
+    role_args: dict[str, tuple[str, ...]] = field(default_factory=dict)  # last: they override
     web_port: int | None = None  # also serve the web page (its own origin) on this port
     tls: bool = False  # HTTPS/WSS everywhere with fresh development certificates
     api_keys: tuple[str, ...] = ()
@@ -83,18 +82,16 @@ class Cluster:
         """What an HTTP client should pass as `verify` to trust this cluster."""
         return ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
 
-    def _transport_args(self) -> list[str]:
+    def _serve_tls_args(self) -> list[str]:
+        """What every server needs to serve this cluster's transport."""
         if not self.tls:
             return ["--allow-http"]
         certs = self.log_dir / "certs"  # type: ignore[operator]
-        return [
-            "--tls-cert",
-            str(certs / "cert.pem"),
-            "--tls-key",
-            str(certs / "key.pem"),
-            "--tls-ca",
-            str(certs / "ca.pem"),
-        ]
+        return ["--tls-cert", str(certs / "cert.pem"), "--tls-key", str(certs / "key.pem")]
+
+    def _transport_args(self) -> list[str]:
+        """Serving args plus, with TLS, the CA that verifies the peer and the dealer."""
+        return [*self._serve_tls_args(), *(["--tls-ca", str(self.ca)] if self.ca else [])]
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -105,17 +102,21 @@ class Cluster:
         return f"{self.scheme}://{self.host}:{self.ports[2]}"
 
     def _env(self) -> dict[str, str]:
-        env = {**os.environ, **self.extra_env, "PRIVDIGIT_SECRET": self.secret}
+        env = {**os.environ, "PRIVDIGIT_SECRET": self.secret}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         return env
 
     def command(self, role: str) -> list[str]:
+        """The command line of `role`, ending with its `role_args` (argparse: last one wins)."""
+        return [*self._command(role), *self.role_args.get(role, ())]
+
+    def _command(self, role: str) -> list[str]:
         base = [sys.executable, "-m", "service"]
         if role == "dealer":
             port = str(self.ports[2])
             return [*base, "dealer", "--host", self.host, "--port", port, *self._transport_args()]
         if role == "web":
-            tls = self._transport_args()[:4] if self.tls else []
+            tls = self._serve_tls_args() if self.tls else []
             urls = ",".join(self.replica_urls)
             return [*base, "web", "--host", self.host, "--port", str(self.web_port),
                     "--replicas", urls, *tls]  # fmt: skip
@@ -141,7 +142,6 @@ class Cluster:
         ]
         for key in self.api_keys:
             cmd += ["--api-key", key]
-        cmd += list(self.role_args.get(role, ()))  # last on the line: overrides the above
         if self.web_url:
             cmd += ["--cors-origin", self.web_url]
         return [*cmd, "--scores"] if self.scores else cmd

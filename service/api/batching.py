@@ -26,7 +26,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,7 +48,6 @@ class Job:
     want: str | None
     future: asyncio.Future
     batched: bool = False
-    created: float = field(default_factory=time.monotonic)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -88,7 +87,6 @@ class Batcher:
         self._queue: OrderedDict[str, Job] = OrderedDict()  # party 0: paired, waiting
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
-        self.batches = 0
 
     # -- the client-facing side ----------------------------------------------------------------
 
@@ -104,7 +102,7 @@ class Batcher:
         except TimeoutError:
             if job.batched:  # running: its batch has its own timeouts on the peer channel
                 return await job.future
-            self._forget(rid)
+            self._queue.pop(rid, None)
             if self.party == 1:
                 self._send(wire.WITHDRAW, rid, {})
             raise ApiError(
@@ -115,17 +113,9 @@ class Batcher:
         finally:
             self._jobs.pop(rid, None)
 
-    def _forget(self, rid: str) -> None:
-        self._jobs.pop(rid, None)
-        self._queue.pop(rid, None)
-
     def _send(self, kind: int, rid: str, payload: dict[str, Any]) -> None:
         with contextlib.suppress(PeerLost):
             self.peer.send(wire.encode_json(kind, rid, payload))
-
-    @property
-    def waiting(self) -> int:
-        return len(self._jobs)
 
     # -- control frames from the peer (event loop) ---------------------------------------------
 
@@ -300,7 +290,6 @@ class Batcher:
             share, rounds, nbytes = await loop.run_in_executor(
                 self._executor, self._run, batch_id, x, jobs[0].output, model
             )
-            self.batches += 1
             start = 0
             for job in jobs:
                 n = job.x.shape[0]

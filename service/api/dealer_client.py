@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 
 import httpx
 
@@ -13,7 +14,13 @@ from service.mpc.dealer import PartyMaterial, Request
 
 class DealerClient:
     def __init__(
-        self, url: str, secret: bytes, party: int, *, timeout: float, verify: bool | str = True
+        self,
+        url: str,
+        secret: bytes,
+        party: int,
+        *,
+        timeout: float,
+        verify: bool | ssl.SSLContext = True,
     ) -> None:
         self.url = url.rstrip("/")
         self._secret, self.party = secret, party

@@ -71,14 +71,12 @@ class PeerLink:
 
     def __init__(
         self,
-        party: int,
         secret: bytes,
         versions: Callable[[], list[str]],
         *,
         timeout: float = 10.0,
         on_auth_failure: Callable[[], None] = lambda: None,
     ) -> None:
-        self.party = party
         self._secret = secret
         self._versions = versions
         self.timeout = timeout
@@ -93,7 +91,6 @@ class PeerLink:
         # set by the replica: control frames (pairing, batching) and loss of the stream
         self.on_control: Callable[[wire.Frame], None] = lambda frame: None
         self.on_disconnect: Callable[[str], None] = lambda reason: None
-        self.connects = 0
 
     @property
     def connected(self) -> bool:
@@ -142,7 +139,6 @@ class PeerLink:
                 await old.close(1000, "replaced")
         self._conn, self._outbox = conn, asyncio.Queue()
         self.peer_versions, self.last_error = versions, None
-        self.connects += 1
         log.info("peer connected", extra={"fields": {"peer_versions": versions}})
         writer = asyncio.create_task(self._write(conn, self._outbox))
         try:

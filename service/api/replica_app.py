@@ -58,6 +58,10 @@ from service.store import LoadedModel, ModelRegistry, StoreError
 log = logging.getLogger("privdigit.replica")
 
 
+# The peer's own failures, reported here as `peer_error`; its other codes pass through as-is.
+_PEER_FAULTS = {"internal", "peer_timeout"}
+
+
 class ReplayGuard:
     """Request ids this replica has accepted; a second use is refused (bounded, oldest out)."""
 
@@ -105,7 +109,6 @@ class Replica:
         self.metrics = ReplicaMetrics()
         self.registry = ModelRegistry(s.model, s.party)
         self.peer = PeerLink(
-            s.party,
             self.secret,
             self.registry.versions,
             timeout=s.peer_timeout_s,
@@ -218,9 +221,7 @@ class Replica:
             ch.abort(exc.code, exc.message)
             raise
         except PeerAborted as exc:
-            code = exc.code if exc.code in ERRORS and ERRORS[exc.code][0] < 500 else "peer_error"
-            if code == "peer_error" and exc.code in ("dealer_unavailable", "not_ready"):
-                code = exc.code
+            code = exc.code if exc.code in ERRORS and exc.code not in _PEER_FAULTS else "peer_error"
             raise ApiError(code, f"the peer replica aborted: {exc}") from None
         except PeerTimeout as exc:
             raise ApiError("peer_timeout", str(exc)) from None

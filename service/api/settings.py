@@ -31,10 +31,6 @@ class _Base(BaseSettings):
         default=False, description="serve plain HTTP (local use or a private network only)"
     )
 
-    @property
-    def tls(self) -> bool:
-        return self.tls_cert is not None
-
     @field_validator("secret")
     @classmethod
     def _secret_long_enough(cls, v: str) -> str:
