@@ -681,10 +681,14 @@ def _predictions(
 API_KEY_ENV = "PRIVDIGIT_API_KEY"
 
 
-def _headers(api_key: str | None) -> dict[str, str]:
-    """Headers for every call: our user agent, and the API key if the operator requires one."""
+def _http_options(
+    timeout: float, verify: bool | str | ssl.SSLContext, api_key: str | None, transport: Any
+) -> dict[str, Any]:
+    """The httpx client options both clients (sync and async) use for each replica."""
     key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-    return {"User-Agent": USER_AGENT, **({"X-API-Key": key} if key else {})}
+    headers = {"User-Agent": USER_AGENT, **({"X-API-Key": key} if key else {})}
+    return {"timeout": timeout, "verify": _ssl_verify(verify), "transport": transport,
+            "headers": headers}  # fmt: skip
 
 
 class PrivDigitClient:
@@ -710,17 +714,8 @@ class PrivDigitClient:
         self.replicas = _parse_replicas(replicas)
         self.timeout = timeout
         self.scores = scores
-        tls = _ssl_verify(verify)
-        self._http = tuple(
-            httpx.Client(
-                base_url=url,
-                timeout=timeout,
-                verify=tls,
-                transport=transport,
-                headers=_headers(api_key),
-            )
-            for url in self.replicas
-        )
+        options = _http_options(timeout, verify, api_key, transport)
+        self._http = tuple(httpx.Client(base_url=url, **options) for url in self.replicas)
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="privdigit")
         self._lock = threading.Lock()
         self._model: _Model | None = None
@@ -834,17 +829,8 @@ class AsyncPrivDigitClient:
         self.replicas = _parse_replicas(replicas)
         self.timeout = timeout
         self.scores = scores
-        tls = _ssl_verify(verify)
-        self._http = tuple(
-            httpx.AsyncClient(
-                base_url=url,
-                timeout=timeout,
-                verify=tls,
-                transport=transport,
-                headers=_headers(api_key),
-            )
-            for url in self.replicas
-        )
+        options = _http_options(timeout, verify, api_key, transport)
+        self._http = tuple(httpx.AsyncClient(base_url=url, **options) for url in self.replicas)
         self._lock = asyncio.Lock()
         self._model: _Model | None = None
 
