@@ -25,6 +25,7 @@ from dataclasses import asdict, replace
 from math import inf
 from pathlib import Path
 
+from training.__main__ import positive_float, positive_int, unit_interval
 from training.fedavg import SERVER_OPTS, FedConfig, RoundMetrics, train
 from training.model import MODELS
 from training.partition import parse_partition
@@ -130,32 +131,6 @@ def _noises(text: str) -> list[float]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _unit(low_open: bool, high_open: bool):
-    def parse(text: str) -> float:
-        value = float(text)
-        ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-        if not ok:
-            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-            raise argparse.ArgumentTypeError(f"must be in {lo}0, 1{hi}, got {text}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.federated",
@@ -167,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--server-opts", type=_server_opts, default="fedavg,fedavgm", help="comma list")
     p.add_argument(
         "--max-rounds",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"rounds per run (default {DEFAULT_ROUNDS['iid']} IID, {DEFAULT_ROUNDS_NONIID} "
         "non-IID)",
@@ -180,39 +155,45 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", choices=sorted(MODELS), default="cnn-wide", help="(cnn-wide)")
     p.add_argument(
         "--lr",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help=f"client rate (IID {IID_LR}, non-IID {NONIID_LR})",
     )
     p.add_argument(
         "--lr-decay",
-        type=_unit(True, False),
+        type=unit_interval(True, False),
         default=None,
         help=f"client rate x this per round (IID {IID_DECAY}, non-IID {NONIID_DECAY})",
     )
     p.add_argument(
-        "--client-momentum", type=_unit(False, True), default=0.0, help="client SGD momentum (0)"
+        "--client-momentum",
+        type=unit_interval(False, True),
+        default=0.0,
+        help="client SGD momentum (0)",
     )
     p.add_argument(
         "--server-lr",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="server rate (1.0; 0.01 for fedadam)",
     )
     p.add_argument(
-        "--server-momentum", type=_unit(False, True), default=0.9, help="fedavgm momentum (0.9)"
+        "--server-momentum",
+        type=unit_interval(False, True),
+        default=0.9,
+        help="fedavgm momentum (0.9)",
     )
     p.add_argument("--out", type=Path, default=None, help="also append each JSON row to this file")
     p.add_argument("--seed", type=int, default=0, help="seed (0)")
-    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (1)")
     p.add_argument("--dp-table", action="store_true", help="add central-DP runs (IID)")
     p.add_argument(
         "--dp-only", action="store_true", help="only the central-DP runs (implies --dp-table)"
     )
     p.add_argument("--dp-noises", type=_noises, default=DP_NOISES, help=f"({DP_NOISES})")
-    p.add_argument("--dp-clip", type=_positive_float, default=1.0, help="update clip norm (1.0)")
-    p.add_argument("--dp-delta", type=_positive_float, default=1e-5, help="DP delta (1e-5)")
-    p.add_argument("--dp-rounds", type=_positive_int, default=20, help="rounds per DP run (20)")
+    p.add_argument("--dp-clip", type=positive_float, default=1.0, help="update clip norm (1.0)")
+    p.add_argument("--dp-delta", type=positive_float, default=1e-5, help="DP delta (1e-5)")
+    p.add_argument("--dp-rounds", type=positive_int, default=20, help="rounds per DP run (20)")
     p.add_argument("--dp-server-opt", choices=SERVER_OPTS, default="fedavg", help="(fedavg)")
     return p
 

@@ -27,39 +27,38 @@ EPILOG = """examples:
 """
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 
-def _decay(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+def unit_interval(low_open: bool, high_open: bool):
+    """argparse type: a float in the unit interval, each end open or closed as asked."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+        if not ok:
+            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in {lo}0, 1{hi}, got {text}")
+        return value
+
+    return parse
 
 
-def _momentum(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+_fraction = unit_interval(low_open=True, high_open=False)  # (0, 1]: C, lr decay
+_momentum = unit_interval(low_open=False, high_open=True)  # [0, 1)
 
 
 def _partition(text: str) -> str:
@@ -79,15 +78,15 @@ def train_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--rounds", type=_positive_int, default=20, help="federated rounds (20)")
-    p.add_argument("--clients", type=_positive_int, default=100, help="data holders (100)")
+    p.add_argument("--rounds", type=positive_int, default=20, help="federated rounds (20)")
+    p.add_argument("--clients", type=positive_int, default=100, help="data holders (100)")
     p.add_argument("--fraction", type=_fraction, default=0.1, help="clients per round C (0.1)")
-    p.add_argument("--local-epochs", type=_positive_int, default=5, help="local epochs E (5)")
-    p.add_argument("--batch-size", type=_positive_int, default=10, help="local batch B (10)")
-    p.add_argument("--lr", type=_positive_float, default=0.05, help="client SGD rate (0.05)")
+    p.add_argument("--local-epochs", type=positive_int, default=5, help="local epochs E (5)")
+    p.add_argument("--batch-size", type=positive_int, default=10, help="local batch B (10)")
+    p.add_argument("--lr", type=positive_float, default=0.05, help="client SGD rate (0.05)")
     p.add_argument(
         "--lr-decay",
-        type=_decay,
+        type=_fraction,
         default=1.0,
         help="multiply the client rate by this every round: lr * decay**(round-1), in (0, 1] (1)",
     )
@@ -106,7 +105,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-opt", choices=["fedavg", "fedavgm", "fedadam"], default="fedavg")
     p.add_argument(
         "--server-lr",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="server rate (1.0; 0.01 for fedadam)",
     )
@@ -126,7 +125,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for partitions, sampling, init")
     p.add_argument(
         "--dp-clip",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="central DP: clip each client's update to this L2 norm",
     )
@@ -136,7 +135,7 @@ def train_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="central DP: noise multiplier (std = noise * clip on the sum)",
     )
-    p.add_argument("--dp-delta", type=_positive_float, default=1e-5, help="DP delta (1e-5)")
+    p.add_argument("--dp-delta", type=positive_float, default=1e-5, help="DP delta (1e-5)")
     p.add_argument(
         "--secure-agg",
         action="store_true",
@@ -144,7 +143,7 @@ def train_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--eval-limit",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="evaluate on the first N test images only (faster)",
     )
