@@ -1,12 +1,13 @@
 """Engine benchmark: the default CNN and the FC net 784-128-128-10, two parties in-process.
 
-    python -m benchmarks.engine [--json] [--repeats 30] [--images 200]
+    python -m benchmarks.engine [--json] [--repeats 30] [--images 200] [--comparison a2b,fss]
 
-Per model: rounds and bytes each party sends per image (batch 1, label output); online latency
-at batch 1 (p50), with the dealer's randomness dealt and expanded beforehand as a replica
-prefetches it, and that offline time (dealing plus both parties' seed expansion); images/s at
-batch 64; plaintext torch latency; and, over `--images` MNIST test images, label agreement with
-plaintext and the largest logit error.
+Per model and comparison protocol: rounds and bytes each party sends per image (batch 1, label
+output); online latency at batch 1 (p50), with the dealer's randomness dealt and expanded
+beforehand as a replica prefetches it, and that offline time (dealing plus both parties' seed
+expansion); images/s at batch 64; plaintext torch latency; and, over `--images` MNIST test
+images, label agreement with plaintext and the largest logit error.
+
 Weights: the trained fixtures in tests/fixtures (the service will use the training package's).
 """
 
@@ -26,7 +27,7 @@ from safetensors.torch import load_file
 
 from service.mpc.dealer import Dealer, deal_pair
 from service.mpc.inprocess import private_forward, run_two_party
-from service.mpc.network import PrivateNetwork
+from service.mpc.network import COMPARISONS, PrivateNetwork
 from service.mpc.ring import DEFAULT_FP
 from service.mpc.sharing import share_tensors
 from training.model import DigitCNN, FCNet
@@ -35,11 +36,11 @@ FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 MODELS = {"cnn": DigitCNN, "fcnet": FCNet}
 
 
-def _setup(kind: str):
+def _setup(kind: str, comparison: str = "a2b"):
     model = MODELS[kind]()
     model.load_state_dict(load_file(FIXTURES / f"{kind}.safetensors"))
     model.eval()
-    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), DEFAULT_FP)
+    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), DEFAULT_FP, comparison)
     weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, DEFAULT_FP)
     return model, net, weights
 
@@ -68,19 +69,19 @@ def _online(net, weights, images, dealer, output="label"):
     return time.perf_counter() - t1, t1 - t0, res
 
 
-def bench_model(kind: str, repeats: int, n_images: int, progress) -> dict:
-    model, net, weights = _setup(kind)
+def bench_model(kind: str, comparison: str, repeats: int, n_images: int, progress) -> dict:
+    model, net, weights = _setup(kind, comparison)
     dealer = Dealer()
     one = _share_images(_images(1))
     _online(net, weights, one, dealer)  # warm-up (plan cached, torch kernels loaded)
     online, offline = [], []
-    for _ in progress(range(repeats), desc=f"{kind} batch 1"):
+    for _ in progress(range(repeats), desc=f"{kind} {comparison} batch 1"):
         t_on, t_off, res = _online(net, weights, one, dealer)
         online.append(t_on)
         offline.append(t_off)
     batch = _share_images(_images(64))
     b_times = []
-    for _ in progress(range(max(3, repeats // 10)), desc=f"{kind} batch 64"):
+    for _ in progress(range(max(3, repeats // 10)), desc=f"{kind} {comparison} batch 64"):
         b_times.append(_online(net, weights, batch, dealer)[0])
     x1 = _images(1)
     with torch.no_grad():
@@ -98,6 +99,7 @@ def bench_model(kind: str, repeats: int, n_images: int, progress) -> dict:
     err = (DEFAULT_FP.decode(logits.out0 + logits.out1) - plain.double()).abs().max()
     return {
         "model": kind,
+        "comparison": comparison,
         "batch": 1,
         "rounds": res.stats0.rounds,
         "bytes_per_party": res.stats0.bytes_sent,
@@ -121,11 +123,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=30, help="batch-1 runs per model")
     parser.add_argument("--images", type=int, default=200, help="images checked (<= 1000)")
     parser.add_argument("--models", default="cnn,fcnet", help="comma list of cnn, fcnet")
+    parser.add_argument(
+        "--comparison", default="a2b,fss", help="comma list of comparison protocols: a2b, fss"
+    )
     args = parser.parse_args(argv)
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in MODELS]
+    protocols = [c.strip() for c in args.comparison.split(",") if c.strip()]
+    bad = [k for k in kinds if k not in MODELS] + [c for c in protocols if c not in COMPARISONS]
     if bad or not 1 <= args.images <= 1000 or args.repeats < 1:
-        parser.error(f"unknown models {bad}" if bad else "--images in 1..1000, --repeats >= 1")
+        parser.error(
+            f"unknown models or protocols {bad}" if bad else "--images in 1..1000, --repeats >= 1"
+        )
     torch.set_num_threads(1)  # two parties share the two cores
 
     if args.json:
@@ -138,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         def progress(it, desc):
             return tqdm(it, desc=desc, leave=False)
 
-    rows = [bench_model(k, args.repeats, args.images, progress) for k in kinds]
+    rows = [
+        bench_model(k, c, args.repeats, args.images, progress) for k in kinds for c in protocols
+    ]
     if args.json:
         for row in rows:
             print(json.dumps(row))

@@ -102,6 +102,16 @@ def _add_transport(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-http", action="store_true", help="serve plain HTTP (local use only)")
 
 
+def _add_comparison(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--comparison",
+        choices=("a2b", "fss"),
+        default="a2b",
+        help="comparison protocol of both replicas: a2b (reference, 39 rounds) or fss "
+        "(function secret sharing, 9 rounds, larger dealer material); default a2b",
+    )
+
+
 def cmd_replica(a: argparse.Namespace) -> int:
     from service.api.observability import setup_logging
     from service.api.replica_app import create_replica_app
@@ -120,6 +130,7 @@ def cmd_replica(a: argparse.Namespace) -> int:
             "max_batch": a.max_batch,
             "max_inflight": a.max_inflight,
             "max_batches": a.max_batches,
+            "comparison": a.comparison,
             "scores_enabled": True if a.scores else None,
             "reload_poll_s": a.reload_poll,
             "secret": a.secret,
@@ -132,7 +143,9 @@ def cmd_replica(a: argparse.Namespace) -> int:
     if problem := s.transport_problem():
         return _fail(problem)
     try:
-        load_share(s.model, s.party)  # fail fast with a clear message; the app reloads itself
+        load_share(
+            s.model, s.party, s.comparison
+        )  # fail fast with a clear message; the app reloads itself
     except StoreError as exc:
         return _fail(str(exc))
     setup_logging(s.log_level)
@@ -208,6 +221,7 @@ def cmd_up(a: argparse.Namespace) -> int:
         web_port=web_port,
         tls=a.tls,
         log_dir=Path(a.log_dir) if a.log_dir else None,
+        replica_args=("--comparison", a.comparison),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -256,7 +270,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from service.cluster import DEFAULT_MODEL, REPO, Cluster, ClusterError, free_ports
 
     samples = sorted((REPO / "clients" / "samples").glob("*.png"))
-    cluster = Cluster(model=Path(a.model) if a.model else DEFAULT_MODEL, ports=free_ports(3))
+    cluster = Cluster(
+        model=Path(a.model) if a.model else DEFAULT_MODEL,
+        ports=free_ports(3),
+        replica_args=("--comparison", a.comparison),
+    )
     print("starting the local cluster (dealer + two replicas) ...", flush=True)
     try:
         with cluster:
@@ -350,6 +368,7 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--no-web", action="store_true", help="do not serve the web page")
     up.add_argument("--log-dir", help="where the three processes log (default: a temp dir)")
     up.add_argument("--ready-timeout", type=float, default=60.0)
+    _add_comparison(up)
     up.set_defaults(fn=cmd_up)
 
     rep = sub.add_parser("replica", help="run one replica (party 0 or 1)")
@@ -362,6 +381,9 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--max-batch", type=int, help="most images in one request and one run")
     rep.add_argument("--max-inflight", type=int, help="requests in flight before 429 busy")
     rep.add_argument("--max-batches", type=int, help="protocol runs in flight (dynamic batching)")
+    rep.add_argument(
+        "--comparison", choices=("a2b", "fss"), help="comparison protocol (same on both replicas)"
+    )
     rep.add_argument("--peer-timeout", type=float)
     rep.add_argument("--reload-poll", type=float, help="seconds between model checks; 0 = off")
     rep.add_argument("--scores", action="store_true", help="let clients ask for scores")
@@ -402,6 +424,7 @@ def parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="start the cluster, classify the sample digits, stop")
     demo.add_argument("--model", help="model directory (default: bundled)")
+    _add_comparison(demo)
     demo.set_defaults(fn=cmd_demo)
 
     oa = sub.add_parser("openapi", help="print the replica's OpenAPI contract as YAML")

@@ -79,7 +79,7 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_share(directory: Path | str, party: int) -> LoadedModel:
+def load_share(directory: Path | str, party: int, comparison: str = "a2b") -> LoadedModel:
     """Load and verify party `party`'s share of the model in `directory`."""
     directory = Path(directory)
     if party not in (0, 1):
@@ -116,6 +116,7 @@ def load_share(directory: Path | str, party: int) -> LoadedModel:
             tuple(arch["layers"]),
             tuple(int(d) for d in arch["input_shape"]),
             FixedPoint(int(fixed["frac_bits"])),
+            comparison,
         )
     except (ModelSpecError, KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"manifest architecture is not runnable: {exc}") from None
@@ -153,8 +154,11 @@ class ModelRegistry:
     finishes on the version it started with even if that version is dropped meanwhile.
     """
 
-    def __init__(self, directory: Path | str, party: int, *, keep: int = 2) -> None:
+    def __init__(
+        self, directory: Path | str, party: int, *, keep: int = 2, comparison: str = "a2b"
+    ) -> None:
         self.directory, self.party, self.keep = Path(directory), party, keep
+        self.comparison = comparison
         self._models: dict[str, LoadedModel] = {}
         self._signature: tuple | None = None
         self._lock = threading.Lock()
@@ -187,7 +191,7 @@ class ModelRegistry:
         """Load the directory's model if it is new; True when a new version was added."""
         sig = signature(self.directory, self.party)
         try:
-            model = load_share(self.directory, self.party)
+            model = load_share(self.directory, self.party, self.comparison)
         except (StoreError, OSError) as exc:
             self._signature = sig  # do not retry the same broken files on every poll
             self.last_error = str(exc)

@@ -58,6 +58,8 @@ from service.store import LoadedModel, ModelRegistry, StoreError
 log = logging.getLogger("privdigit.replica")
 
 
+PROTOCOL_TAG = "comparison="  # the marker among the advertised versions naming the protocol
+
 # The peer's own failures, reported here as `peer_error`; its other codes pass through as-is.
 _PEER_FAULTS = {"internal", "peer_timeout"}
 
@@ -107,10 +109,13 @@ class Replica:
         self.party = s.party
         self.secret = auth.parse_secret(s.secret)
         self.metrics = ReplicaMetrics()
-        self.registry = ModelRegistry(s.model, s.party)
+        self.registry = ModelRegistry(s.model, s.party, comparison=s.comparison)
+        # The comparison protocol travels with the held versions (authenticated by the
+        # handshake), so replicas that would run different protocols never pair up.
+        self.protocol_tag = f"{PROTOCOL_TAG}{s.comparison}"
         self.peer = PeerLink(
             self.secret,
-            self.registry.versions,
+            lambda: [*self.registry.versions(), self.protocol_tag],
             timeout=s.peer_timeout_s,
             on_auth_failure=lambda: self.metrics.auth_failures.labels("peer").inc(),
         )
@@ -147,6 +152,17 @@ class Replica:
 
     # -- readiness -----------------------------------------------------------------------------
 
+    def protocol_problem(self) -> str | None:
+        """Why this replica and its peer cannot run one protocol together, or None."""
+        theirs = [v for v in self.peer.peer_versions if v.startswith(PROTOCOL_TAG)]
+        if theirs == [self.protocol_tag]:
+            return None
+        peer = theirs[0].removeprefix(PROTOCOL_TAG) if theirs else "unknown"
+        return (
+            f"comparison protocols differ: this replica runs {self.settings.comparison}, "
+            f"the peer {peer}; set PRIVDIGIT_COMPARISON (--comparison) alike on both"
+        )
+
     def readiness(self) -> Readiness:
         latest = self.registry.latest
         serving = self.registry.newest_common(self.peer.peer_versions)
@@ -155,6 +171,8 @@ class Replica:
             reasons.append(f"no model loaded: {self.registry.last_error or 'not yet loaded'}")
         if not self.peer.connected:
             reasons.append(f"peer not connected ({self.peer.last_error or 'waiting for it'})")
+        elif problem := self.protocol_problem():
+            reasons.append(problem)
         elif latest is not None and serving is None:
             reasons.append(
                 f"model versions disagree: this replica holds {self.registry.versions()}, "
@@ -272,6 +290,8 @@ class Replica:
             raise ApiError("not_ready", "this replica is shutting down; retry on its successor")
         if not self.peer.connected:
             raise ApiError("not_ready", f"peer replica not connected ({self.peer.last_error})")
+        if problem := self.protocol_problem():
+            raise ApiError("not_ready", problem)
         if self.registry.newest_common(self.peer.peer_versions) is None:
             raise ApiError(
                 "not_ready",

@@ -7,6 +7,7 @@ Environment variables use the prefix `PRIVDIGIT_` (e.g. `PRIVDIGIT_PARTY=1`,
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -73,6 +74,12 @@ class ReplicaSettings(_Base):
         le=64,
         description="protocol runs in flight; requests that arrive "
         "while all are busy queue and leave together as one batch",
+    )
+    comparison: Literal["a2b", "fss"] = Field(
+        default="a2b",
+        description="comparison protocol: a2b (reference; 39 rounds, small dealer material) or "
+        "fss (function secret sharing; 9 rounds, ~2.5 KB of dealer keys per ReLU); "
+        "both replicas must use the same",
     )
     peer_timeout_s: float = Field(default=10.0, gt=0)
     dealer_timeout_s: float = Field(default=10.0, gt=0)

@@ -4,7 +4,8 @@ Tensor in JSON (documented in `openapi.yaml`, mirrored by `clients/privdigit.py`
     {"dtype": "int64", "shape": [n, ...], "data": base64(little-endian int64, C order)}
 
 Dealer material (application/octet-stream): the 32-byte seed, then party 1's corrections as
-little-endian int64 in plan order (their shapes follow from the public plan).
+little-endian int64 in plan order, then (both parties) the DCF keys of the plan's fss gates as
+little-endian 64-bit words in plan order (all sizes follow from the public plan).
 
 Peer frame (one WebSocket binary message):
     u8 kind | u16 len(request id) | request id (ASCII) | body
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.mpc.dealer import PartyMaterial, Request, correction_shapes
+from service.mpc.dealer import PartyMaterial, Request, correction_shapes, key_words
 
 SEED_BYTES = 32
 
@@ -86,6 +87,7 @@ def plan_from_json(items: Sequence[dict[str, Any]]) -> tuple[Request, ...]:
 def material_to_bytes(m: PartyMaterial) -> bytes:
     parts = [m.seed]
     parts += [c.contiguous().numpy().astype("<i8", copy=False).tobytes() for c in m.corrections]
+    parts += [k.astype("<u8", copy=False).tobytes() for k in m.keys]
     return b"".join(parts)
 
 
@@ -93,7 +95,8 @@ def material_from_bytes(
     data: bytes, request_id: str, party: int, plan: tuple[Request, ...]
 ) -> PartyMaterial:
     shapes = correction_shapes(plan) if party == 1 else []
-    expected = SEED_BYTES + 8 * sum(math.prod(s) for s in shapes)
+    keys = key_words(plan)
+    expected = SEED_BYTES + 8 * (sum(math.prod(s) for s in shapes) + sum(keys))
     if len(data) != expected:
         raise WireError(f"dealer sent {len(data)} bytes, the plan needs {expected}")
     flat = np.frombuffer(data, dtype="<i8", offset=SEED_BYTES).astype(np.int64, copy=True)
@@ -102,7 +105,11 @@ def material_from_bytes(
         n = math.prod(s)
         corrections.append(torch.from_numpy(flat[pos : pos + n].reshape(s)))
         pos += n
-    return PartyMaterial(request_id, party, data[:SEED_BYTES], plan, corrections)
+    words = []
+    for n in keys:
+        words.append(flat[pos : pos + n].view("<u8"))
+        pos += n
+    return PartyMaterial(request_id, party, data[:SEED_BYTES], plan, corrections, words)
 
 
 # -- peer frames ---------------------------------------------------------------------------------

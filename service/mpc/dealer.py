@@ -5,13 +5,17 @@ Kinds (each a `Request`; shapes are public, values secret):
 - `and(shape)`: XOR shares of words a, b, c with c = a & b.
 - `trunc(shape, bits)`: [r], [r >>> bits], [msb(r)] for uniform r (dealer-assisted truncation).
 - `mux(shape)`: a random bit rb as XOR shares and as [rb], a uniform [a], and [a * rb].
+- `fss(shape, gate, bits)`: a uniform mask [r], and DCF keys for alpha = r mod 2^63 with the
+  gate's payload plus its constants (see `fss.py`); gate `sign` or `relu` (bits: truncation).
 
 Compression (as in CrypTen's TTP provider): party 0 receives only a 32-byte seed and expands all
-its shares locally; party 1 receives a seed plus the corrections for the derived values (c,
-r >>> bits, ...). The seeds come from HMAC-SHA256(master key, request id, party), so the dealer
-keeps no randomness between requests; it only remembers which (request id, party) it has served
-and refuses a second time. Randomness is never reused: a `Randomness` consumes its material in
-plan order, refuses a request that differs from the plan, and refuses to be drawn past its end.
+its shares locally; party 1 receives a seed plus the corrections for the derived values (c, r
+>>> bits, ...). DCF keys cannot be compressed that way: both parties receive their correction
+words (their root seeds they still draw from their own seed). The seeds come from HMAC-
+SHA256(master key, request id, party), so the dealer keeps no randomness between requests; it
+only remembers which (request id, party) it has served and refuses a second time. Randomness is
+never reused: a `Randomness` consumes its material in plan order, refuses a request that differs
+from the plan, and refuses to be drawn past its end.
 
 What the dealer sees: the public plan (kinds and shapes), nothing of any share or data.
 """
@@ -25,9 +29,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from service.mpc import dcf
 from service.mpc.prg import PRG, fresh_seed
 from service.mpc.ring import logical_shift_right, msb
 
@@ -68,6 +74,15 @@ class Request:
     def mux(shape) -> Request:
         return Request("mux", (tuple(shape),))
 
+    @staticmethod
+    def fss(shape, gate: str, bits: int = 0) -> Request:
+        return Request("fss", (tuple(shape),), (gate, bits))
+
+
+DCF_BITS = 63  # the gates compare the low 63 bits of the masked value (see fss.py)
+FSS_PAYLOAD = {"sign": 1, "relu": 3}  # DCF payload words per element, per gate
+_FSS_CONSTANTS = {"sign": ("mr",), "relu": ("mr", "rhi", "mrhi")}
+
 
 def bilinear(op: str, params: tuple) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The public bilinear map a Beaver triple is made for (shared by dealer and protocol)."""
@@ -88,9 +103,42 @@ _SEEDED = {
     "and": (("a", "ring", 0), ("b", "ring", 0)),
     "trunc": (("r", "ring", 0),),
     "mux": (("rb", "bits", 0), ("a", "ring", 0)),
+    "fss": (("r", "ring", 0), ("root", "root", 0)),
 }
 _DERIVED = {"beaver": ("c",), "and": ("c",), "trunc": ("r_hi", "r_msb"), "mux": ("r", "ar")}
 _XOR_KINDS = {"and"}
+
+
+def _derived(req: Request) -> tuple[str, ...]:
+    if req.kind == "fss":
+        return _FSS_CONSTANTS[str(req.params[0])]
+    return _DERIVED[req.kind]
+
+
+def _fss_parts(req: Request) -> tuple[int, int]:
+    """(elements, payload words) of an fss request."""
+    return math.prod(req.shapes[0]), FSS_PAYLOAD[str(req.params[0])]
+
+
+def key_words(plan: tuple[Request, ...]) -> list[int]:
+    """Sizes (64-bit words) of the DCF keys both parties receive for `plan`, in plan order."""
+    return [dcf.key_words(DCF_BITS, *_fss_parts(r)) for r in plan if r.kind == "fss"]
+
+
+def _fss_truth(req: Request, r: torch.Tensor):
+    """An fss gate's constants (clear), DCF alpha and payload beta for the mask r (dealer only)."""
+    u = r.reshape(-1).numpy().view(np.uint64)
+    mr, alpha = u >> np.uint64(63), u & np.uint64((1 << 63) - 1)
+    sigma = np.uint64(2) * mr - np.uint64(1)  # +1 or -1
+    gate = str(req.params[0])
+    if gate == "sign":
+        constants, beta = {"mr": mr}, sigma[:, None]
+    else:
+        r_hi = alpha >> np.uint64(int(req.params[1]))
+        constants = {"mr": mr, "rhi": r_hi, "mrhi": mr * r_hi}
+        beta = np.stack([np.ones_like(mr), sigma, sigma * r_hi], axis=1)
+    clear = {k: torch.from_numpy(v.view(np.int64)).reshape(r.shape) for k, v in constants.items()}
+    return clear, alpha, beta
 
 
 def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,7 +164,7 @@ def _derived_shape(req: Request) -> tuple[int, ...]:
     return req.shapes[0]
 
 
-_ARITY = {"beaver": 2, "and": 1, "trunc": 1, "mux": 1}
+_ARITY = {"beaver": 2, "and": 1, "trunc": 1, "mux": 1, "fss": 1}
 
 
 def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> None:
@@ -150,13 +198,20 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
                 _derived_shape(req)
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
                 raise ValueError(f"step {i}: shapes do not fit {op}: {exc}") from None
+        elif req.kind == "fss":
+            if (
+                len(req.params) != 2
+                or req.params[0] not in FSS_PAYLOAD
+                or not isinstance(req.params[1], int)
+                or not 0 <= req.params[1] < 62
+                or (req.params[0] == "sign" and req.params[1] != 0)
+            ):
+                raise ValueError(f"step {i}: fss needs a gate (sign | relu) and a shift in [0, 62)")
         elif req.params and req.kind != "trunc":
             raise ValueError(f"step {i}: {req.kind} takes no params")
     total = sum(
-        math.prod(s)
-        for r in plan
-        for s in (*r.shapes, *([_derived_shape(r)] * len(_DERIVED[r.kind])))
-    )
+        math.prod(s) for r in plan for s in (*r.shapes, *([_derived_shape(r)] * len(_derived(r))))
+    ) + sum(key_words(plan))
     if total > max_elements:
         raise PlanTooLarge(f"plan asks for {total} ring elements; the limit is {max_elements}")
 
@@ -166,7 +221,7 @@ def correction_shapes(plan: tuple[Request, ...]) -> list[tuple[int, ...]]:
 
     Public (a function of the plan only), so the corrections can travel as one flat buffer.
     """
-    return [_derived_shape(req) for req in plan for _ in _DERIVED[req.kind]]
+    return [_derived_shape(req) for req in plan for _ in _derived(req)]
 
 
 def _expand_seeded(req: Request, prg: PRG) -> dict[str, torch.Tensor]:
@@ -175,23 +230,32 @@ def _expand_seeded(req: Request, prg: PRG) -> dict[str, torch.Tensor]:
     out = {}
     for name, how, idx in _SEEDED[req.kind]:
         shape = req.shapes[idx]
-        out[name] = prg.bits(shape) if how == "bits" else prg.ring(shape)
+        if how == "root":  # one 128-bit DCF root seed per element
+            out[name] = prg.ring((math.prod(shape), 2))
+        else:
+            out[name] = prg.bits(shape) if how == "bits" else prg.ring(shape)
     return out
 
 
 @dataclass
 class PartyMaterial:
-    """What one party receives for one request id: a seed, and for party 1 the corrections."""
+    """What one party receives for one request id: a seed, for party 1 the corrections, and for
+    both parties the DCF correction words of the plan's fss gates (as flat 64-bit words)."""
 
     request_id: str
     party: int
     seed: bytes
     plan: tuple[Request, ...]
     corrections: list[torch.Tensor] = field(default_factory=list)
+    keys: list[np.ndarray] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
-        return len(self.seed) + sum(c.numel() * c.element_size() for c in self.corrections)
+        return (
+            len(self.seed)
+            + sum(c.numel() * c.element_size() for c in self.corrections)
+            + sum(k.nbytes for k in self.keys)
+        )
 
 
 class Randomness:
@@ -202,6 +266,7 @@ class Randomness:
         self._prg = PRG(material.seed)
         self._next = 0
         self._corr = iter(material.corrections)
+        self._keys = iter(material.keys)
         self._ready: list[dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
 
@@ -234,11 +299,13 @@ class Randomness:
 
     def _expand(self, req: Request) -> dict[str, torch.Tensor]:
         out = _expand_seeded(req, self._prg)
-        for name in _DERIVED[req.kind]:
+        for name in _derived(req):
             if self._m.party == 0:
                 out[name] = self._prg.ring(_derived_shape(req))
             else:
                 out[name] = next(self._corr)
+        if req.kind == "fss":
+            out["keys"] = dcf.DcfKeys.from_words(next(self._keys), DCF_BITS, *_fss_parts(req))
         return out
 
 
@@ -251,8 +318,10 @@ class PlanRecorder:
     def take(self, req: Request) -> dict[str, torch.Tensor]:
         self.plan.append(req)
         out = {n: torch.zeros(req.shapes[i], dtype=torch.int64) for n, _, i in _SEEDED[req.kind]}
-        for name in _DERIVED[req.kind]:
+        for name in _derived(req):
             out[name] = torch.zeros(_derived_shape(req), dtype=torch.int64)
+        if req.kind == "fss":
+            out["keys"] = None  # the gates skip their (local) evaluation in a dry run
         return out
 
 
@@ -281,27 +350,34 @@ class Dealer:
                 )
             self._served.add((request_id, party))
         seed = self._seed(request_id, party)
-        if party == 0:
-            return PartyMaterial(request_id, 0, seed, tuple(plan))
-        return PartyMaterial(
-            request_id, 1, seed, tuple(plan), self._corrections(request_id, plan, seed)
-        )
+        plan = tuple(plan)
+        if party == 0 and not any(r.kind == "fss" for r in plan):
+            return PartyMaterial(request_id, 0, seed, plan)
+        corrections, keys = self._derive(request_id, plan)
+        return PartyMaterial(request_id, party, seed, plan, corrections if party == 1 else [], keys)
 
-    def _corrections(
-        self, request_id: str, plan: tuple[Request, ...], seed1: bytes
-    ) -> list[torch.Tensor]:
-        prg0, prg1 = PRG(self._seed(request_id, 0)), PRG(seed1)
-        corrections = []
+    def _derive(
+        self, request_id: str, plan: tuple[Request, ...]
+    ) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+        """Party 1's corrections and both parties' DCF keys, replaying both parties' seeds."""
+        prg0, prg1 = PRG(self._seed(request_id, 0)), PRG(self._seed(request_id, 1))
+        corrections, keys = [], []
         for req in plan:
             s0, s1 = _expand_seeded(req, prg0), _expand_seeded(req, prg1)
             full = {
                 n: (s0[n] ^ s1[n]) if (req.kind in _XOR_KINDS or n == "rb") else s0[n] + s1[n]
                 for n in s0
             }
-            for value in _truth(req, full).values():
+            if req.kind == "fss":
+                truth, alpha, beta = _fss_truth(req, full["r"])
+                roots = (s0["root"].numpy().view(np.uint64), s1["root"].numpy().view(np.uint64))
+                keys.append(dcf.gen(alpha, beta, DCF_BITS, *roots).to_words())
+            else:
+                truth = _truth(req, full)
+            for value in truth.values():
                 share0 = prg0.ring(value.shape)
                 corrections.append(value ^ share0 if req.kind in _XOR_KINDS else value - share0)
-        return corrections
+        return corrections, keys
 
 
 def deal_pair(

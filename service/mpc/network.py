@@ -11,7 +11,14 @@ done once, in the next ReLU, which compares on the unscaled value and truncates 
 round (see `comparison.relu`). For a label, argmax runs on the unscaled logits (it is
 scale-invariant), so the last layer needs no truncation at all.
 
-Rounds for the default CNN (conv-pool-relu x2, fc-relu, fc, argmax): 1+8, 1+8, 1+8, 1, 11 = 39.
+Comparisons (ReLU, max pooling, argmax) use one of two protocols, chosen per deployment:
+  "a2b": arithmetic-to-binary conversion and a carry-lookahead adder (`comparison`), the
+         reference: no keys, small dealer material, 7-8 rounds per comparison layer;
+  "fss": function secret sharing (`fss`, DCF keys from the dealer): 1 round per ReLU layer
+         (truncation fused in), 2 for argmax, at the price of about 2.5 KB of dealer keys per
+         ReLU and per party.
+Rounds for the default CNN (conv-pool-relu x2, fc-relu, fc, argmax), per layer:
+  a2b: 1+8, 1+8, 1+8, 1, 11 = 39          fss: 1+1, 1+1, 1+1, 1, 2 = 9
 What each party sees: only openings masked by fresh dealer randomness (see each protocol).
 """
 
@@ -24,13 +31,14 @@ from typing import Literal
 
 import torch
 
-from service.mpc import beaver, comparison, truncation
+from service.mpc import beaver, comparison, fss, truncation
 from service.mpc.channel import NullChannel
 from service.mpc.dealer import PlanRecorder, Request
 from service.mpc.party import Party
 from service.mpc.ring import DEFAULT_FP, FixedPoint
 
 Output = Literal["label", "logits"]
+COMPARISONS = {"a2b": comparison, "fss": fss}  # each offers relu, max_pool2d and argmax
 LAYER_TYPES = {"conv2d", "linear", "avgpool2d", "maxpool2d", "relu", "flatten"}
 
 
@@ -45,9 +53,14 @@ class PrivateNetwork:
     layers: tuple[dict, ...]
     input_shape: tuple[int, ...]  # one example, e.g. (1, 28, 28)
     fp: FixedPoint = DEFAULT_FP
+    comparison: str = "a2b"
     _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
+        if self.comparison not in COMPARISONS:
+            raise ModelSpecError(
+                f"comparison must be one of {sorted(COMPARISONS)}, got {self.comparison!r}"
+            )
         for i, layer in enumerate(self.layers):
             kind = layer.get("type")
             if kind not in LAYER_TYPES:
@@ -74,6 +87,7 @@ class PrivateNetwork:
         if tuple(x.shape[1:]) != self.input_shape:
             raise ModelSpecError(f"input shape {tuple(x.shape[1:])} != {self.input_shape}")
         f = self.fp.frac_bits
+        cmp = COMPARISONS[self.comparison]
         pending = 0  # fractional bits above f that the next rescale must remove
         for layer in self.layers:
             kind = layer["type"]
@@ -96,13 +110,13 @@ class PrivateNetwork:
                 x = x.reshape(n, c, h // k, k, wd // k, k).sum(dim=(3, 5))
                 pending += int(math.log2(k * k))
             elif kind == "maxpool2d":
-                x = comparison.max_pool2d(party, x, int(layer["kernel_size"]))
+                x = cmp.max_pool2d(party, x, int(layer["kernel_size"]))
             elif kind == "relu":
-                x, pending = comparison.relu(party, x, pending), 0
+                x, pending = cmp.relu(party, x, pending), 0
             elif kind == "flatten":
                 x = x.reshape(x.shape[0], -1)
         if output == "label":
-            return comparison.argmax(party, x)
+            return cmp.argmax(party, x)
         if output == "logits":
             return truncation.truncate(party, x, pending) if pending else x
         raise ValueError(f"output must be 'label' or 'logits', got {output!r}")
