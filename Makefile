@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test test-slow lint bench clean openapi deploy-shares
+.PHONY: setup browser demo test test-slow lint bench race clean openapi deploy-shares
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run 'make PY=/path/to/python3.11'"; exit 1; }
@@ -49,6 +49,11 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.engine
+
+# The same CNN and weights through plaintext torch, the engine, the service and CrypTen 0.4.1
+# (installed once into .cache/race/crypten-venv).
+race: $(STAMP)
+	$(BIN)/python -m benchmarks.race
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
