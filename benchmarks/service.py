@@ -1,6 +1,7 @@
 """Service benchmark: the local cluster end to end, through the real client over loopback HTTP.
 
     python -m benchmarks.service [--json] [--requests 200] [--clients 8] [--seconds 10]
+                                 [--comparison a2b|fss]
 
 Starts dealer and both replicas (free ports, bundled model unless --model), then measures
   latency_ms_p50 / p95   one client, one image per request, client call to label
@@ -46,12 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent clients for throughput")
     p.add_argument("--seconds", type=float, default=10.0, help="throughput phase duration")
     p.add_argument("--model", help="model directory (default: bundled)")
+    p.add_argument("--comparison", choices=("a2b", "fss"), default="a2b", help="protocol")
     a = p.parse_args(argv)
     import httpx
     from tqdm import tqdm
 
     x, truth = _images(1000)
-    cluster = Cluster(model=Path(a.model) if a.model else DEFAULT_MODEL, ports=free_ports(3))
+    cluster = Cluster(
+        model=Path(a.model) if a.model else DEFAULT_MODEL,
+        ports=free_ports(3),
+        replica_args=("--comparison", a.comparison),
+    )
     with cluster:
         urls = cluster.replica_urls
         with PrivDigitClient(urls) as client:

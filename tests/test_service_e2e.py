@@ -528,3 +528,44 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_label(cluster, mn
     assert labels == expected
     assert max(batch_sizes) > 1, batch_sizes
     _assert_error(orphan.result(), 504, "peer_timeout")
+
+
+def test_fss_deployment_classifies_like_plaintext_in_nine_rounds(tmp_path, mnist, plaintext):
+    c = Cluster(ports=free_ports(3), log_dir=tmp_path, replica_args=("--comparison", "fss"))
+    images = mnist[0][:12] / 255.0
+    rounds = "privdigit_protocol_rounds_total"
+    with c, privdigit.PrivDigitClient(c.replica_urls) as client:
+        assert client.model_info()["max_batch"] == 8  # fss default: ~7 MB of keys per image
+        labels = [p.label for p in client.predict_encoded(images)]  # two requests: 8 + 4
+        before = _gauge(c.replica_urls[0], rounds)
+        client.predict_encoded(images[:1])
+        assert _gauge(c.replica_urls[0], rounds) - before == 9
+    assert labels == _plain_labels(plaintext, images).tolist()
+
+
+def test_replicas_running_different_protocols_refuse_to_pair(tmp_path, mnist):
+    c = Cluster(
+        ports=free_ports(3), log_dir=tmp_path, role_args={"replica1": ("--comparison", "fss")}
+    )
+    c.log_dir.mkdir(exist_ok=True)
+    for role in ("dealer", "replica1", "replica0"):
+        c.start_process(role)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{c.replica_urls[0]}/v1/ready", timeout=2).json()["peer_connected"]:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, c.tails()
+            time.sleep(0.2)
+        for url in c.replica_urls:
+            r = httpx.get(f"{url}/v1/ready")
+            assert r.status_code == 503
+            assert "comparison protocols differ" in " ".join(r.json()["reasons"])
+        s0, _ = _shares(mnist[0][:1] / 255.0)
+        r = httpx.post(f"{c.replica_urls[0]}/v1/predict", json=_body(s0, secrets.token_urlsafe(18)))
+        _assert_error(r, 503, "not_ready")
+    finally:
+        c.stop()

@@ -9,8 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+FSS_MAX_BATCH = 8  # default batch cap with fss: dealer keys grow by ~7 MB per image and party
 
 
 class _Base(BaseSettings):
@@ -66,7 +69,13 @@ class ReplicaSettings(_Base):
         description="party 0 dials this WebSocket URL of party 1; party 1 ignores it",
     )
     dealer_url: str = "http://127.0.0.1:8002"
-    max_batch: int = Field(default=64, ge=1, le=1024)
+    max_batch: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="most images per request and per protocol run; default 64, or "
+        f"{FSS_MAX_BATCH} with comparison=fss, whose dealer keys take ~7 MB per image and party",
+    )
     max_inflight: int = Field(default=32, ge=1, le=1024)
     max_batches: int = Field(
         default=2,
@@ -100,6 +109,13 @@ class ReplicaSettings(_Base):
         description="page origins allowed to call this replica from a browser (exact match); "
         "none by default",
     )
+
+
+    @model_validator(mode="after")
+    def _fss_batch(self) -> ReplicaSettings:
+        if self.comparison == "fss" and "max_batch" not in self.model_fields_set:
+            self.max_batch = FSS_MAX_BATCH
+        return self
 
 
 class DealerSettings(_Base):

@@ -12,8 +12,9 @@ Compression (as in CrypTen's TTP provider): party 0 receives only a 32-byte seed
 its shares locally; party 1 receives a seed plus the corrections for the derived values (c, r
 >>> bits, ...). DCF keys cannot be compressed that way: both parties receive their correction
 words (their root seeds they still draw from their own seed). The seeds come from HMAC-
-SHA256(master key, request id, party), so the dealer keeps no randomness between requests; it
-only remembers which (request id, party) it has served and refuses a second time. Randomness is
+SHA256(master key, request id, party), so the dealer keeps no randomness between requests
+(except DCF keys made for one party, until the other fetches its copy); it only remembers which
+(request id, party) it has served and refuses a second time. Randomness is
 never reused: a `Randomness` consumes its material in plan order, refuses a request that differs
 from the plan, and refuses to be drawn past its end.
 
@@ -26,6 +27,7 @@ import hashlib
 import hmac
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -325,6 +327,9 @@ class PlanRecorder:
         return out
 
 
+MAX_UNCLAIMED = 16  # request ids whose DCF keys wait for the second party
+
+
 class Dealer:
     """Stateless source of correlated randomness; each (request id, party) is served once."""
 
@@ -332,6 +337,9 @@ class Dealer:
         self._key = master_key if master_key is not None else fresh_seed()
         self._served: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
+        # DCF keys are costly to make and both parties need them: made once per request id and
+        # kept only until the other party fetches its copy (a few at most, oldest dropped).
+        self._unclaimed: OrderedDict[str, tuple] = OrderedDict()
 
     def _seed(self, request_id: str, party: int) -> bytes:
         msg = b"privdigit/dealer/v1\x00" + request_id.encode() + b"\x00" + bytes([party])
@@ -353,7 +361,17 @@ class Dealer:
         plan = tuple(plan)
         if party == 0 and not any(r.kind == "fss" for r in plan):
             return PartyMaterial(request_id, 0, seed, plan)
-        corrections, keys = self._derive(request_id, plan)
+        with self._lock:
+            cached = self._unclaimed.pop(request_id, None)
+        if cached is not None and cached[0] == plan:
+            corrections, keys = cached[1]
+        else:
+            corrections, keys = self._derive(request_id, plan)
+            if keys:
+                with self._lock:
+                    self._unclaimed[request_id] = (plan, (corrections, keys))
+                    while len(self._unclaimed) > MAX_UNCLAIMED:
+                        self._unclaimed.popitem(last=False)
         return PartyMaterial(request_id, party, seed, plan, corrections if party == 1 else [], keys)
 
     def _derive(
