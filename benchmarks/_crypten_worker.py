@@ -142,7 +142,7 @@ def _party(rank: int, args: dict, queue) -> None:
 
         batch_sizes = args["batch_sizes"]
         repeats = args["repeats"]
-        runs = {b: repeats if b == 1 else max(2, repeats // 10) for b in batch_sizes}
+        runs = {b: repeats if b == 1 else max(3, repeats // 10) for b in batch_sizes}  # as race.py
         total = sum(2 * (runs[b] + 1) for b in batch_sizes)
         done = 0
         rows: dict[str, dict] = {}

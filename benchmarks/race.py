@@ -679,7 +679,7 @@ def print_table(out: dict[str, Any]) -> None:
         cb = cr["batches"][str(b0)]
         notes.append(
             f"speedup_vs_crypten (batch-{b0} label, best engine protocol): "
-            f"{out['speedup_vs_crypten']}x; CrypTen's TTP adds {cb['ttp_rounds']} exchanges and "
+            f"{out['speedup_vs_crypten']}x; CrypTen's TTP adds {cb['ttp_rounds']} messages and "
             f"{_mib(cb['ttp_bytes_per_image'])} MiB with party 0"
         )
         if cr.get("setup_s"):
