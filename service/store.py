@@ -46,6 +46,14 @@ class LoadedModel:
     weights: dict[str, torch.Tensor]
 
     @property
+    def mask_id(self) -> str:
+        """Names this model's fixed weight masks (`beaver.linear`), bound to both shares' hashes:
+        other weights, or another split of the same weights, never reuse a mask."""
+        shares = sorted(self.manifest["shares"], key=lambda s: int(s["party"]))
+        digests = "|".join(str(s["sha256"]) for s in shares)
+        return hashlib.sha256(b"privdigit/mask-id/v1|" + digests.encode()).hexdigest()[:40]
+
+    @property
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in self.weights.items()}
 

@@ -1,5 +1,7 @@
 """Beaver mul, matmul and conv2d against plaintext torch, exact on the ring."""
 
+import secrets
+
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -47,3 +49,55 @@ def test_conv2d_matches_torch_on_fixed_point_reals(batch, stride_padding):
     got = FP.decode(opened(result), frac_bits=2 * FP.frac_bits)
     want = F.conv2d(x, w, stride=stride, padding=padding)
     assert (got - want).abs().max() < 1e-3
+
+
+def _run_linear(dealer, masks, x, w, op="matmul", params=()):
+    """Both parties' `beaver.linear` with their own WeightMasks objects (kept across calls)."""
+    from service.mpc.channel import NullChannel
+    from service.mpc.dealer import PlanRecorder, deal_pair
+    from service.mpc.inprocess import run_two_party
+    from service.mpc.party import Party
+    from service.mpc.sharing import share
+
+    xs, ws = share(x), share(w)
+    rec = PlanRecorder()
+    dry = beaver.WeightMasks(masks[0].mask_id)
+    beaver.linear(Party(0, NullChannel(), rec, FP), xs[0], ws[0], "w", dry, op, params)
+    r0, r1 = deal_pair(dealer, secrets.token_hex(8), tuple(rec.plan))
+    return run_two_party(
+        lambda p: beaver.linear(p, xs[p.index], ws[p.index], "w", masks[p.index], op, params),
+        r0,
+        r1,
+        FP,
+    )
+
+
+def test_linear_with_a_fixed_weight_mask_opens_the_weight_once():
+    from service.mpc.dealer import Dealer
+
+    dealer, w = Dealer(), random_ring((5, 3))
+    masks = (beaver.WeightMasks("model-a"), beaver.WeightMasks("model-a"))
+    for i in range(3):
+        x = random_ring((4, 5))
+        result = _run_linear(dealer, masks, x, w)
+        assert torch.equal(opened(result), x @ w)
+        assert result.stats0.rounds == 1
+        assert result.stats0.bytes_sent == 8 * (x.numel() + (w.numel() if i == 0 else 0))
+    opened_once = masks[0].opened["w"]
+    assert torch.equal(opened_once, masks[1].opened["w"])
+    # The same weight under another model's mask id is masked by an independent b.
+    other = (beaver.WeightMasks("model-b"), beaver.WeightMasks("model-b"))
+    _run_linear(dealer, other, random_ring((4, 5)), w)
+    assert not torch.equal(other[0].opened["w"], opened_once)
+
+
+def test_linear_with_a_fixed_mask_for_convolutions():
+    from service.mpc.dealer import Dealer
+
+    dealer, w = Dealer(), FP.encode(torch.randn(4, 2, 3, 3))
+    masks = (beaver.WeightMasks("conv"), beaver.WeightMasks("conv"))
+    for _ in range(2):
+        x = FP.encode(torch.randn(2, 2, 6, 6))
+        result = _run_linear(dealer, masks, x, w, "conv2d", (1, 1))
+        want = F.conv2d(x.double(), w.double(), padding=1)
+        assert torch.equal(opened(result), want.long())

@@ -1,15 +1,21 @@
 """Export: manifest + two share files that reconstruct the model exactly; atomic; re-split."""
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from service.mpc.dealer import Dealer
+from service.mpc.inprocess import private_forward
+from service.mpc.network import LAYER_TYPES, PrivateNetwork
 from service.mpc.ring import FixedPoint
+from service.mpc.sharing import share_tensors
 from training.export import ExportError, export_model, resplit, sha256_file
-from training.model import DigitCNN
+from training.model import MODELS, DigitCNN, EngineCNN, build_model, export_state, inference_cost
 
 
 def _export(tmp_path, **kw):
@@ -74,3 +80,62 @@ def test_resplit_gives_fresh_shares_of_the_same_model(tmp_path):
     )
     with pytest.raises(ExportError):
         resplit(tmp_path / "nothing")
+
+
+def _mnist(n: int) -> torch.Tensor:
+    data = np.load(Path(__file__).parent / "fixtures" / "mnist_test_1000.npz")
+    return torch.from_numpy(data["images"][:n]).float().unsqueeze(1) / 255.0
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"pool": "max", "normalize": True},
+        {"pool": "avg", "relu_first": True, "normalize": True},
+        {"pool": "avg", "padding": 2},
+    ],
+)
+def test_engine_cnn_exports_a_folded_model_the_private_engine_runs(tmp_path, options):
+    torch.manual_seed(0)
+    model = EngineCNN(4, 8, 16, dropout=0.5, **options)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # non-zero biases: the fold must move them
+    x = _mnist(6)
+    model.eval()
+    with torch.no_grad():
+        plain = model(x)
+    # the exported weights, on the same layers without the input map, give the same logits
+    state = export_state(model)
+    unfolded = EngineCNN(4, 8, 16, **{**options, "normalize": False})
+    unfolded.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(unfolded.eval()(x), plain, atol=1e-4)
+    manifest = export_model(state, model.layers(), tmp_path / "m")
+    layers = manifest["architecture"]["layers"]
+    assert {ly["type"] for ly in layers} <= LAYER_TYPES and "dropout" not in str(layers)
+    net = PrivateNetwork(tuple(layers), (1, 28, 28), FixedPoint(16))
+    shares = tuple(load_file(tmp_path / f"m/share-{i}.safetensors") for i in (0, 1))
+    images = share_tensors({"x": x.double()}, FixedPoint(16))
+    res = private_forward(
+        net, shares, (images[0]["x"], images[1]["x"]), Dealer(), "export", "logits"
+    )
+    logits = FixedPoint(16).decode(res.out0 + res.out1)
+    assert (logits - plain.double()).abs().max() < 2e-2
+    assert torch.equal(logits.argmax(-1), plain.argmax(-1))
+
+
+def test_every_registered_model_is_accepted_by_the_private_engine():
+    for name in MODELS:
+        model = build_model(name)
+        PrivateNetwork(tuple(model.layers()), (1, 28, 28))
+        assert set(export_state(model)) == {n for n, _ in model.named_parameters()}
+    assert inference_cost(build_model("cnn").layers()) == {
+        "relus": 2660,
+        "max_comparisons": 0,
+        "comparisons": 2660,
+        "macs": 666_600,
+    }
+    cost = inference_cost(build_model("cnn-max").layers())
+    assert cost["relus"] == 32 * 12 * 12 + 64 * 4 * 4 + 512
+    assert cost["max_comparisons"] == 3 * (32 * 12 * 12 + 64 * 4 * 4)

@@ -22,6 +22,7 @@ from training.fedavg import (
     combine,
     evaluate,
     init_model,
+    random_shift,
     train,
 )
 
@@ -227,3 +228,48 @@ def test_bad_config() -> None:
         FedConfig(client_momentum=1.0)
     assert FedConfig().clients_per_round == 10
     assert FedConfig(clients=3, fraction=0.01).clients_per_round == 1
+
+
+def test_random_shift_moves_each_image_within_bounds() -> None:
+    x = torch.zeros(64, 1, 9, 9)
+    x[:, 0, 4, 4] = 1.0
+    gen = torch.Generator().manual_seed(0)
+    out = random_shift(x, 2, gen)
+    assert out.shape == x.shape and torch.equal(out.sum((1, 2, 3)), torch.ones(64))
+    where = out[:, 0].flatten(1).argmax(1)
+    dy, dx = where // 9 - 4, where % 9 - 4
+    assert dy.abs().max() == 2 and dx.abs().max() == 2  # 64 draws reach both ends
+    assert len({(int(a), int(b)) for a, b in zip(dy, dx, strict=True)}) > 10  # per image
+    assert torch.equal(out, random_shift(x, 2, torch.Generator().manual_seed(0)))
+    assert random_shift(x, 0, gen) is x
+    with pytest.raises(ValueError, match="augment_shift"):
+        FedConfig(augment_shift=5)
+
+
+def test_augmentation_and_dropout_are_seeded_by_the_client(mnist1000: MnistSplit) -> None:
+    from training import model as models
+
+    models.MODELS["tiny-dropout"] = {
+        "engine": True,
+        "conv1_channels": 4,
+        "conv2_channels": 8,
+        "hidden": 16,
+        "dropout": 0.5,
+    }
+    try:
+        cfg = FedConfig(**{**SMALL.__dict__, "model": "tiny-dropout", "augment_shift": 2})
+        params = list(init_model(0, "tiny-dropout").parameters())
+        x, y = mnist1000.images[:30], mnist1000.labels[:30]
+        state = torch.random.get_rng_state()
+        a = client_update(params, x, y, cfg, seed=1)
+        assert torch.equal(state, torch.random.get_rng_state())  # global RNG untouched
+        b = client_update(params, x, y, cfg, seed=1)
+        c = client_update(params, x, y, cfg, seed=2)
+        plain = client_update(params, x, y, FedConfig(**{**cfg.__dict__, "augment_shift": 0}), 1)
+        assert all(torch.equal(u, v) for u, v in zip(a.delta, b.delta, strict=True))
+        assert not torch.equal(a.delta[0], c.delta[0])
+        assert not torch.equal(a.delta[0], plain.delta[0])
+        run = train(FedConfig(**{**cfg.__dict__, "rounds": 1}), mnist1000, mnist1000)
+        assert run.history[0].test_accuracy is not None
+    finally:
+        del models.MODELS["tiny-dropout"]

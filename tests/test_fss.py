@@ -242,3 +242,18 @@ def test_network_with_fss_matches_plaintext_labels_and_logits(kind):
     assert labels.stats0.rounds == {"cnn": 9, "fcnet": 7}[kind]
     with pytest.raises(ModelSpecError):
         PrivateNetwork(layers, (1, 28, 28), FP, "garbled")
+
+
+def test_weight_mask_seeds_survive_the_wire_and_bad_beaverw_requests_are_refused():
+    plan = (Request.beaverw("matmul", (1, 4), (4, 2), (), "abc123", "fc1.weight"),)
+    validate_plan(plan)
+    dealer = Dealer()
+    for party in (0, 1):
+        m = dealer.deal("wmask-1", party, plan)
+        assert len(m.mask_seeds) == 1
+        back = wire.material_from_bytes(wire.material_to_bytes(m), "wmask-1", party, plan)
+        assert back.mask_seeds == m.mask_seeds
+    for params in (("matmul", (), "bad id!", "w"), ("conv2d", (), "abc", "w")):
+        op, extra, mask_id, name = params
+        with pytest.raises(ValueError):
+            validate_plan((Request.beaverw(op, (1, 1, 4, 4), (2, 1, 3, 3), extra, mask_id, name),))

@@ -533,13 +533,18 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_label(cluster, mn
 def test_fss_deployment_classifies_like_plaintext_in_nine_rounds(tmp_path, mnist, plaintext):
     c = Cluster(ports=free_ports(3), log_dir=tmp_path, replica_args=("--comparison", "fss"))
     images = mnist[0][:12] / 255.0
-    rounds = "privdigit_protocol_rounds_total"
+    rounds, peer_bytes = "privdigit_protocol_rounds_total", "privdigit_peer_bytes_sent_total"
     with c, privdigit.PrivDigitClient(c.replica_urls) as client:
         assert client.model_info()["max_batch"] == 8  # fss default: ~7 MB of keys per image
         labels = [p.label for p in client.predict_encoded(images)]  # two requests: 8 + 4
-        before = _gauge(c.replica_urls[0], rounds)
+        before = [_gauge(c.replica_urls[0], m) for m in (rounds, peer_bytes)]
         client.predict_encoded(images[:1])
-        assert _gauge(c.replica_urls[0], rounds) - before == 9
+        after = [_gauge(c.replica_urls[0], m) for m in (rounds, peer_bytes)]
+    # 9 rounds; the weights were opened by the first run, so only activations travel:
+    # input 784, conv1 out 2304, conv2 in 2304 and out 256, fc1 in 256 and out 100, fc2 in 100,
+    # argmax 45 + 10 words
+    assert after[0] - before[0] == 9
+    assert after[1] - before[1] == 8 * (784 + 2304 + 2304 + 256 + 256 + 100 + 100 + 45 + 10)
     assert labels == _plain_labels(plaintext, images).tolist()
 
 

@@ -38,6 +38,9 @@ def test_help_lists_every_flag(small_mnist):
         "--lr",
         "--lr-decay",
         "--client-momentum",
+        "--augment-shift",
+        "--model",
+        "cnn-max",
         "--server-momentum",
         "--partition",
         "--seed",
@@ -60,6 +63,8 @@ def test_help_lists_every_flag(small_mnist):
         (["--dp-noise", "1.0"], "--dp-clip"),
         (["--lr-decay", "0"], "(0, 1]"),
         (["--client-momentum", "1"], "[0, 1)"),
+        (["--augment-shift", "5"], "invalid choice"),
+        (["--model", "resnet"], "invalid choice"),
     ],
 )
 def test_bad_arguments_fail_with_one_clear_line(small_mnist, tmp_path, args, message):

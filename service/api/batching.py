@@ -5,7 +5,9 @@ request arrived (ARRIVED: shape, output, wanted version); party 0 pairs it with 
 checks that both describe the same job (else both answer 400 `share_mismatch`), and queues it.
 Party 0's batcher takes queued requests of the same output and model version, up to
 `max_batch` images, whenever one of its `max_batches` slots is free, and announces the batch
-(BATCH: a fresh batch id, the version, the request ids in order). Both replicas then run ONE
+(BATCH: a fresh batch id, the version, the request ids in order, and whether this run opens
+the model's masked weights: yes until a run has done so on the current peer connection, see
+`beaver.linear`). Both replicas then run ONE
 protocol on the concatenated shares, keyed by the batch id (peer mailbox and dealer
 randomness), and give each request its own rows of the result. At low load a batch is one
 request and starts at once; under load requests queue while the slots are busy and leave
@@ -37,7 +39,7 @@ from service.api.peer import PeerLink, PeerLost
 from service.store import LoadedModel, ModelRegistry
 
 # (shares of the batch, model) -> (share of the result, rounds, bytes): runs in a worker thread
-RunBatch = Callable[[str, torch.Tensor, str, LoadedModel], tuple[torch.Tensor, int, int]]
+RunBatch = Callable[[str, torch.Tensor, str, LoadedModel, bool], tuple[torch.Tensor, int, int]]
 
 
 @dataclass
@@ -74,12 +76,14 @@ class Batcher:
         run_batch: RunBatch,
         executor: Any,
         *,
+        weights_opened: Callable[[LoadedModel], bool] = lambda model: False,
         max_batch: int,
         max_batches: int,
         timeout: float,
     ) -> None:
         self.party, self.peer, self.registry = party, peer, registry
         self._run, self._executor = run_batch, executor
+        self._weights_opened = weights_opened
         self.max_batch, self.timeout = max_batch, timeout
         self._slots = asyncio.Semaphore(max_batches)
         self._jobs: dict[str, Job] = {}  # this replica's requests not yet in a batch
@@ -237,6 +241,7 @@ class Batcher:
                 for job in jobs:
                     job.batched = True
                 batch_id = secrets.token_urlsafe(18)
+                open_weights = not self._weights_opened(model)
                 self._send(
                     wire.BATCH,
                     batch_id,
@@ -244,9 +249,10 @@ class Batcher:
                         "version": model.version,
                         "output": jobs[0].output,
                         "requests": [[j.request_id, j.x.shape[0]] for j in jobs],
+                        "open_weights": open_weights,
                     },
                 )
-                self._start(self._execute(batch_id, jobs, model, release=True))
+                self._start(self._execute(batch_id, jobs, model, open_weights, release=True))
 
     # -- both parties: running a batch ---------------------------------------------------------
 
@@ -279,16 +285,23 @@ class Batcher:
                 str(p.get("output")), None, asyncio.get_running_loop().create_future())
             for job, (rid, n) in zip(jobs, requests, strict=True)
         ]  # fmt: skip
-        await self._execute(batch_id, filler, model, release=False)
+        open_weights = bool(p.get("open_weights", True))
+        await self._execute(batch_id, filler, model, open_weights, release=False)
 
     async def _execute(
-        self, batch_id: str, jobs: list[Job], model: LoadedModel, *, release: bool
+        self,
+        batch_id: str,
+        jobs: list[Job],
+        model: LoadedModel,
+        open_weights: bool,
+        *,
+        release: bool,
     ) -> None:
         try:
             x = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
             loop = asyncio.get_running_loop()
             share, rounds, nbytes = await loop.run_in_executor(
-                self._executor, self._run, batch_id, x, jobs[0].output, model
+                self._executor, self._run, batch_id, x, jobs[0].output, model, open_weights
             )
             start = 0
             for job in jobs:

@@ -50,6 +50,7 @@ from service.api.schemas import (
     Tensor,
 )
 from service.api.settings import ReplicaSettings
+from service.mpc.beaver import WeightMasks
 from service.mpc.channel import ChannelError
 from service.mpc.dealer import Randomness
 from service.mpc.party import Party
@@ -137,9 +138,17 @@ class Replica:
             max_batch=s.max_batch,
             max_batches=s.max_batches,
             timeout=s.peer_timeout_s,
+            weights_opened=lambda model: model.version in self.weight_masks,
         )
+        # Per model version: the opened masked weights (public to both replicas). Party 0
+        # forgets them with the connection, so the next run on a new one opens them again.
+        self.weight_masks: dict[str, WeightMasks] = {}
         self.peer.on_control = self.batcher.on_control
-        self.peer.on_disconnect = self.batcher.on_disconnect
+        self.peer.on_disconnect = self._on_disconnect
+
+    def _on_disconnect(self, reason: str) -> None:
+        self.weight_masks.clear()
+        self.batcher.on_disconnect(reason)
 
     def check_api_key(self, key: str | None) -> None:
         """Refuse (401) a client without a valid X-API-Key when the operator set keys."""
@@ -224,16 +233,29 @@ class Replica:
     # -- one inference (worker thread) ---------------------------------------------------------
 
     def run_batch(
-        self, batch_id: str, x: torch.Tensor, output: str, model: LoadedModel
+        self, batch_id: str, x: torch.Tensor, output: str, model: LoadedModel, open_weights: bool
     ) -> tuple[torch.Tensor, int, int]:
-        """Worker thread: one protocol run on a batch, with the peer, keyed by the batch id."""
-        ch = self.peer.channel(batch_id)
+        """Worker thread: one protocol run on a batch, with the peer, keyed by the batch id.
+
+        `open_weights` (party 0 decides, party 1 follows): this run opens the masked weights
+        anew. Party 1 shares the object at once (a run party 0 announces after this one ended
+        sees it filled); party 0 keeps it only once the run succeeded.
+        """
+        ch, ok = self.peer.channel(batch_id), False
+        masks = self.weight_masks.get(model.version)
+        if open_weights or masks is None:
+            masks = WeightMasks(model.mask_id)
+            if self.party == 1:
+                self.weight_masks[model.version] = masks
         try:
             net, kind = model.network, "label" if output == "label" else "logits"
-            plan = net.plan(x.shape[0], kind, model.weight_shapes)
+            plan = net.plan(x.shape[0], kind, model.weight_shapes, model.mask_id)
             rand = Randomness(self.dealer.fetch(batch_id, plan)).prefetch()
             party = Party(self.party, ch, rand, net.fp)
-            share = net.forward(party, x, model.weights, kind)
+            share = net.forward(party, x, model.weights, kind, masks)
+            if self.party == 0 and open_weights:
+                self.weight_masks[model.version] = masks
+            ok = True
             return share, ch.stats.rounds, ch.stats.bytes_sent
         except ApiError as exc:
             ch.abort(exc.code, exc.message)
@@ -256,6 +278,8 @@ class Replica:
             raise ApiError("internal", f"inference failed: {type(exc).__name__}") from None
         finally:
             ch.close()
+            if not ok and self.party == 0:  # whatever went wrong, the next run re-opens them
+                self.weight_masks.pop(model.version, None)
 
     # -- one predict request (event loop) ------------------------------------------------------
 

@@ -12,7 +12,6 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 FSS_MAX_BATCH = 8  # default batch cap with fss: dealer keys grow by ~7 MB per image and party
 
 
@@ -109,7 +108,6 @@ class ReplicaSettings(_Base):
         description="page origins allowed to call this replica from a browser (exact match); "
         "none by default",
     )
-
 
     @model_validator(mode="after")
     def _fss_batch(self) -> ReplicaSettings:

@@ -5,7 +5,8 @@ Tensor in JSON (documented in `openapi.yaml`, mirrored by `clients/privdigit.py`
 
 Dealer material (application/octet-stream): the 32-byte seed, then party 1's corrections as
 little-endian int64 in plan order, then (both parties) the DCF keys of the plan's fss gates as
-little-endian 64-bit words in plan order (all sizes follow from the public plan).
+little-endian 64-bit words in plan order, then (both parties) one 32-byte weight-mask seed per
+beaverw request (all sizes follow from the public plan).
 
 Peer frame (one WebSocket binary message):
     u8 kind | u16 len(request id) | request id (ASCII) | body
@@ -88,7 +89,7 @@ def material_to_bytes(m: PartyMaterial) -> bytes:
     parts = [m.seed]
     parts += [c.contiguous().numpy().astype("<i8", copy=False).tobytes() for c in m.corrections]
     parts += [k.astype("<u8", copy=False).tobytes() for k in m.keys]
-    return b"".join(parts)
+    return b"".join([*parts, *m.mask_seeds])
 
 
 def material_from_bytes(
@@ -96,10 +97,14 @@ def material_from_bytes(
 ) -> PartyMaterial:
     shapes = correction_shapes(plan) if party == 1 else []
     keys = key_words(plan)
-    expected = SEED_BYTES + 8 * (sum(math.prod(s) for s in shapes) + sum(keys))
+    n_masks = sum(r.kind == "beaverw" for r in plan)
+    words_end = SEED_BYTES + 8 * (sum(math.prod(s) for s in shapes) + sum(keys))
+    expected = words_end + SEED_BYTES * n_masks
     if len(data) != expected:
         raise WireError(f"dealer sent {len(data)} bytes, the plan needs {expected}")
-    flat = np.frombuffer(data, dtype="<i8", offset=SEED_BYTES).astype(np.int64, copy=True)
+    flat = np.frombuffer(data[:words_end], dtype="<i8", offset=SEED_BYTES).astype(
+        np.int64, copy=True
+    )
     corrections, pos = [], 0
     for s in shapes:
         n = math.prod(s)
@@ -109,7 +114,10 @@ def material_from_bytes(
     for n in keys:
         words.append(flat[pos : pos + n].view("<u8"))
         pos += n
-    return PartyMaterial(request_id, party, data[:SEED_BYTES], plan, corrections, words)
+    masks = [
+        data[words_end + i * SEED_BYTES : words_end + (i + 1) * SEED_BYTES] for i in range(n_masks)
+    ]
+    return PartyMaterial(request_id, party, data[:SEED_BYTES], plan, corrections, words, masks)
 
 
 # -- peer frames ---------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 Kinds (each a `Request`; shapes are public, values secret):
 - `beaver(op, x_shape, y_shape)`: [a], [b], [c] with c = op(a, b) for op in mul | matmul | conv2d.
+- `beaverw(op, x_shape, w_shape, mask_id, name)`: the same for a model weight whose mask b is
+  fixed per model (mask id) and weight name: [b] comes from a per-(model, weight, party) mask
+  seed, so the parties open W - b once per model instead of once per query (`beaver.linear`).
 - `and(shape)`: XOR shares of words a, b, c with c = a & b.
 - `trunc(shape, bits)`: [r], [r >>> bits], [msb(r)] for uniform r (dealer-assisted truncation).
 - `mux(shape)`: a random bit rb as XOR shares and as [rb], a uniform [a], and [a * rb].
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from service.mpc import dcf
-from service.mpc.prg import PRG, fresh_seed
+from service.mpc.prg import PRG, SEED_BYTES, fresh_seed
 from service.mpc.ring import logical_shift_right, msb
 
 
@@ -63,6 +66,10 @@ class Request:
     @staticmethod
     def beaver(op: str, x_shape, y_shape, params: tuple[int, ...] = ()) -> Request:
         return Request("beaver", (tuple(x_shape), tuple(y_shape)), (op, *params))
+
+    @staticmethod
+    def beaverw(op: str, x_shape, w_shape, params: tuple[int, ...], mask_id: str, name: str):
+        return Request("beaverw", (tuple(x_shape), tuple(w_shape)), (op, *params, mask_id, name))
 
     @staticmethod
     def and_(shape) -> Request:
@@ -102,12 +109,19 @@ def bilinear(op: str, params: tuple) -> Callable[[torch.Tensor, torch.Tensor], t
 # own seed, and derived fields (name, combine 'add' | 'xor') whose party-1 share is a correction.
 _SEEDED = {
     "beaver": (("a", "ring", 0), ("b", "ring", 1)),
+    "beaverw": (("a", "ring", 0),),  # b: from the fixed weight-mask seed, see `Randomness`
     "and": (("a", "ring", 0), ("b", "ring", 0)),
     "trunc": (("r", "ring", 0),),
     "mux": (("rb", "bits", 0), ("a", "ring", 0)),
     "fss": (("r", "ring", 0), ("root", "root", 0)),
 }
-_DERIVED = {"beaver": ("c",), "and": ("c",), "trunc": ("r_hi", "r_msb"), "mux": ("r", "ar")}
+_DERIVED = {
+    "beaver": ("c",),
+    "beaverw": ("c",),
+    "and": ("c",),
+    "trunc": ("r_hi", "r_msb"),
+    "mux": ("r", "ar"),
+}
 _XOR_KINDS = {"and"}
 
 
@@ -145,8 +159,8 @@ def _fss_truth(req: Request, r: torch.Tensor):
 
 def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The derived values in the clear, from the reconstructed seeded values (dealer only)."""
-    if req.kind == "beaver":
-        return {"c": bilinear(str(req.params[0]), req.params[1:])(full["a"], full["b"])}
+    if req.kind in ("beaver", "beaverw"):
+        return {"c": _bilinear_of(req)(full["a"], full["b"])}
     if req.kind == "and":
         return {"c": full["a"] & full["b"]}
     if req.kind == "trunc":
@@ -157,16 +171,22 @@ def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     raise ValueError(f"unknown randomness kind {req.kind!r}")
 
 
+def _bilinear_of(req: Request) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    params = req.params[1:-2] if req.kind == "beaverw" else req.params[1:]
+    return bilinear(str(req.params[0]), params)
+
+
 def _derived_shape(req: Request) -> tuple[int, ...]:
-    if req.kind == "beaver":
+    if req.kind in ("beaver", "beaverw"):
         # Shape inference only: meta tensors hold no data and cost no arithmetic.
         x = torch.empty(req.shapes[0], dtype=torch.int64, device="meta")
         y = torch.empty(req.shapes[1], dtype=torch.int64, device="meta")
-        return tuple(bilinear(str(req.params[0]), req.params[1:])(x, y).shape)
+        return tuple(_bilinear_of(req)(x, y).shape)
     return req.shapes[0]
 
 
-_ARITY = {"beaver": 2, "and": 1, "trunc": 1, "mux": 1, "fss": 1}
+_ARITY = {"beaver": 2, "beaverw": 2, "and": 1, "trunc": 1, "mux": 1, "fss": 1}
+_MASK_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> None:
@@ -187,15 +207,22 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
             or not 1 <= req.params[0] < 63
         ):
             raise ValueError(f"step {i}: trunc needs one shift in [1, 63)")
-        if req.kind == "beaver":
+        if req.kind in ("beaver", "beaverw"):
             op = req.params[0] if req.params else None
             if op not in ("mul", "matmul", "conv2d"):
                 raise ValueError(f"step {i}: unknown bilinear op {op!r}")
-            if op == "conv2d" and (
-                len(req.params) != 3
-                or not all(isinstance(p, int) and 0 <= p < 64 for p in req.params[1:])
+            params = req.params[1:]
+            if req.kind == "beaverw":
+                if len(params) < 2 or not all(
+                    isinstance(p, str) and 0 < len(p) <= 128 and set(p) <= _MASK_ID_CHARS
+                    for p in params[-2:]
+                ):
+                    raise ValueError(f"step {i}: beaverw needs a mask id and a weight name")
+                params = params[:-2]
+            if (op == "conv2d") != (len(params) == 2) or not all(
+                isinstance(p, int) and 0 <= p < 64 for p in params
             ):
-                raise ValueError(f"step {i}: conv2d needs stride and padding")
+                raise ValueError(f"step {i}: conv2d needs stride and padding, nothing else does")
             try:
                 _derived_shape(req)
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:
@@ -250,11 +277,13 @@ class PartyMaterial:
     plan: tuple[Request, ...]
     corrections: list[torch.Tensor] = field(default_factory=list)
     keys: list[np.ndarray] = field(default_factory=list)
+    mask_seeds: list[bytes] = field(default_factory=list)  # one per beaverw request
 
     @property
     def nbytes(self) -> int:
         return (
             len(self.seed)
+            + len(self.mask_seeds) * SEED_BYTES
             + sum(c.numel() * c.element_size() for c in self.corrections)
             + sum(k.nbytes for k in self.keys)
         )
@@ -269,6 +298,7 @@ class Randomness:
         self._next = 0
         self._corr = iter(material.corrections)
         self._keys = iter(material.keys)
+        self._masks = iter(material.mask_seeds)
         self._ready: list[dict[str, torch.Tensor]] | None = None
         self._lock = threading.Lock()
 
@@ -301,6 +331,8 @@ class Randomness:
 
     def _expand(self, req: Request) -> dict[str, torch.Tensor]:
         out = _expand_seeded(req, self._prg)
+        if req.kind == "beaverw":
+            out["b"] = PRG(next(self._masks)).ring(req.shapes[1])
         for name in _derived(req):
             if self._m.party == 0:
                 out[name] = self._prg.ring(_derived_shape(req))
@@ -324,6 +356,8 @@ class PlanRecorder:
             out[name] = torch.zeros(_derived_shape(req), dtype=torch.int64)
         if req.kind == "fss":
             out["keys"] = None  # the gates skip their (local) evaluation in a dry run
+        if req.kind == "beaverw":
+            out["b"] = torch.zeros(req.shapes[1], dtype=torch.int64)
         return out
 
 
@@ -345,6 +379,17 @@ class Dealer:
         msg = b"privdigit/dealer/v1\x00" + request_id.encode() + b"\x00" + bytes([party])
         return hmac.new(self._key, msg, hashlib.sha256).digest()
 
+    def _mask_seed(self, req: Request, party: int) -> bytes:
+        """The seed of `party`'s share of the fixed mask of one model weight (beaverw)."""
+        mask_id, name = str(req.params[-2]).encode(), str(req.params[-1]).encode()
+        msg = b"privdigit/weight-mask/v1\x00%s\x00%s\x00%d" % (mask_id, name, party)
+        return hmac.new(self._key, msg, hashlib.sha256).digest()
+
+    def _mask(self, req: Request) -> torch.Tensor:
+        """The fixed mask b itself (dealer only): the sum of both parties' mask shares."""
+        shares = [PRG(self._mask_seed(req, p)).ring(req.shapes[1]) for p in (0, 1)]
+        return shares[0] + shares[1]
+
     def deal(self, request_id: str, party: int, plan: tuple[Request, ...]) -> PartyMaterial:
         """Party `party`'s material for `request_id`; a second call for the same pair raises."""
         if party not in (0, 1):
@@ -359,8 +404,9 @@ class Dealer:
             self._served.add((request_id, party))
         seed = self._seed(request_id, party)
         plan = tuple(plan)
+        masks = [self._mask_seed(r, party) for r in plan if r.kind == "beaverw"]
         if party == 0 and not any(r.kind == "fss" for r in plan):
-            return PartyMaterial(request_id, 0, seed, plan)
+            return PartyMaterial(request_id, 0, seed, plan, mask_seeds=masks)
         with self._lock:
             cached = self._unclaimed.pop(request_id, None)
         if cached is not None and cached[0] == plan:
@@ -372,7 +418,8 @@ class Dealer:
                     self._unclaimed[request_id] = (plan, (corrections, keys))
                     while len(self._unclaimed) > MAX_UNCLAIMED:
                         self._unclaimed.popitem(last=False)
-        return PartyMaterial(request_id, party, seed, plan, corrections if party == 1 else [], keys)
+        mine = corrections if party == 1 else []
+        return PartyMaterial(request_id, party, seed, plan, mine, keys, masks)
 
     def _derive(
         self, request_id: str, plan: tuple[Request, ...]
@@ -386,6 +433,8 @@ class Dealer:
                 n: (s0[n] ^ s1[n]) if (req.kind in _XOR_KINDS or n == "rb") else s0[n] + s1[n]
                 for n in s0
             }
+            if req.kind == "beaverw":
+                full["b"] = self._mask(req)
             if req.kind == "fss":
                 truth, alpha, beta = _fss_truth(req, full["r"])
                 roots = (s0["root"].numpy().view(np.uint64), s1["root"].numpy().view(np.uint64))

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from service.mpc.beaver import WeightMasks
 from service.mpc.channel import Channel, ChannelStats, InMemoryChannel
 from service.mpc.dealer import Dealer, Randomness, deal_pair
 from service.mpc.network import Output, PrivateNetwork
@@ -70,14 +71,21 @@ def private_forward(
     dealer: Dealer,
     request_id: str,
     output: Output = "label",
+    masks: tuple[WeightMasks, WeightMasks] | None = None,
 ) -> TwoPartyResult:
     """One private forward pass of `net` on shared `images` with shared `weights`, both parties.
 
     The outputs are the parties' shares: XOR shares of one-hot labels, or additive logits.
+    `masks`: each party's fixed weight masks (one mask id), reused across calls.
     """
     shapes = {k: tuple(v.shape) for k, v in weights[0].items()}
-    plan = net.plan(images[0].shape[0], output, shapes)
+    plan = net.plan(images[0].shape[0], output, shapes, masks[0].mask_id if masks else None)
     rand0, rand1 = deal_pair(dealer, request_id, plan)
     return run_two_party(
-        lambda p: net.forward(p, images[p.index], weights[p.index], output), rand0, rand1, net.fp
+        lambda p: net.forward(
+            p, images[p.index], weights[p.index], output, masks[p.index] if masks else None
+        ),
+        rand0,
+        rand1,
+        net.fp,
     )

@@ -81,9 +81,17 @@ class PrivateNetwork:
         ]
 
     def forward(
-        self, party: Party, x: torch.Tensor, weights: dict[str, torch.Tensor], output: Output
+        self,
+        party: Party,
+        x: torch.Tensor,
+        weights: dict[str, torch.Tensor],
+        output: Output,
+        masks: beaver.WeightMasks | None = None,
     ) -> torch.Tensor:
-        """This party's share of the label (XOR shares of one-hot) or logits (additive, scale f)."""
+        """This party's share of the label (XOR shares of one-hot) or logits (additive, scale f).
+
+        `masks`: the model's fixed weight masks (`beaver.linear`); None masks weights per query.
+        """
         if tuple(x.shape[1:]) != self.input_shape:
             raise ModelSpecError(f"input shape {tuple(x.shape[1:])} != {self.input_shape}")
         f = self.fp.frac_bits
@@ -94,13 +102,14 @@ class PrivateNetwork:
             if kind in ("conv2d", "linear"):
                 if pending:
                     x, pending = truncation.truncate(party, x, pending), 0
-                w, b = weights[f"{layer['name']}.weight"], weights[f"{layer['name']}.bias"]
+                name = f"{layer['name']}.weight"
+                w, b = weights[name], weights[f"{layer['name']}.bias"]
                 if kind == "conv2d":
-                    stride, padding = int(layer.get("stride", 1)), int(layer.get("padding", 0))
-                    x = beaver.conv2d(party, x, w, stride=stride, padding=padding)
+                    params = (int(layer.get("stride", 1)), int(layer.get("padding", 0)))
+                    x = beaver.linear(party, x, w, name, masks, "conv2d", params)
                     x = x + (b << f).view(1, -1, 1, 1)
                 else:
-                    x = beaver.matmul(party, x, w.t()) + (b << f)
+                    x = beaver.linear(party, x, w.t(), name, masks) + (b << f)
                 pending = f
             elif kind == "avgpool2d":
                 k = int(layer["kernel_size"])
@@ -122,19 +131,26 @@ class PrivateNetwork:
         raise ValueError(f"output must be 'label' or 'logits', got {output!r}")
 
     def plan(
-        self, batch: int, output: Output, weight_shapes: dict[str, Sequence[int]]
+        self,
+        batch: int,
+        output: Output,
+        weight_shapes: dict[str, Sequence[int]],
+        mask_id: str | None = None,
     ) -> tuple[Request, ...]:
         """The dealer randomness one forward pass asks for, in order (a dry run on zeros).
 
-        Public: it depends only on the architecture, the batch size and the output kind.
+        Public: it depends only on the architecture, the batch size, the output kind and the
+        model's weight-mask id (None: weights masked per query).
         """
-        key = (batch, output, tuple(sorted((k, tuple(s)) for k, s in weight_shapes.items())))
+        shapes = tuple(sorted((k, tuple(s)) for k, s in weight_shapes.items()))
+        key = (batch, output, shapes, mask_id)
         if key in self._plans:
             return self._plans[key]
         recorder = PlanRecorder()
         party = Party(0, NullChannel(), recorder, self.fp)  # type: ignore[arg-type]
         x = torch.zeros((batch, *self.input_shape), dtype=torch.int64)
         w = {k: torch.zeros(tuple(s), dtype=torch.int64) for k, s in weight_shapes.items()}
-        self.forward(party, x, w, output)
+        masks = beaver.WeightMasks(mask_id) if mask_id is not None else None
+        self.forward(party, x, w, output, masks)
         self._plans[key] = tuple(recorder.plan)
         return self._plans[key]
