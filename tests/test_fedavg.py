@@ -273,3 +273,15 @@ def test_augmentation_and_dropout_are_seeded_by_the_client(mnist1000: MnistSplit
         assert run.history[0].test_accuracy is not None
     finally:
         del models.MODELS["tiny-dropout"]
+
+
+def test_benchmark_row_reports_the_private_inference_cost(mnist1000: MnistSplit) -> None:
+    from benchmarks import federated
+
+    args = federated.parser().parse_args([])
+    assert args.model == "cnn-max" and args.augment_shift is None
+    cfg = FedConfig(**{**SMALL.__dict__, "rounds": 1})
+    row = federated.run(cfg, mnist1000, mnist1000, "t", quiet=True, stop_at_target=False)
+    assert row["rounds_run"] == 1 and row["final_accuracy"] is not None
+    assert row["relus_per_image"] == 2660 and row["comparisons_per_image"] == 2660
+    assert row["config"]["augment_shift"] == 0

@@ -72,6 +72,8 @@ def _partition(text: str) -> str:
 
 
 def train_parser() -> argparse.ArgumentParser:
+    from training.model import MODEL_HELP, MODELS
+
     p = argparse.ArgumentParser(
         prog="python -m training",
         description=__doc__,
@@ -117,10 +119,18 @@ def train_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        choices=["cnn", "cnn-wide"],
+        choices=sorted(MODELS),
         default="cnn",
-        help="cnn: conv 16/16, fc 100, 33k parameters (default); cnn-wide: conv 32/64, fc 100, "
-        "156k parameters, same layer types but about 2x the private-inference cost",
+        help="; ".join(f"{name}: {text}" for name, text in MODEL_HELP.items()),
+    )
+    p.add_argument(
+        "--augment-shift",
+        type=int,
+        choices=range(5),
+        default=0,
+        metavar="PIXELS",
+        help="client-side augmentation: move each training image by a random shift of up to "
+        "this many pixels each way, 0-4 (0: off)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for partitions, sampling, init")
     p.add_argument(
@@ -180,6 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
     from training.data import MnistUnavailable, load_mnist
     from training.export import ExportError, export_model
     from training.fedavg import FedConfig, train
+    from training.model import export_state
 
     if args.dp_noise < 0:
         print("error: --dp-noise must be >= 0", file=sys.stderr)
@@ -202,6 +213,7 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         lr_decay=args.lr_decay,
         client_momentum=args.client_momentum,
+        augment_shift=args.augment_shift,
         partition=args.partition,
         seed=args.seed,
         model=args.model,
@@ -240,7 +252,7 @@ def run_train(args: argparse.Namespace) -> int:
         png = io.BytesIO()
         plot_curves(history, png)
         manifest = export_model(
-            result.model.state_dict(),
+            export_state(result.model),
             result.model.layers(),
             out,
             force=args.force,

@@ -58,6 +58,7 @@ class FedConfig:
     lr: float = 0.05
     lr_decay: float = 1.0
     client_momentum: float = 0.0
+    augment_shift: int = 0
     partition: str = "iid"
     seed: int = 0
     model: str = "cnn"
@@ -89,6 +90,8 @@ class FedConfig:
             problems.append(f"lr_decay must be in (0, 1], got {self.lr_decay}")
         if not 0 <= self.client_momentum < 1:
             problems.append(f"client_momentum must be in [0, 1), got {self.client_momentum}")
+        if not 0 <= self.augment_shift <= 4:
+            problems.append(f"augment_shift must be in 0..4 pixels, got {self.augment_shift}")
         if not 0 <= self.server_momentum < 1:
             problems.append(f"server_momentum must be in [0, 1), got {self.server_momentum}")
         if self.server_opt not in SERVER_OPTS:
@@ -195,6 +198,19 @@ def _labels(labels: torch.Tensor | np.ndarray) -> torch.Tensor:
     return torch.as_tensor(labels, dtype=torch.int64)
 
 
+def random_shift(x: torch.Tensor, shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Each image of ``x`` (N, 1, H, W) moved by its own random (dy, dx) in ``[-shift, shift]``,
+    filling with 0 (background); draws ``2 N`` integers from ``gen``."""
+    if shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (shift, shift, shift, shift))
+    d = torch.randint(0, 2 * shift + 1, (2, n), generator=gen)
+    rows = (d[0][:, None] + torch.arange(h))[:, :, None]  # (N, H, 1)
+    cols = (d[1][:, None] + torch.arange(w))[:, None, :]  # (N, 1, W)
+    return padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+
+
 # --------------------------------------------------------------------------- client
 
 
@@ -212,6 +228,9 @@ def client_update(
     The step size is ``cfg.client_lr(round_index)`` (``lr * lr_decay**(round - 1)``). With
     ``cfg.client_momentum = mu > 0`` it is heavy-ball SGD, ``v = mu v + g; w -= lr v``, with the
     velocity starting at zero in every round (clients keep no optimizer state between rounds).
+    With ``cfg.augment_shift = s > 0`` every minibatch image is moved by a random shift of up to
+    ``s`` pixels each way (:func:`random_shift`; local data augmentation, from the same seeded
+    generator). The model is put in training mode (dropout, where the model has it).
     ``images`` are float ``(N, 1, 28, 28)`` in [0, 1] (or uint8 ``(N, 28, 28)``).
     """
     start = _as_param_list(global_state)
@@ -219,16 +238,37 @@ def client_update(
     n = int(y.shape[0])
     model = _work_model(cfg.model)
     _load(model, start)
+    model.train()
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(seed)
     lr, mu = cfg.client_lr(round_index), cfg.client_momentum
+    with torch.random.fork_rng(devices=[]):  # dropout draws from the global RNG: seed it here
+        torch.manual_seed(seed)
+        loss_sum, steps = _local_sgd(model, params, x, y, cfg, gen, lr, mu)
+    with torch.no_grad():
+        delta = [p.detach() - s for p, s in zip(params, start, strict=True)]
+    return ClientResult(delta=delta, n_examples=n, loss=loss_sum / steps if steps else math.nan)
+
+
+def _local_sgd(
+    model: torch.nn.Module,
+    params: list[torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: FedConfig,
+    gen: torch.Generator,
+    lr: float,
+    mu: float,
+) -> tuple[float, int]:
+    n = int(y.shape[0])
     velocity: list[torch.Tensor] | None = None
     loss_sum, steps = 0.0, 0
     for _ in range(cfg.local_epochs if n else 0):
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            xb = random_shift(x[idx], cfg.augment_shift, gen) if cfg.augment_shift else x[idx]
+            loss = F.cross_entropy(model(xb), y[idx])
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 if mu > 0:
@@ -241,9 +281,7 @@ def client_update(
                 torch._foreach_add_(params, grads, alpha=-lr)
             loss_sum += float(loss.detach())
             steps += 1
-    with torch.no_grad():
-        delta = [p.detach() - s for p, s in zip(params, start, strict=True)]
-    return ClientResult(delta=delta, n_examples=n, loss=loss_sum / steps if steps else math.nan)
+    return loss_sum, steps
 
 
 # --------------------------------------------------------------------------- server

@@ -53,7 +53,7 @@ from training.fedavg import (
     init_model,
     make_server_optimizer,
 )
-from training.model import DigitCNN, build_model
+from training.model import DigitCNN, Model, build_model, export_state
 from training.partition import parse_partition
 
 log = logging.getLogger(__name__)
@@ -269,14 +269,14 @@ class CoreFedAvg(FedAvg):
         return to_record(params), self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
 
-def model_from(params: list[torch.Tensor], name: str = "cnn") -> DigitCNN:
+def model_from(params: list[torch.Tensor], name: str = "cnn") -> Model:
     """The model ``name`` (:data:`training.model.MODELS`) holding ``params`` (parameter order)."""
     model = build_model(name)
     model.load_state_dict(dict(zip(param_names(), params, strict=True)))
     return model
 
 
-def run_server(grid: Grid, run_config: Mapping[str, Any]) -> tuple[DigitCNN, dict[str, Any]]:
+def run_server(grid: Grid, run_config: Mapping[str, Any]) -> tuple[Model, dict[str, Any]]:
     """The ServerApp body: FedAvg rounds through ``grid``, then export; returns the model and
     the metrics written next to it."""
     from training.export import export_model
@@ -316,7 +316,7 @@ def run_server(grid: Grid, run_config: Mapping[str, Any]) -> tuple[DigitCNN, dic
     final_acc = rounds[-1].get("test-accuracy") if rounds else None
     metrics = {"config": {k: s[k] for k in DEFAULTS}, "engine": "flower", "rounds": rounds}
     export_model(
-        model.state_dict(),
+        export_state(model),
         model.layers(),
         Path(str(s["out-dir"])),
         force=bool(s["force"]),
