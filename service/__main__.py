@@ -131,6 +131,7 @@ def cmd_replica(a: argparse.Namespace) -> int:
             "max_inflight": a.max_inflight,
             "max_batches": a.max_batches,
             "comparison": a.comparison,
+            "prefetch": a.prefetch,
             "scores_enabled": True if a.scores else None,
             "reload_poll_s": a.reload_poll,
             "secret": a.secret,
@@ -383,6 +384,9 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--max-batches", type=int, help="protocol runs in flight (dynamic batching)")
     rep.add_argument(
         "--comparison", choices=("a2b", "fss"), help="comparison protocol (same on both replicas)"
+    )
+    rep.add_argument(
+        "--prefetch", type=int, help="dealer material kept ready for one-image runs; 0 = off"
     )
     rep.add_argument("--peer-timeout", type=float)
     rep.add_argument("--reload-poll", type=float, help="seconds between model checks; 0 = off")

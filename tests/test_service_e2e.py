@@ -196,7 +196,8 @@ def test_replayed_request_id_is_refused(cluster, mnist):
 
 def _gauge(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics").text
-    return float(next(ln for ln in text.splitlines() if ln.startswith(name + " ")).split()[-1])
+    line = next((ln for ln in text.splitlines() if ln.startswith(name + " ")), f"{name} 0")
+    return float(line.split()[-1])  # a labelled counter has no line before its first count
 
 
 def test_share_sent_to_one_replica_times_out_and_frees_everything(cluster, mnist):
@@ -574,3 +575,14 @@ def test_replicas_running_different_protocols_refuse_to_pair(tmp_path, mnist):
         _assert_error(r, 503, "not_ready")
     finally:
         c.stop()
+
+
+def test_single_image_runs_use_prefetched_material(cluster, mnist, plaintext):
+    hits = 'privdigit_prefetch_total{result="hit"}'
+    time.sleep(1.5)  # party 0 tops the pool up every 0.5 s; both replicas fetch in background
+    before = [_gauge(url, hits) for url in cluster.replica_urls]
+    images = mnist[0][:3] / 255.0
+    with privdigit.PrivDigitClient(cluster.replica_urls) as client:
+        labels = [client.predict_encoded(images[i : i + 1])[0].label for i in range(3)]
+    assert labels == _plain_labels(plaintext, images).tolist()
+    assert all(_gauge(u, hits) >= b + 3 for u, b in zip(cluster.replica_urls, before, strict=True))

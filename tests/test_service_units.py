@@ -262,3 +262,39 @@ def test_settings_never_print_secrets():
     s = ReplicaSettings(party=0, model=Path("."), secret="s" * 40, api_keys=["key-xyz"])
     assert "s" * 40 not in repr(s) and "key-xyz" not in repr(s)
     assert s.cors_origins == []  # no browser origin is allowed unless configured
+
+
+def test_material_pool_keeps_the_usual_run_ready_and_serves_each_entry_once():
+    import threading
+    from types import SimpleNamespace
+
+    from service.api.prefetch import MaterialPool
+
+    gate = threading.Event()
+
+    def fetch(material_id, model, batch, output):
+        gate.wait(5)
+        if material_id == "broken":
+            raise RuntimeError("dealer down")
+        return f"material for {material_id}"
+
+    v1, v2 = SimpleNamespace(version="v1"), SimpleNamespace(version="v2")
+    pool = MaterialPool(fetch, depth=3)
+    assert pool.missing(v1) == 3
+    for material_id in ("broken", "a", "b"):
+        pool.add(material_id, v1, 1, "label")
+    assert pool.missing(v1) == 0
+    assert pool.ready(v1, 1, "label") is None  # nothing fetched yet: never offered early
+    gate.set()
+    pool.add("wait", v1, 1, "label")
+    pool.take("wait").future.result(5)  # one thread fetches in order: the others are done
+    assert pool.ready(v1, 1, "label") == "a"  # "broken" failed: it is skipped
+    assert pool.ready(v1, 4, "label") is None and pool.ready(v1, 1, "logits") is None
+    entry = pool.take("a")
+    assert entry.future.result() == "material for a" and pool.take("a") is None  # used once
+    assert pool.ready(v1, 1, "label") == "b"
+    assert pool.missing(v2) == 3 and len(pool) == 0  # v1's leftovers dropped for v2
+    pool.add("c", v2, 1, "label")
+    pool.clear()
+    assert len(pool) == 0
+    pool.close()

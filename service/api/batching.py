@@ -5,9 +5,10 @@ request arrived (ARRIVED: shape, output, wanted version); party 0 pairs it with 
 checks that both describe the same job (else both answer 400 `share_mismatch`), and queues it.
 Party 0's batcher takes queued requests of the same output and model version, up to
 `max_batch` images, whenever one of its `max_batches` slots is free, and announces the batch
-(BATCH: a fresh batch id, the version, the request ids in order, and whether this run opens
-the model's masked weights: yes until a run has done so on the current peer connection, see
-`beaver.linear`). Both replicas then run ONE
+(BATCH: a fresh batch id, the version, the request ids in order, whether this run opens the
+model's masked weights, yes until a run has done so on the current peer connection, see
+`beaver.linear`, and the dealer material to use: a prefetched entry's id when one fits, see
+`prefetch.py`, else the batch id). Both replicas then run ONE
 protocol on the concatenated shares, keyed by the batch id (peer mailbox and dealer
 randomness), and give each request its own rows of the result. At low load a batch is one
 request and starts at once; under load requests queue while the slots are busy and leave
@@ -36,10 +37,23 @@ import torch
 from service.api import wire
 from service.api.errors import ApiError
 from service.api.peer import PeerLink, PeerLost
+from service.api.prefetch import PREFETCH_BATCH, PREFETCH_OUTPUT, MaterialPool
 from service.store import LoadedModel, ModelRegistry
 
-# (shares of the batch, model) -> (share of the result, rounds, bytes): runs in a worker thread
-RunBatch = Callable[[str, torch.Tensor, str, LoadedModel, bool], tuple[torch.Tensor, int, int]]
+
+@dataclass(frozen=True)
+class Run:
+    """What both replicas agree on for one protocol run (party 0 decides; BATCH carries it)."""
+
+    batch_id: str  # keys the peer mailbox
+    output: str
+    model: LoadedModel
+    open_weights: bool  # this run opens the model's masked weights
+    material_id: str  # the dealer request id: a prefetched entry's, or the batch id
+
+
+# (run, shares of the batch) -> (share of the result, rounds, bytes): runs in a worker thread
+RunBatch = Callable[[Run, torch.Tensor], tuple[torch.Tensor, int, int]]
 
 
 @dataclass
@@ -77,6 +91,7 @@ class Batcher:
         executor: Any,
         *,
         weights_opened: Callable[[LoadedModel], bool] = lambda model: False,
+        pool: MaterialPool | None = None,
         max_batch: int,
         max_batches: int,
         timeout: float,
@@ -84,6 +99,7 @@ class Batcher:
         self.party, self.peer, self.registry = party, peer, registry
         self._run, self._executor = run_batch, executor
         self._weights_opened = weights_opened
+        self.pool = pool
         self.max_batch, self.timeout = max_batch, timeout
         self._slots = asyncio.Semaphore(max_batches)
         self._jobs: dict[str, Job] = {}  # this replica's requests not yet in a batch
@@ -137,6 +153,10 @@ class Batcher:
                 job.future.set_exception(ApiError(str(p.get("code")), str(p.get("message"))))
         elif frame.kind == wire.BATCH and self.party == 1:
             self._start(self._run_announced(rid, p))
+        elif frame.kind == wire.PREFETCH and self.party == 1 and self.pool is not None:
+            model = self.registry.get(str(p.get("version")))
+            if model is not None:
+                self.pool.add(rid, model, PREFETCH_BATCH, PREFETCH_OUTPUT)
         self._expire()
 
     def _expire(self) -> None:
@@ -154,6 +174,8 @@ class Batcher:
                 job.future.set_exception(ApiError("not_ready", f"lost the peer replica: {reason}"))
         self._queue.clear()
         self._peer_meta.clear()
+        if self.pool is not None:
+            self.pool.clear()
 
     # -- party 0: pairing and batching ---------------------------------------------------------
 
@@ -178,6 +200,8 @@ class Batcher:
     def start(self) -> None:
         if self.party == 0:
             self._start(self._batch_forever())
+            if self.pool is not None and self.pool.depth:
+                self._start(self._refill_forever())
 
     def _start(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -241,18 +265,45 @@ class Batcher:
                 for job in jobs:
                     job.batched = True
                 batch_id = secrets.token_urlsafe(18)
-                open_weights = not self._weights_opened(model)
+                images = sum(j.x.shape[0] for j in jobs)
+                ready = self.pool.ready(model, images, jobs[0].output) if self.pool else None
+                run = Run(
+                    batch_id,
+                    jobs[0].output,
+                    model,
+                    not self._weights_opened(model),
+                    ready or batch_id,
+                )
                 self._send(
                     wire.BATCH,
                     batch_id,
                     {
                         "version": model.version,
-                        "output": jobs[0].output,
+                        "output": run.output,
                         "requests": [[j.request_id, j.x.shape[0]] for j in jobs],
-                        "open_weights": open_weights,
+                        "open_weights": run.open_weights,
+                        "material": run.material_id,
                     },
                 )
-                self._start(self._execute(batch_id, jobs, model, open_weights, release=True))
+                self._start(self._execute(run, jobs, release=True))
+                self.refill(model)
+
+    def refill(self, model: LoadedModel | None = None) -> None:
+        """Party 0: top the prefetch pool up for the serving model and announce the new ids."""
+        if self.party != 0 or self.pool is None or not self.peer.connected:
+            return
+        model = model or self.registry.newest_common(self.peer.peer_versions)
+        if model is None:
+            return
+        for _ in range(self.pool.missing(model)):
+            material_id = secrets.token_urlsafe(18)
+            self._send(wire.PREFETCH, material_id, {"version": model.version})
+            self.pool.add(material_id, model, PREFETCH_BATCH, PREFETCH_OUTPUT)
+
+    async def _refill_forever(self, every: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.refill()
 
     # -- both parties: running a batch ---------------------------------------------------------
 
@@ -285,24 +336,21 @@ class Batcher:
                 str(p.get("output")), None, asyncio.get_running_loop().create_future())
             for job, (rid, n) in zip(jobs, requests, strict=True)
         ]  # fmt: skip
-        open_weights = bool(p.get("open_weights", True))
-        await self._execute(batch_id, filler, model, open_weights, release=False)
+        run = Run(
+            batch_id,
+            str(p.get("output")),
+            model,
+            bool(p.get("open_weights", True)),
+            str(p.get("material") or batch_id),
+        )
+        await self._execute(run, filler, release=False)
 
-    async def _execute(
-        self,
-        batch_id: str,
-        jobs: list[Job],
-        model: LoadedModel,
-        open_weights: bool,
-        *,
-        release: bool,
-    ) -> None:
+    async def _execute(self, run: Run, jobs: list[Job], *, release: bool) -> None:
         try:
             x = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
             loop = asyncio.get_running_loop()
-            share, rounds, nbytes = await loop.run_in_executor(
-                self._executor, self._run, batch_id, x, jobs[0].output, model, open_weights
-            )
+            share, rounds, nbytes = await loop.run_in_executor(self._executor, self._run, run, x)
+            model = run.model
             start = 0
             for job in jobs:
                 n = job.x.shape[0]

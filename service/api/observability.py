@@ -33,6 +33,12 @@ class ReplicaMetrics:
         self.rounds = Counter(
             "privdigit_protocol_rounds", "protocol rounds with the peer", registry=r
         )
+        self.prefetch = Counter(
+            "privdigit_prefetch",
+            "runs whose dealer material was prefetched",
+            ["result"],
+            registry=r,
+        )
         self.peer_bytes = Counter("privdigit_peer_bytes_sent", "bytes sent to the peer", registry=r)
         self.auth_failures = Counter(
             "privdigit_auth_failures", "unauthenticated attempts refused", ["what"], registry=r

@@ -34,11 +34,12 @@ from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api import auth, wire
-from service.api.batching import Batcher
+from service.api.batching import Batcher, Run
 from service.api.dealer_client import DealerClient
 from service.api.errors import ERRORS, ApiError, RequestGuard, install_error_handlers
 from service.api.observability import ReplicaMetrics
 from service.api.peer import PeerAborted, PeerLink, PeerLost, PeerTimeout
+from service.api.prefetch import MaterialPool
 from service.api.schemas import (
     ErrorBody,
     Health,
@@ -128,6 +129,7 @@ class Replica:
         self.draining = False
         self.replay = ReplayGuard()
         self.executor = ThreadPoolExecutor(s.max_inflight, thread_name_prefix="mpc")
+        self.pool = MaterialPool(self._fetch_material, s.prefetch)
         self.inflight = 0
         self.batcher = Batcher(
             s.party,
@@ -139,6 +141,7 @@ class Replica:
             max_batches=s.max_batches,
             timeout=s.peer_timeout_s,
             weights_opened=lambda model: model.version in self.weight_masks,
+            pool=self.pool,
         )
         # Per model version: the opened masked weights (public to both replicas). Party 0
         # forgets them with the connection, so the next run on a new one opens them again.
@@ -232,28 +235,46 @@ class Replica:
 
     # -- one inference (worker thread) ---------------------------------------------------------
 
-    def run_batch(
-        self, batch_id: str, x: torch.Tensor, output: str, model: LoadedModel, open_weights: bool
-    ) -> tuple[torch.Tensor, int, int]:
+    def _fetch_material(
+        self, material_id: str, model: LoadedModel, batch: int, output: str
+    ) -> Randomness:
+        """Worker thread: this party's dealer material for one run, expanded (offline work)."""
+        kind = "label" if output == "label" else "logits"
+        plan = model.network.plan(batch, kind, model.weight_shapes, model.mask_id)
+        return Randomness(self.dealer.fetch(material_id, plan)).prefetch()
+
+    def _material(self, run: Run, batch: int) -> Randomness:
+        entry = self.pool.take(run.material_id) if run.material_id != run.batch_id else None
+        if entry is not None and entry.fits(run.model, batch, run.output):
+            try:
+                rand = entry.future.result(timeout=self.settings.dealer_timeout_s)
+                self.metrics.prefetch.labels("hit").inc()
+                return rand
+            except Exception:  # cancelled or failed: fetch it now, the dealer decides
+                pass
+        self.metrics.prefetch.labels("miss").inc()
+        return self._fetch_material(run.material_id, run.model, batch, run.output)
+
+    def run_batch(self, run: Run, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Worker thread: one protocol run on a batch, with the peer, keyed by the batch id.
 
-        `open_weights` (party 0 decides, party 1 follows): this run opens the masked weights
+        `run.open_weights` (party 0 decides, party 1 follows): this run opens the masked weights
         anew. Party 1 shares the object at once (a run party 0 announces after this one ended
         sees it filled); party 0 keeps it only once the run succeeded.
         """
-        ch, ok = self.peer.channel(batch_id), False
+        model, output = run.model, run.output
+        ch, ok = self.peer.channel(run.batch_id), False
         masks = self.weight_masks.get(model.version)
-        if open_weights or masks is None:
+        if run.open_weights or masks is None:
             masks = WeightMasks(model.mask_id)
             if self.party == 1:
                 self.weight_masks[model.version] = masks
         try:
             net, kind = model.network, "label" if output == "label" else "logits"
-            plan = net.plan(x.shape[0], kind, model.weight_shapes, model.mask_id)
-            rand = Randomness(self.dealer.fetch(batch_id, plan)).prefetch()
+            rand = self._material(run, x.shape[0])
             party = Party(self.party, ch, rand, net.fp)
             share = net.forward(party, x, model.weights, kind, masks)
-            if self.party == 0 and open_weights:
+            if self.party == 0 and run.open_weights:
                 self.weight_masks[model.version] = masks
             ok = True
             return share, ch.stats.rounds, ch.stats.bytes_sent
@@ -273,7 +294,7 @@ class Replica:
             ch.abort("peer_error", str(exc))
             raise ApiError("peer_error", f"protocol error with the peer: {exc}") from None
         except Exception as exc:
-            log.exception("inference failed", extra={"fields": {"batch_id": batch_id}})
+            log.exception("inference failed", extra={"fields": {"batch_id": run.batch_id}})
             ch.abort("internal", "the peer replica failed")
             raise ApiError("internal", f"inference failed: {type(exc).__name__}") from None
         finally:
@@ -427,6 +448,7 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         rep.executor.shutdown(wait=False, cancel_futures=True)
+        rep.pool.close()
         rep.dealer.close()
 
     app = FastAPI(

@@ -89,6 +89,12 @@ class ReplicaSettings(_Base):
         "fss (function secret sharing; 9 rounds, ~2.5 KB of dealer keys per ReLU); "
         "both replicas must use the same",
     )
+    prefetch: int = Field(
+        default=4,
+        ge=0,
+        le=64,
+        description="dealer material kept ready for one-image runs (offline phase); 0: off",
+    )
     peer_timeout_s: float = Field(default=10.0, gt=0)
     dealer_timeout_s: float = Field(default=10.0, gt=0)
     reload_poll_s: float = Field(

@@ -1,0 +1,93 @@
+"""Dealer material fetched ahead of time (the offline phase), so a request's run starts at once.
+
+Party 0 keeps up to `depth` entries for the run it expects most: one image, label output, the
+serving model version. It names each entry with a fresh id and tells party 1 (PREFETCH), and
+both replicas fetch and expand their material for that id in the background. A batch that fits
+takes the oldest entry that is ready on party 0: its id travels in BATCH as the dealer request
+id, so both parties use the same randomness (party 1 waits for its own fetch if it is still
+running). An entry is used once, then dropped; a lost peer connection drops them all. Party 1
+fetches on demand an entry it never heard of (after a restart): the dealer serves every
+(id, party) once either way, so no randomness is ever used twice.
+What prefetching reveals: that a run of one image will come, which everyone may assume.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from service.mpc.dealer import Randomness
+from service.store import LoadedModel
+
+Fetch = Callable[[str, LoadedModel, int, str], Randomness]
+PREFETCH_BATCH, PREFETCH_OUTPUT = 1, "label"  # the run kept ready
+
+
+@dataclass
+class Entry:
+    material_id: str
+    version: str
+    batch: int
+    output: str
+    future: Future[Randomness]
+
+    def fits(self, model: LoadedModel, batch: int, output: str) -> bool:
+        return (self.version, self.batch, self.output) == (model.version, batch, output)
+
+
+class MaterialPool:
+    """Prefetched dealer material by id; one background thread fetches, in order."""
+
+    def __init__(self, fetch: Fetch, depth: int) -> None:
+        self.depth = depth
+        self._fetch = fetch
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+
+    def add(self, material_id: str, model: LoadedModel, batch: int, output: str) -> None:
+        future = self._executor.submit(self._fetch, material_id, model, batch, output)
+        with self._lock:
+            self._entries[material_id] = Entry(material_id, model.version, batch, output, future)
+
+    def missing(self, model: LoadedModel) -> int:
+        """How many entries for the usual run (one image, label) party 0 should add now.
+
+        Entries of other model versions are dropped: the serving version moved on.
+        """
+        with self._lock:
+            for stale in [k for k, e in self._entries.items() if e.version != model.version]:
+                self._entries.pop(stale).future.cancel()
+            have = sum(
+                e.fits(model, PREFETCH_BATCH, PREFETCH_OUTPUT) for e in self._entries.values()
+            )
+        return max(0, self.depth - have)
+
+    def ready(self, model: LoadedModel, batch: int, output: str) -> str | None:
+        """Party 0: the oldest entry fetched successfully for this run, if any (not removed)."""
+        with self._lock:
+            for e in self._entries.values():
+                if e.fits(model, batch, output) and e.future.done() and not e.future.exception():
+                    return e.material_id
+        return None
+
+    def take(self, material_id: str) -> Entry | None:
+        with self._lock:
+            return self._entries.pop(material_id, None)
+
+    def clear(self) -> None:
+        """Forget every entry (the peer connection is gone, so are its announcements)."""
+        with self._lock:
+            entries, self._entries = list(self._entries.values()), OrderedDict()
+        for e in entries:
+            e.future.cancel()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def close(self) -> None:
+        self.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
