@@ -11,6 +11,7 @@ The defaults of the free knobs (model, client rate and its decay, client momentu
 optimizers) are the best settings found; see docs/federated-benchmark.md.
 --dp-table adds central-DP runs on IID (clip --dp-clip, several noise multipliers; 0 = clipping
 only) with their epsilon at --dp-delta from the RDP accountant.
+SIGTERM or Ctrl-C ends the current run and still prints its row (the rounds completed).
 Runs use one torch thread by default (--threads): on two shared cores, and with batches of 10,
 more threads make a round slower, and the thread count changes float summation order.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from dataclasses import asdict, replace
@@ -220,8 +222,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # SIGTERM ends a run like Ctrl-C: the rounds so far are reported (a job started in the
+    # background has SIGINT ignored, so SIGTERM is the way to stop it early)
+    signal.signal(signal.SIGTERM, _interrupt)
     import torch
 
     from training.data import MnistUnavailable, load_mnist

@@ -20,7 +20,7 @@ from typing import IO
 EPILOG = """examples:
   python -m training --rounds 5 --out models/quick
   python -m training --partition dirichlet:0.3 --server-opt fedadam --out models/noniid
-  python -m training --model cnn-wide --lr 0.25 --lr-decay 0.95 --rounds 40 --out models/wide
+  python -m training --model cnn-max --lr 0.1 --augment-shift 1 --rounds 15 --out models/max
   python -m training --dp-clip 1.0 --dp-noise 1.0 --out models/dp
   python -m training --secure-agg --out models/secagg
   python -m training resplit models/quick
