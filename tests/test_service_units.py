@@ -284,15 +284,16 @@ def test_material_pool_keeps_the_usual_run_ready_and_serves_each_entry_once():
     for material_id in ("broken", "a", "b"):
         pool.add(material_id, v1, 1, "label")
     assert pool.missing(v1) == 0
-    assert pool.ready(v1, 1, "label") is None  # nothing fetched yet: never offered early
+    assert pool.claim(v1, 1, "label") is None  # nothing fetched yet: never offered early
     gate.set()
     pool.add("wait", v1, 1, "label")
     pool.take("wait").future.result(5)  # one thread fetches in order: the others are done
-    assert pool.ready(v1, 1, "label") == "a"  # "broken" failed: it is skipped
-    assert pool.ready(v1, 4, "label") is None and pool.ready(v1, 1, "logits") is None
+    assert pool.claim(v1, 1, "label") == "a"  # "broken" failed: it is skipped
+    assert pool.claim(v1, 4, "label") is None and pool.claim(v1, 1, "logits") is None
+    assert pool.claim(v1, 1, "label") == "b"  # "a" is promised to one run only
     entry = pool.take("a")
     assert entry.future.result() == "material for a" and pool.take("a") is None  # used once
-    assert pool.ready(v1, 1, "label") == "b"
+    assert pool.take("b").material_id == "b"
     assert pool.missing(v2) == 3 and len(pool) == 0  # v1's leftovers dropped for v2
     pool.add("c", v2, 1, "label")
     pool.clear()

@@ -266,7 +266,7 @@ class Batcher:
                     job.batched = True
                 batch_id = secrets.token_urlsafe(18)
                 images = sum(j.x.shape[0] for j in jobs)
-                ready = self.pool.ready(model, images, jobs[0].output) if self.pool else None
+                ready = self.pool.claim(model, images, jobs[0].output) if self.pool else None
                 run = Run(
                     batch_id,
                     jobs[0].output,

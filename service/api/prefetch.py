@@ -45,6 +45,7 @@ class MaterialPool:
         self.depth = depth
         self._fetch = fetch
         self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._claimed: dict[str, Entry] = {}  # party 0: promised to a run, not yet taken
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
 
@@ -66,22 +67,26 @@ class MaterialPool:
             )
         return max(0, self.depth - have)
 
-    def ready(self, model: LoadedModel, batch: int, output: str) -> str | None:
-        """Party 0: the oldest entry fetched successfully for this run, if any (not removed)."""
+    def claim(self, model: LoadedModel, batch: int, output: str) -> str | None:
+        """Party 0: the id of the oldest entry fetched successfully for this run, if any,
+        promised to that run at once, so two runs are never given the same material."""
         with self._lock:
             for e in self._entries.values():
                 if e.fits(model, batch, output) and e.future.done() and not e.future.exception():
+                    self._claimed[e.material_id] = self._entries.pop(e.material_id)
                     return e.material_id
         return None
 
     def take(self, material_id: str) -> Entry | None:
+        """The entry a run uses (removed: each entry serves one run)."""
         with self._lock:
-            return self._entries.pop(material_id, None)
+            return self._claimed.pop(material_id, None) or self._entries.pop(material_id, None)
 
     def clear(self) -> None:
         """Forget every entry (the peer connection is gone, so are its announcements)."""
         with self._lock:
-            entries, self._entries = list(self._entries.values()), OrderedDict()
+            entries = [*self._entries.values(), *self._claimed.values()]
+            self._entries, self._claimed = OrderedDict(), {}
         for e in entries:
             e.future.cancel()
 

@@ -160,25 +160,26 @@ def gen(
     v_cw = np.empty((bits, n_el, d), dtype=U64)
     t_l = np.zeros(n_el, dtype=U64)
     t_r = np.zeros(n_el, dtype=U64)
-    hi = prg.tweaks[:2, :, 1].reshape(-1)  # tweak high words per (child, block)
-    rows = np.arange(n_el)
-    inp = np.empty((n_el, 2, 2 * _blocks(d), 2), dtype=U64)  # (N, party, child x block, 2)
+    tweaks = prg.tweaks[:2].reshape(-1, 2)  # (child x block, 2)
+    nb = _blocks(d)
+    inp = np.empty((n_el, 2, 2 * nb, 2), dtype=U64)  # (N, party, child x block, 2)
     buf = bytearray(inp.nbytes + 15)
-    out = np.frombuffer(buf, dtype=U64, count=inp.size).reshape(n_el, 2, 2, _blocks(d), 2)
+    out = np.frombuffer(buf, dtype=U64, count=inp.size).reshape(n_el, 2, 2, nb, 2)
     for level in range(bits):
         a = (alpha >> np.uint64(bits - 1 - level)) & one  # keep = alpha's bit (1: right)
-        inp[..., 0] = s[:, :, 0:1]
-        np.bitwise_xor(s[:, :, 1:2], hi, out=inp[..., 1])
+        np.bitwise_xor(s[:, :, None, :], tweaks, out=inp)
         prg._aes.update_into(inp.data.cast("B"), buf)
         out ^= inp.reshape(out.shape)
         seeds = out[:, :, :, 0, :].copy()  # (N, party, child, 2)
         ctl = seeds[..., 0] & one  # (N, party, child)
         seeds[..., 0] &= _LOW_CLEAR
         vals = out[:, :, :, 1:, :].reshape(n_el, 2, 2, -1)[..., :d]  # (N, party, child, d)
-        keep = a.astype(np.intp)
-        lose = 1 - keep
-        s_keep, s_lose = seeds[rows, :, keep], seeds[rows, :, lose]  # (N, party, 2)
-        v_keep, v_lose = vals[rows, :, keep], vals[rows, :, lose]  # (N, party, d)
+        right = (zero - a)[:, None, None]  # all ones where the kept child is the right one
+        s_diff, v_diff = seeds[:, :, 0] ^ seeds[:, :, 1], vals[:, :, 0] ^ vals[:, :, 1]
+        s_keep = seeds[:, :, 0] ^ (s_diff & right)  # (N, party, 2)
+        s_lose = s_keep ^ s_diff
+        v_keep = vals[:, :, 0] ^ (v_diff & right)  # (N, party, d)
+        v_lose = v_keep ^ v_diff
         neg = t[:, 1]  # (-1)^{t_1} below
         scw = s_lose[:, 0] ^ s_lose[:, 1]
         vcw = _neg_where(neg, v_lose[:, 1] - v_lose[:, 0] - v_alpha)
@@ -191,7 +192,8 @@ def gen(
         t_l |= tcw_l << np.uint64(level)
         t_r |= tcw_r << np.uint64(level)
         s = s_keep ^ (scw[:, None, :] & (zero - t)[:, :, None])
-        t = ctl[rows, :, keep] ^ (t & tcw_keep[:, None])
+        t_keep = ctl[:, :, 0] ^ ((ctl[:, :, 0] ^ ctl[:, :, 1]) & right[:, :, 0])
+        t = t_keep ^ (t & tcw_keep[:, None])
     conv = prg.convert(s.reshape(-1, 2)).reshape(n_el, 2, d)
     final = _neg_where(t[:, 1], conv[:, 1] - conv[:, 0] - v_alpha)
     return DcfKeys(s_cw, v_cw, t_l, t_r, final)
