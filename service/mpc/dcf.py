@@ -160,14 +160,16 @@ def gen(
     v_cw = np.empty((bits, n_el, d), dtype=U64)
     t_l = np.zeros(n_el, dtype=U64)
     t_r = np.zeros(n_el, dtype=U64)
-    tweaks = prg.tweaks[:2].reshape(-1, 2)  # (child x block, 2)
+    hi = prg.tweaks[:2, :, 1].reshape(-1)  # tweak high words per (child x block)
     nb = _blocks(d)
     inp = np.empty((n_el, 2, 2 * nb, 2), dtype=U64)  # (N, party, child x block, 2)
+    blocks = inp.view("V16")[..., 0]  # the same memory as whole 16-byte blocks: fast copies
     buf = bytearray(inp.nbytes + 15)
     out = np.frombuffer(buf, dtype=U64, count=inp.size).reshape(n_el, 2, 2, nb, 2)
     for level in range(bits):
         a = (alpha >> np.uint64(bits - 1 - level)) & one  # keep = alpha's bit (1: right)
-        np.bitwise_xor(s[:, :, None, :], tweaks, out=inp)
+        blocks[...] = s.view("V16")  # every (child, block) starts from the seed ...
+        inp[..., 1] ^= hi  # ... and gets its tweak
         prg._aes.update_into(inp.data.cast("B"), buf)
         out ^= inp.reshape(out.shape)
         seeds = out[:, :, :, 0, :].copy()  # (N, party, child, 2)
@@ -212,6 +214,7 @@ def eval_(party: int, root: np.ndarray, keys: DcfKeys, x: np.ndarray) -> np.ndar
     base = prg.tweaks[0, :, 1]  # tweak high words for the left child; right = base ^ delta
     delta = prg.tweaks[1, :, 1] ^ base
     inp = np.empty((n_el, nb, 2), dtype=U64)
+    blocks = inp.view("V16")[..., 0]
     out = bytearray(inp.nbytes + 15)
     enc = np.frombuffer(out, dtype=U64, count=inp.size).reshape(inp.shape)
     s = root.astype(U64, copy=True)
@@ -222,9 +225,8 @@ def eval_(party: int, root: np.ndarray, keys: DcfKeys, x: np.ndarray) -> np.ndar
     zero = np.uint64(0)
     for level in range(bits):
         xi = (x >> np.uint64(bits - 1 - level)) & np.uint64(1)
-        inp[:, :, 0] = s[:, 0:1]
-        np.bitwise_xor(s[:, 1:2], base, out=inp[:, :, 1])
-        inp[:, :, 1] ^= xi[:, None] * delta
+        blocks[...] = s.view("V16")
+        inp[:, :, 1] ^= base ^ (xi[:, None] * delta)
         prg._aes.update_into(inp.data.cast("B"), out)
         enc ^= inp
         on = zero - t  # all ones where the control bit is set
