@@ -68,7 +68,8 @@ def test_dcf_is_beta_times_x_below_alpha(bits, d, pairs):
     xs += [min(a + 1, top) for a in alpha] + [0] * len(alpha) + [top] * len(alpha)
     k = len(xs) // len(alpha)
     beta = _words(len(alpha) * d).reshape(-1, d)
-    keys, r0, r1 = _keys(np.repeat(alpha, k), np.repeat(beta, k, axis=0), bits)
+    # (numpy reads a list holding both 0 and 2^63 + 1 as float64: convert explicitly)
+    keys, r0, r1 = _keys(np.repeat(np.array(alpha, dtype=U64), k), np.repeat(beta, k, 0), bits)
     xs_by_alpha = np.array(xs, dtype=U64).reshape(k, -1).T.reshape(-1)
     got = _dcf_sum(keys, r0, r1, xs_by_alpha)
     want = np.where(
