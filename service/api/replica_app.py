@@ -271,9 +271,24 @@ class Replica:
                 self.weight_masks[model.version] = masks
         try:
             net, kind = model.network, "label" if output == "label" else "logits"
+            t0 = time.perf_counter()
             rand = self._material(run, x.shape[0])
+            t1 = time.perf_counter()
             party = Party(self.party, ch, rand, net.fp)
             share = net.forward(party, x, model.weights, kind, masks)
+            log.info(
+                "run",
+                extra={
+                    "fields": {
+                        "batch_id": run.batch_id,
+                        "images": x.shape[0],
+                        "prefetched": run.material_id != run.batch_id,
+                        "dealer_ms": round((t1 - t0) * 1000, 2),
+                        "protocol_ms": round((time.perf_counter() - t1) * 1000, 2),
+                        "rounds": ch.stats.rounds,
+                    }
+                },
+            )
             if self.party == 0 and run.open_weights:
                 self.weight_masks[model.version] = masks
             ok = True
