@@ -6,7 +6,10 @@ Per model and comparison protocol: rounds and bytes each party sends per image (
 output); online latency at batch 1 (p50), with the dealer's randomness dealt and expanded
 beforehand as a replica prefetches it, and that offline time (dealing plus both parties' seed
 expansion); images/s at batch 64; plaintext torch latency; and, over `--images` MNIST test
-images, label agreement with plaintext and the largest logit error.
+images, label agreement with plaintext and the largest logit error; `wire_ms`: encoding and
+decoding party 0's peer frames of one image (the serialisation the service adds per run). The
+weights' masks are fixed per model (`beaver.linear`), as in the service: bytes are those of
+every query after the first.
 
 Weights: the trained fixtures in tests/fixtures (the service will use the training package's).
 """
@@ -25,6 +28,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from service.api import wire
+from service.mpc.beaver import WeightMasks
+from service.mpc.channel import InMemoryChannel
 from service.mpc.dealer import Dealer, deal_pair
 from service.mpc.inprocess import private_forward, run_two_party
 from service.mpc.network import COMPARISONS, PrivateNetwork
@@ -55,34 +61,70 @@ def _share_images(x: torch.Tensor):
     return s0["x"], s1["x"]
 
 
-def _online(net, weights, images, dealer, output="label"):
-    """(online seconds, dealer seconds, result) for one private forward pass."""
+def _online(net, weights, images, dealer, output="label", masks=None, channels=None):
+    """(online seconds, dealer seconds, result) for one private forward pass.
+
+    `masks`: both parties' fixed weight masks, as a replica keeps them (None: per query).
+    """
     shapes = {k: tuple(v.shape) for k, v in weights[0].items()}
-    plan = net.plan(images[0].shape[0], output, shapes)
+    plan = net.plan(images[0].shape[0], output, shapes, masks[0].mask_id if masks else None)
     t0 = time.perf_counter()
     r0, r1 = deal_pair(dealer, uuid.uuid4().hex, plan)
     r0.prefetch(), r1.prefetch()
     t1 = time.perf_counter()
     res = run_two_party(
-        lambda p: net.forward(p, images[p.index], weights[p.index], output), r0, r1, net.fp
+        lambda p: net.forward(
+            p, images[p.index], weights[p.index], output, masks[p.index] if masks else None
+        ),
+        r0,
+        r1,
+        net.fp,
+        channels=channels,
     )
     return time.perf_counter() - t1, t1 - t0, res
+
+
+class _Recording(InMemoryChannel):
+    """Party 0's end of an in-memory channel that keeps what it sends, round by round."""
+
+    def __init__(self, inner: InMemoryChannel) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.rounds: list[list[torch.Tensor]] = []
+
+    def exchange(self, tensors):
+        self.rounds.append([t.clone() for t in tensors])
+        return super().exchange(tensors)
+
+
+def _wire_ms(net, weights, one, dealer, masks, repeats: int) -> float:
+    """Milliseconds to encode and decode party 0's peer frames for one image (serialisation)."""
+    a, b = InMemoryChannel.pair()
+    rec = _Recording(a)
+    _online(net, weights, one, dealer, masks=masks, channels=(rec, b))
+    times = []
+    for _ in range(max(repeats, 5)):
+        t = time.perf_counter()
+        for i, tensors in enumerate(rec.rounds):
+            wire.decode_frame(wire.encode_data("bench-run-0123456789ab", i, tensors))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
 
 
 def bench_model(kind: str, comparison: str, repeats: int, n_images: int, progress) -> dict:
     model, net, weights = _setup(kind, comparison)
     dealer = Dealer()
     one = _share_images(_images(1))
-    _online(net, weights, one, dealer)  # warm-up (plan cached, torch kernels loaded)
+    masks = (WeightMasks("bench"), WeightMasks("bench"))
+    _online(net, weights, one, dealer, masks=masks)  # warm-up; opens the masked weights
     online, offline = [], []
     for _ in progress(range(repeats), desc=f"{kind} {comparison} batch 1"):
-        t_on, t_off, res = _online(net, weights, one, dealer)
+        t_on, t_off, res = _online(net, weights, one, dealer, masks=masks)
         online.append(t_on)
         offline.append(t_off)
     batch = _share_images(_images(64))
     b_times = []
     for _ in progress(range(max(3, repeats // 10)), desc=f"{kind} {comparison} batch 64"):
-        b_times.append(_online(net, weights, batch, dealer)[0])
+        b_times.append(_online(net, weights, batch, dealer, masks=masks)[0])
     x1 = _images(1)
     with torch.no_grad():
         plain_times = []
@@ -105,6 +147,7 @@ def bench_model(kind: str, comparison: str, repeats: int, n_images: int, progres
         "bytes_per_party": res.stats0.bytes_sent,
         "latency_ms_p50": round(statistics.median(online) * 1e3, 2),
         "dealer_ms_p50": round(statistics.median(offline) * 1e3, 2),
+        "wire_ms": round(_wire_ms(net, weights, one, dealer, masks, repeats), 3),
         "images_per_s": round(64 / statistics.median(b_times), 1),
         "plaintext_latency_ms": round(statistics.median(plain_times) * 1e3, 3),
         "max_abs_logit_error": float(err),
