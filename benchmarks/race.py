@@ -46,6 +46,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.engine import _online, _share_images
+from service.mpc.beaver import WeightMasks
 from service.mpc.dealer import Dealer
 from service.mpc.network import PrivateNetwork
 from service.mpc.ring import DEFAULT_FP
@@ -174,6 +175,8 @@ def bench_engine(
     net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), DEFAULT_FP, **extra)
     weights = share_tensors({k: v.double() for k, v in state.items()}, DEFAULT_FP)
     dealer = Dealer()
+    # fixed weight masks, as a replica keeps them: the warm-up run opens the masked weights
+    masks = (WeightMasks("race"), WeightMasks("race"))
     n = len(x)
     labels: dict[int, int] = {}
     rows: dict[str, Any] = {}
@@ -184,7 +187,9 @@ def bench_engine(
             online, dealt, stats = [], [], None
             for run in range(_runs(b, repeats) + 1):  # run 0 warms up (plan, kernels)
                 idx = _indices(run, b, n)
-                t_on, t_off, res = _online(net, weights, _share_images(x[idx]), dealer, output)
+                t_on, t_off, res = _online(
+                    net, weights, _share_images(x[idx]), dealer, output, masks
+                )
                 if output == "label":
                     got = (res.out0 ^ res.out1).argmax(-1)
                 else:
@@ -193,7 +198,7 @@ def bench_engine(
                 if run:
                     online.append(t_on)
                     dealt.append(t_off)
-                stats = stats or (res.stats0, res.stats1)
+                    stats = (res.stats0, res.stats1)  # every query after the weights' opening
                 bar.update()
             key = str(b) if output == "label" else f"{b}_logits"
             rows[key] = {
