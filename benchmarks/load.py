@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
     p.add_argument("--model", help="model directory (default: the bundled models/default)")
     p.add_argument(
+        "--comparison", choices=("a2b", "fss"), default="a2b", help="protocol of the cluster"
+    )
+    p.add_argument(
         "--replicas",
         type=_parse_replicas,
         metavar="URL0,URL1",
@@ -363,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         result = measure(a, urls, pids, images, expected)
     else:
-        cluster = Cluster(model=Path(a.model) if a.model else DEFAULT_MODEL, ports=free_ports(3))
+        cluster = Cluster(
+            model=Path(a.model) if a.model else DEFAULT_MODEL,
+            ports=free_ports(3),
+            replica_args=("--comparison", a.comparison),
+        )
         try:
             with cluster:
                 pids = {r: cluster.procs[r].pid for r in ("replica0", "replica1")}
