@@ -1,6 +1,6 @@
 """Engine benchmark: the default CNN and the FC net 784-128-128-10, two parties in-process.
 
-    python -m benchmarks.engine [--json] [--repeats 30] [--images 200] [--comparison a2b,fss]
+    python -m benchmarks.engine [--json] [--repeats 30] [--images 200] [--comparison a2b,fss,hybrid]
 
 Per model and comparison protocol: rounds and bytes each party sends per image (batch 1, label
 output); online latency at batch 1 (p50), with the dealer's randomness dealt and expanded
@@ -33,7 +33,7 @@ from service.mpc.beaver import WeightMasks
 from service.mpc.channel import InMemoryChannel
 from service.mpc.dealer import Dealer, deal_pair
 from service.mpc.inprocess import private_forward, run_two_party
-from service.mpc.network import COMPARISONS, PrivateNetwork
+from service.mpc.network import PROTOCOLS, PrivateNetwork
 from service.mpc.ring import DEFAULT_FP
 from service.mpc.sharing import share_tensors
 from training.model import DigitCNN, FCNet
@@ -167,12 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=200, help="images checked (<= 1000)")
     parser.add_argument("--models", default="cnn,fcnet", help="comma list of cnn, fcnet")
     parser.add_argument(
-        "--comparison", default="a2b,fss", help="comma list of comparison protocols: a2b, fss"
+        "--comparison",
+        default="a2b,fss,hybrid",
+        help="comma list of comparison protocols: a2b, fss, hybrid",
     )
     args = parser.parse_args(argv)
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     protocols = [c.strip() for c in args.comparison.split(",") if c.strip()]
-    bad = [k for k in kinds if k not in MODELS] + [c for c in protocols if c not in COMPARISONS]
+    bad = [k for k in kinds if k not in MODELS] + [c for c in protocols if c not in PROTOCOLS]
     if bad or not 1 <= args.images <= 1000 or args.repeats < 1:
         parser.error(
             f"unknown models or protocols {bad}" if bad else "--images in 1..1000, --repeats >= 1"

@@ -335,7 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
     p.add_argument("--model", help="model directory (default: the bundled models/default)")
     p.add_argument(
-        "--comparison", choices=("a2b", "fss"), default="a2b", help="protocol of the cluster"
+        "--comparison",
+        choices=("a2b", "fss", "hybrid"),
+        default="a2b",
+        help="protocol of the cluster",
     )
     p.add_argument(
         "--replicas",

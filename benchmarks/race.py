@@ -165,7 +165,7 @@ def engine_protocols() -> list[str | None]:
         return [None]
     from service.mpc import network
 
-    return list(getattr(network, "COMPARISONS", PROTOCOLS))
+    return list(getattr(network, "PROTOCOLS", PROTOCOLS))
 
 
 def bench_engine(

@@ -105,10 +105,11 @@ def _add_transport(p: argparse.ArgumentParser) -> None:
 def _add_comparison(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--comparison",
-        choices=("a2b", "fss"),
+        choices=("a2b", "fss", "hybrid"),
         default="a2b",
-        help="comparison protocol of both replicas: a2b (reference, 39 rounds) or fss "
-        "(function secret sharing, 9 rounds, larger dealer material); default a2b",
+        help="comparison protocol of both replicas: a2b (reference, 39 rounds), fss "
+        "(function secret sharing, 9 rounds, ~7 MB of dealer keys per image) or hybrid (fss "
+        "for the small layers: 16 rounds, ~1 MB); default a2b",
     )
 
 
@@ -383,7 +384,9 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--max-inflight", type=int, help="requests in flight before 429 busy")
     rep.add_argument("--max-batches", type=int, help="protocol runs in flight (dynamic batching)")
     rep.add_argument(
-        "--comparison", choices=("a2b", "fss"), help="comparison protocol (same on both replicas)"
+        "--comparison",
+        choices=("a2b", "fss", "hybrid"),
+        help="comparison protocol (same on both replicas)",
     )
     rep.add_argument(
         "--prefetch", type=int, help="dealer material kept ready for one-image runs; 0 = off"

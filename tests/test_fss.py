@@ -225,12 +225,15 @@ def test_validate_plan_refuses_bad_fss_requests(params):
         validate_plan((Request("fss", ((3,),), params),))
 
 
-@pytest.mark.parametrize("kind", ["cnn", "fcnet"])
-def test_network_with_fss_matches_plaintext_labels_and_logits(kind):
+@pytest.mark.parametrize(
+    ("kind", "protocol", "rounds"),
+    [("cnn", "fss", 9), ("fcnet", "fss", 7), ("cnn", "hybrid", 16), ("fcnet", "hybrid", 7)],
+)
+def test_network_with_fss_matches_plaintext_labels_and_logits(kind, protocol, rounds):
     model = _model(kind)
     x, _ = _images(48)
     layers = tuple(model.layers())
-    net = PrivateNetwork(layers, (1, 28, 28), FP, "fss")
+    net = PrivateNetwork(layers, (1, 28, 28), FP, protocol)
     weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, FP)
     images = share_tensors({"x": x.double()}, FP)
     pair = (images[0]["x"], images[1]["x"])
@@ -240,7 +243,7 @@ def test_network_with_fss_matches_plaintext_labels_and_logits(kind):
         plain = model(x)
     assert torch.equal((labels.out0 ^ labels.out1).argmax(-1), plain.argmax(-1))
     assert (FP.decode(logits.out0 + logits.out1) - plain.double()).abs().max() < 0.01
-    assert labels.stats0.rounds == {"cnn": 9, "fcnet": 7}[kind]
+    assert labels.stats0.rounds == rounds
     with pytest.raises(ModelSpecError):
         PrivateNetwork(layers, (1, 28, 28), FP, "garbled")
 

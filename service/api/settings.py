@@ -83,11 +83,12 @@ class ReplicaSettings(_Base):
         description="protocol runs in flight; requests that arrive "
         "while all are busy queue and leave together as one batch",
     )
-    comparison: Literal["a2b", "fss"] = Field(
+    comparison: Literal["a2b", "fss", "hybrid"] = Field(
         default="a2b",
-        description="comparison protocol: a2b (reference; 39 rounds, small dealer material) or "
-        "fss (function secret sharing; 9 rounds, ~2.5 KB of dealer keys per ReLU); "
-        "both replicas must use the same",
+        description="comparison protocol: a2b (reference; 39 rounds, small dealer material), "
+        "fss (function secret sharing; 9 rounds, ~2.5 KB of dealer keys per ReLU) or hybrid "
+        "(fss for layers of at most 1,024 comparisons per image; 16 rounds, ~1 MB of keys per "
+        "image); both replicas must use the same",
     )
     prefetch: int = Field(
         default=4,

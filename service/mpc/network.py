@@ -17,8 +17,10 @@ Comparisons (ReLU, max pooling, argmax) use one of two protocols, chosen per dep
   "fss": function secret sharing (`fss`, DCF keys from the dealer): 1 round per ReLU layer
          (truncation fused in), 2 for argmax, at the price of about 2.5 KB of dealer keys per
          ReLU and per party.
+  "hybrid": fss for layers of at most HYBRID_FSS_MAX comparisons per image (argmax, the small
+         ReLU layers), a2b for the large ones: most of the rounds saved, a fraction of the keys.
 Rounds for the default CNN (conv-pool-relu x2, fc-relu, fc, argmax), per layer:
-  a2b: 1+8, 1+8, 1+8, 1, 11 = 39          fss: 1+1, 1+1, 1+1, 1, 2 = 9
+  a2b: 1+8, 1+8, 1+8, 1, 11 = 39    fss: 1+1, 1+1, 1+1, 1, 2 = 9    hybrid: 1+8, 1+1, 1+1, 1, 2 = 16
 What each party sees: only openings masked by fresh dealer randomness (see each protocol).
 """
 
@@ -39,6 +41,8 @@ from service.mpc.ring import DEFAULT_FP, FixedPoint
 
 Output = Literal["label", "logits"]
 COMPARISONS = {"a2b": comparison, "fss": fss}  # each offers relu, max_pool2d and argmax
+PROTOCOLS = ("a2b", "fss", "hybrid")
+HYBRID_FSS_MAX = 1024  # comparisons per image up to which "hybrid" uses fss
 LAYER_TYPES = {"conv2d", "linear", "avgpool2d", "maxpool2d", "relu", "flatten"}
 
 
@@ -57,10 +61,8 @@ class PrivateNetwork:
     _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        if self.comparison not in COMPARISONS:
-            raise ModelSpecError(
-                f"comparison must be one of {sorted(COMPARISONS)}, got {self.comparison!r}"
-            )
+        if self.comparison not in PROTOCOLS:
+            raise ModelSpecError(f"comparison must be one of {PROTOCOLS}, got {self.comparison!r}")
         for i, layer in enumerate(self.layers):
             kind = layer.get("type")
             if kind not in LAYER_TYPES:
@@ -71,6 +73,12 @@ class PrivateNetwork:
                 area = int(layer["kernel_size"]) ** 2
                 if area & (area - 1):
                     raise ModelSpecError(f"layer {i}: avgpool area {area} is not a power of two")
+
+    def _cmp(self, per_image: int):
+        """The comparison module for a layer of `per_image` comparisons per image."""
+        if self.comparison == "hybrid":
+            return fss if per_image <= HYBRID_FSS_MAX else comparison
+        return COMPARISONS[self.comparison]
 
     def weight_names(self) -> list[str]:
         return [
@@ -95,7 +103,6 @@ class PrivateNetwork:
         if tuple(x.shape[1:]) != self.input_shape:
             raise ModelSpecError(f"input shape {tuple(x.shape[1:])} != {self.input_shape}")
         f = self.fp.frac_bits
-        cmp = COMPARISONS[self.comparison]
         pending = 0  # fractional bits above f that the next rescale must remove
         for layer in self.layers:
             kind = layer["type"]
@@ -119,13 +126,14 @@ class PrivateNetwork:
                 x = x.reshape(n, c, h // k, k, wd // k, k).sum(dim=(3, 5))
                 pending += int(math.log2(k * k))
             elif kind == "maxpool2d":
-                x = cmp.max_pool2d(party, x, int(layer["kernel_size"]))
+                x = self._cmp(x[0].numel()).max_pool2d(party, x, int(layer["kernel_size"]))
             elif kind == "relu":
-                x, pending = cmp.relu(party, x, pending), 0
+                x, pending = self._cmp(x[0].numel()).relu(party, x, pending), 0
             elif kind == "flatten":
                 x = x.reshape(x.shape[0], -1)
         if output == "label":
-            return cmp.argmax(party, x)
+            n = x.shape[-1]
+            return self._cmp(n * (n - 1) // 2).argmax(party, x)
         if output == "logits":
             return truncation.truncate(party, x, pending) if pending else x
         raise ValueError(f"output must be 'label' or 'logits', got {output!r}")
