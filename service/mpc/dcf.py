@@ -221,22 +221,26 @@ def eval_(party: int, root: np.ndarray, keys: DcfKeys, x: np.ndarray) -> np.ndar
     s[:, 0] &= _LOW_CLEAR
     t = np.full(n_el, party, dtype=U64)
     acc = np.zeros((n_el, d), dtype=U64)
-    sel = keys.t_l ^ keys.t_r  # where a bit is set, the right child's correction differs
-    zero = np.uint64(0)
+    zero, one = np.uint64(0), np.uint64(1)
+    # Everything that depends only on x and the level, for all levels at once (few numpy calls
+    # per level matter: small layers are bound by call overhead, not arithmetic).
+    levels = np.arange(bits, dtype=U64)
+    path = (x[:, None] >> (np.uint64(bits - 1) - levels)) & one  # (N, level): x's bits, MSB first
+    tweak_hi = base ^ (path[:, :, None] * delta)  # (N, level, block)
+    chosen = np.where(path.astype(bool), keys.t_r[:, None], keys.t_l[:, None])
+    tcw = (chosen >> levels) & one  # (N, level): the control-bit correction on x's path
     for level in range(bits):
-        xi = (x >> np.uint64(bits - 1 - level)) & np.uint64(1)
         blocks[...] = s.view("V16")
-        inp[:, :, 1] ^= base ^ (xi[:, None] * delta)
+        inp[:, :, 1] ^= tweak_hi[:, level]
         prg._aes.update_into(inp.data.cast("B"), out)
         enc ^= inp
-        on = zero - t  # all ones where the control bit is set
-        seed = enc[:, 0, :] ^ (keys.s_cw[level] & on[:, None])
-        t_next = seed[:, 0] & np.uint64(1)
+        on = (zero - t)[:, None]  # all ones where the control bit is set
+        seed = enc[:, 0, :] ^ (keys.s_cw[level] & on)
+        t_next = seed[:, 0] & one
         seed[:, 0] &= _LOW_CLEAR
-        tcw = ((keys.t_l ^ (sel & (zero - xi))) >> np.uint64(level)) & np.uint64(1)
-        t_next ^= t & tcw
+        t_next ^= t & tcw[:, level]
         acc += enc[:, 1:, :].reshape(n_el, -1)[:, :d]
-        acc += keys.v_cw[level] & on[:, None]
+        acc += keys.v_cw[level] & on
         s, t = seed, t_next
     acc += prg.convert(s) + (keys.final & (zero - t)[:, None])
     return (~acc) + np.uint64(1) if party == 1 else acc
