@@ -139,3 +139,4 @@ def test_every_registered_model_is_accepted_by_the_private_engine():
     cost = inference_cost(build_model("cnn-max").layers())
     assert cost["relus"] == 32 * 12 * 12 + 64 * 4 * 4 + 512
     assert cost["max_comparisons"] == 3 * (32 * 12 * 12 + 64 * 4 * 4)
+    assert inference_cost(build_model("cnn-max-small").layers())["comparisons"] == 11_520
