@@ -1,10 +1,12 @@
 """Service benchmark: the local cluster end to end, through the real client over loopback HTTP.
 
     python -m benchmarks.service [--json] [--requests 200] [--clients 8] [--seconds 10]
-                                 [--comparison a2b|fss]
+                                 [--comparison a2b|fss|hybrid] [--pause-ms 0]
 
 Starts dealer and both replicas (free ports, bundled model unless --model), then measures
-  latency_ms_p50 / p95   one client, one image per request, client call to label
+  latency_ms_p50 / p95   one client, one image per request, client call to label; requests
+                         back to back, or --pause-ms apart (idle time in which the replicas
+                         refill their prefetched dealer material, as between real users)
   images_per_s           --clients concurrent clients, one image per request, for --seconds
   peer_bytes_per_image, rounds   what the replicas report for one image
 and checks every label against the labels of a first pass (wrong_labels must be 0).
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="throughput phase duration")
     p.add_argument("--model", help="model directory (default: bundled)")
     p.add_argument("--comparison", choices=("a2b", "fss", "hybrid"), default="a2b", help="protocol")
+    p.add_argument("--pause-ms", type=float, default=0.0, help="idle time between latency requests")
     a = p.parse_args(argv)
     import httpx
     from tqdm import tqdm
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 pred = client.predict_encoded(x[i % 64 : i % 64 + 1])[0]
                 latencies.append((time.perf_counter() - started) * 1000)
                 wrong += pred.label != reference[i % 64]
+                time.sleep(a.pause_ms / 1000)
             m1 = httpx.get(f"{urls[0]}/metrics").text
         rounds = (
             _metric(m1, "privdigit_protocol_rounds_total")
@@ -110,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         "latency_ms_p95": round(float(np.percentile(latencies, 95)), 2),
         "images_per_s": round(sum(done) / wall, 1),
         "concurrent_clients": a.clients,
+        "pause_ms": a.pause_ms,
+        "comparison": a.comparison,
         "peer_bytes_per_image": int(peer_bytes),
         "rounds": rounds,
         "errors": sum(errors),

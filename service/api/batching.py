@@ -286,7 +286,6 @@ class Batcher:
                     },
                 )
                 self._start(self._execute(run, jobs, release=True))
-                self.refill(model)
 
     def refill(self, model: LoadedModel | None = None) -> None:
         """Party 0: top the prefetch pool up for the serving model and announce the new ids."""
@@ -367,3 +366,4 @@ class Batcher:
         finally:
             if release:
                 self._slots.release()
+                self.refill(run.model)  # after the run: fetching competes with it for the CPU
