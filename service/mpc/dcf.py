@@ -53,12 +53,12 @@ class _Prg:
     def __init__(self, d: int) -> None:
         self.d = d
         self.tweaks = _tweaks(d)
-        self._aes = Cipher(algorithms.AES(_KEY), modes.ECB()).encryptor()
+        self.aes = Cipher(algorithms.AES(_KEY), modes.ECB()).encryptor()
 
     def expand(self, seeds: np.ndarray, direction: int):
         """(next seed with control bit cleared, control bit, d payload words) per seed."""
         inp = seeds[:, None, :] ^ self.tweaks[direction]  # (N, blocks, 2)
-        out = np.frombuffer(self._aes.update(inp.tobytes()), dtype=U64).reshape(inp.shape) ^ inp
+        out = np.frombuffer(self.aes.update(inp.tobytes()), dtype=U64).reshape(inp.shape) ^ inp
         seed = out[:, 0, :].copy()
         t = seed[:, 0] & np.uint64(1)
         seed[:, 0] &= _LOW_CLEAR
@@ -170,7 +170,7 @@ def gen(
         a = (alpha >> np.uint64(bits - 1 - level)) & one  # keep = alpha's bit (1: right)
         blocks[...] = s.view("V16")  # every (child, block) starts from the seed ...
         inp[..., 1] ^= hi  # ... and gets its tweak
-        prg._aes.update_into(inp.data.cast("B"), buf)
+        prg.aes.update_into(inp.data.cast("B"), buf)
         out ^= inp.reshape(out.shape)
         seeds = out[:, :, :, 0, :].copy()  # (N, party, child, 2)
         ctl = seeds[..., 0] & one  # (N, party, child)
@@ -232,7 +232,7 @@ def eval_(party: int, root: np.ndarray, keys: DcfKeys, x: np.ndarray) -> np.ndar
     for level in range(bits):
         blocks[...] = s.view("V16")
         inp[:, :, 1] ^= tweak_hi[:, level]
-        prg._aes.update_into(inp.data.cast("B"), out)
+        prg.aes.update_into(inp.data.cast("B"), out)
         enc ^= inp
         on = (zero - t)[:, None]  # all ones where the control bit is set
         seed = enc[:, 0, :] ^ (keys.s_cw[level] & on)
