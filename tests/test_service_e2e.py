@@ -318,6 +318,22 @@ def test_peer_stream_refuses_an_unauthenticated_party(cluster):
 # -- versions ------------------------------------------------------------------------------------
 
 
+def _start_until_paired(c: Cluster, timeout: float = 60) -> None:
+    """Start a cluster that will not become ready; return once the replicas' stream is up."""
+    c.log_dir.mkdir(exist_ok=True)
+    for role in ("dealer", "replica1", "replica0"):
+        c.start_process(role)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{c.replica_urls[0]}/v1/ready", timeout=2).json()["peer_connected"]:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, c.tails()
+        time.sleep(0.2)
+
+
 def test_readiness_refuses_mismatched_model_versions(tmp_path, mnist):
     from training.export import resplit
 
@@ -326,20 +342,8 @@ def test_readiness_refuses_mismatched_model_versions(tmp_path, mnist):
     shutil.copytree(DEFAULT_MODEL, d1)
     resplit(d1)  # same weights, another split: its shares do not pair with d0's
     c = Cluster(model=(d0, d1), ports=free_ports(3), log_dir=tmp_path / "logs")
-    c.log_dir.mkdir()
-    for role in ("dealer", "replica1", "replica0"):
-        c.start_process(role)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                r = httpx.get(f"{c.replica_urls[0]}/v1/ready", timeout=2)
-                if r.json()["peer_connected"]:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, c.tails()
-            time.sleep(0.2)
+        _start_until_paired(c)
         for url in c.replica_urls:
             r = httpx.get(f"{url}/v1/ready")
             assert r.status_code == 503 and not r.json()["ready"]
@@ -553,19 +557,8 @@ def test_replicas_running_different_protocols_refuse_to_pair(tmp_path, mnist):
     c = Cluster(
         ports=free_ports(3), log_dir=tmp_path, role_args={"replica1": ("--comparison", "fss")}
     )
-    c.log_dir.mkdir(exist_ok=True)
-    for role in ("dealer", "replica1", "replica0"):
-        c.start_process(role)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{c.replica_urls[0]}/v1/ready", timeout=2).json()["peer_connected"]:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, c.tails()
-            time.sleep(0.2)
+        _start_until_paired(c)
         for url in c.replica_urls:
             r = httpx.get(f"{url}/v1/ready")
             assert r.status_code == 503
