@@ -120,8 +120,9 @@ def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return y + select(party, x - y, ge)
 
 
-def max_pool2d(party: Party, x: torch.Tensor, kernel: int) -> torch.Tensor:
-    """2D max pooling, stride = kernel, as a tree of `maximum`. Rounds: 8 * ceil(log2(k*k))."""
+def max_pool2d(party: Party, x: torch.Tensor, kernel: int, maximum=maximum) -> torch.Tensor:
+    """2D max pooling, stride = kernel, as a tree of `maximum` (this module's by default; `fss`
+    passes its own). Rounds: ceil(log2(k*k)) times those of one `maximum` (8 here)."""
     n, c, h, w = x.shape
     if h % kernel or w % kernel:
         raise ValueError(f"max pooling {kernel}x{kernel} needs sides divisible by it, got {h}x{w}")

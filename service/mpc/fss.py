@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.mpc import dcf
+from service.mpc import comparison, dcf
 from service.mpc.dealer import FSS_PAYLOAD, Request
 from service.mpc.party import Party
 
@@ -93,16 +93,7 @@ def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def max_pool2d(party: Party, x: torch.Tensor, kernel: int) -> torch.Tensor:
     """2D max pooling, stride = kernel, as a tree of `maximum`. Rounds: ceil(log2(k*k))."""
-    n, c, h, w = x.shape
-    if h % kernel or w % kernel:
-        raise ValueError(f"max pooling {kernel}x{kernel} needs sides divisible by it, got {h}x{w}")
-    v = x.reshape(n, c, h // kernel, kernel, w // kernel, kernel).permute(0, 1, 2, 4, 3, 5)
-    v = v.reshape(n, c, h // kernel, w // kernel, kernel * kernel)
-    while v.shape[-1] > 1:
-        k = v.shape[-1]
-        m = maximum(party, v[..., 0 : k - k % 2 : 2], v[..., 1 : k - k % 2 : 2])
-        v = torch.cat([m, v[..., k - k % 2 :]], dim=-1)
-    return v[..., 0]
+    return comparison.max_pool2d(party, x, kernel, maximum)
 
 
 def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
