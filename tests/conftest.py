@@ -58,6 +58,13 @@ def reals(shape: Sequence[int], scale: float = 10.0) -> torch.Tensor:
     return torch.randn(tuple(shape), dtype=torch.float64) * scale
 
 
+@pytest.fixture(scope="session")
+def mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The first 1000 MNIST test images (uint8, 28x28) and their labels."""
+    data = np.load(Path(__file__).parent / "fixtures" / "mnist_test_1000.npz")
+    return data["images"], data["labels"]
+
+
 @pytest.fixture
 def small_mnist(tmp_path: Path, monkeypatch) -> Path:
     """A cache in training.data's format with 800 training and 200 test images (the fixture's),

@@ -14,13 +14,6 @@ from clients.privdigit import ImageError, preprocess
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(scope="module")
-def mnist() -> tuple[np.ndarray, np.ndarray]:
-    """The first 1000 MNIST test images (uint8, 28x28) and their labels."""
-    data = np.load(FIXTURES / "mnist_test_1000.npz")
-    return data["images"], data["labels"]
-
-
 def draw_digit(kind: str, size: tuple[int, int], *, ink: int = 0, bg: int = 255) -> Image.Image:
     """A thick synthetic digit ("0", "1" or "7") in mode L on a `size` (width, height) canvas."""
     w, h = size

@@ -61,12 +61,6 @@ def cluster(tmp_path_factory):
         yield c
 
 
-@pytest.fixture(scope="module")
-def mnist():
-    data = np.load(FIXTURES / "mnist_test_1000.npz")
-    return data["images"], data["labels"]
-
-
 # -- helpers -------------------------------------------------------------------------------------
 
 

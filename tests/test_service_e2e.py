@@ -43,12 +43,6 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mnist():
-    data = np.load(FIXTURES / "mnist_test_1000.npz")
-    return data["images"], data["labels"]
-
-
-@pytest.fixture(scope="module")
 def plaintext():
     model = DigitCNN()
     model.load_state_dict(load_file(str(FIXTURES / "cnn.safetensors")))
