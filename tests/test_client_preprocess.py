@@ -11,8 +11,6 @@ from PIL import Image, ImageDraw
 
 from clients.privdigit import ImageError, preprocess
 
-FIXTURES = Path(__file__).parent / "fixtures"
-
 
 def draw_digit(kind: str, size: tuple[int, int], *, ink: int = 0, bg: int = 255) -> Image.Image:
     """A thick synthetic digit ("0", "1" or "7") in mode L on a `size` (width, height) canvas."""
