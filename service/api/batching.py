@@ -90,8 +90,8 @@ class Batcher:
         run_batch: RunBatch,
         executor: Any,
         *,
-        weights_opened: Callable[[LoadedModel], bool] = lambda model: False,
-        pool: MaterialPool | None = None,
+        weights_opened: Callable[[LoadedModel], bool],
+        pool: MaterialPool,
         max_batch: int,
         max_batches: int,
         timeout: float,
@@ -153,7 +153,7 @@ class Batcher:
                 job.future.set_exception(ApiError(str(p.get("code")), str(p.get("message"))))
         elif frame.kind == wire.BATCH and self.party == 1:
             self._start(self._run_announced(rid, p))
-        elif frame.kind == wire.PREFETCH and self.party == 1 and self.pool is not None:
+        elif frame.kind == wire.PREFETCH and self.party == 1:
             model = self.registry.get(str(p.get("version")))
             if model is not None:
                 self.pool.add(rid, model, PREFETCH_BATCH, PREFETCH_OUTPUT)
@@ -174,8 +174,7 @@ class Batcher:
                 job.future.set_exception(ApiError("not_ready", f"lost the peer replica: {reason}"))
         self._queue.clear()
         self._peer_meta.clear()
-        if self.pool is not None:
-            self.pool.clear()
+        self.pool.clear()
 
     # -- party 0: pairing and batching ---------------------------------------------------------
 
@@ -200,7 +199,7 @@ class Batcher:
     def start(self) -> None:
         if self.party == 0:
             self._start(self._batch_forever())
-            if self.pool is not None and self.pool.depth:
+            if self.pool.depth:
                 self._start(self._refill_forever())
 
     def _start(self, coro) -> None:
@@ -266,7 +265,7 @@ class Batcher:
                     job.batched = True
                 batch_id = secrets.token_urlsafe(18)
                 images = sum(j.x.shape[0] for j in jobs)
-                ready = self.pool.claim(model, images, jobs[0].output) if self.pool else None
+                ready = self.pool.claim(model, images, jobs[0].output)
                 run = Run(
                     batch_id,
                     jobs[0].output,
@@ -289,7 +288,7 @@ class Batcher:
 
     def refill(self, model: LoadedModel | None = None) -> None:
         """Party 0: top the prefetch pool up for the serving model and announce the new ids."""
-        if self.party != 0 or self.pool is None or not self.peer.connected:
+        if self.party != 0 or not self.peer.connected:
             return
         model = model or self.registry.newest_common(self.peer.peer_versions)
         if model is None:
