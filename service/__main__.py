@@ -133,6 +133,8 @@ def cmd_replica(a: argparse.Namespace) -> int:
             "max_batches": a.max_batches,
             "comparison": a.comparison,
             "prefetch": a.prefetch,
+            "lanes": a.lanes,
+            "lane_port": a.lane_port,
             "scores_enabled": True if a.scores else None,
             "reload_poll_s": a.reload_poll,
             "secret": a.secret,
@@ -391,6 +393,13 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--prefetch", type=int, help="dealer material kept ready for one-image runs; 0 = off"
     )
+    rep.add_argument(
+        "--lanes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="direct TCP lanes for protocol rounds (default on); --no-lanes: peer WebSocket only",
+    )
+    rep.add_argument("--lane-port", type=int, help="party 1: TCP port of its lanes (0: any free)")
     rep.add_argument("--peer-timeout", type=float)
     rep.add_argument("--reload-poll", type=float, help="seconds between model checks; 0 = off")
     rep.add_argument("--scores", action="store_true", help="let clients ask for scores")

@@ -471,6 +471,8 @@ def test_tls_everywhere_and_client_api_keys(tmp_path, mnist, plaintext):
         _assert_error(r, 401, "unauthenticated")
         metrics = httpx.get(f"{c.replica_urls[0]}/metrics", verify=c.verify).text
         assert 'privdigit_auth_failures_total{what="client"}' in metrics
+        assert 'privdigit_runs_total{channel="lane"}' in metrics  # TLS lanes carried the rounds
+        assert 'channel="stream"' not in metrics
         with pytest.raises(httpx.HTTPError):  # no plain HTTP on a TLS deployment
             httpx.get(f"http://127.0.0.1:{c.ports[0]}/v1/health", timeout=5)
 
@@ -573,3 +575,21 @@ def test_single_image_runs_use_prefetched_material(cluster, mnist, plaintext):
         labels = [client.predict_encoded(images[i : i + 1])[0].label for i in range(3)]
     assert labels == _plain_labels(plaintext, images).tolist()
     assert all(_gauge(u, hits) >= b + 3 for u, b in zip(cluster.replica_urls, before, strict=True))
+
+
+def test_rounds_run_on_lanes_or_with_no_lanes_on_the_peer_stream(
+    cluster, tmp_path, mnist, plaintext
+):
+    lane, stream = 'privdigit_runs_total{channel="lane"}', 'privdigit_runs_total{channel="stream"}'
+    images = mnist[0][:2] / 255.0
+    with privdigit.PrivDigitClient(cluster.replica_urls) as client:
+        assert [p.label for p in client.predict_encoded(images)] == list(
+            _plain_labels(plaintext, images)
+        )
+    assert all(_gauge(u, lane) >= 1 for u in cluster.replica_urls)
+    with Cluster(ports=free_ports(3), log_dir=tmp_path, replica_args=("--no-lanes",)) as c:
+        with privdigit.PrivDigitClient(c.replica_urls) as client:
+            assert [p.label for p in client.predict_encoded(images)] == list(
+                _plain_labels(plaintext, images)
+            )
+        assert all(_gauge(u, stream) >= 1 and _gauge(u, lane) == 0 for u in c.replica_urls)

@@ -5,12 +5,14 @@ request arrived (ARRIVED: shape, output, wanted version); party 0 pairs it with 
 checks that both describe the same job (else both answer 400 `share_mismatch`), and queues it.
 Party 0's batcher takes queued requests of the same output and model version, up to
 `max_batch` images, whenever one of its `max_batches` slots is free, and announces the batch
-(BATCH: a fresh batch id, the version, the request ids in order, whether this run opens the
+(BATCH: a fresh batch id, the version, the request ids in order, the slot and whether the run
+uses the slot's lane (`lanes.py`), else the peer stream, whether this run opens the
 model's masked weights, yes until a run has done so on the current peer connection, see
 `beaver.linear`, and the dealer material to use: a prefetched entry's id when one fits, see
 `prefetch.py`, else the batch id). Both replicas then run ONE
-protocol on the concatenated shares, keyed by the batch id (peer mailbox and dealer
-randomness), and give each request its own rows of the result. At low load a batch is one
+protocol on the concatenated shares, keyed by the batch id (peer frames and dealer
+randomness), on the slot's own thread (so a slot's runs happen in the same order on both
+replicas), and give each request its own rows of the result. At low load a batch is one
 request and starts at once; under load requests queue while the slots are busy and leave
 together, so throughput rises without a fixed waiting window.
 
@@ -29,6 +31,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +39,7 @@ import torch
 
 from service.api import wire
 from service.api.errors import ApiError
+from service.api.lanes import MAX_LANES, Lanes
 from service.api.peer import PeerLink, PeerLost
 from service.api.prefetch import PREFETCH_BATCH, PREFETCH_OUTPUT, MaterialPool
 from service.store import LoadedModel, ModelRegistry
@@ -50,6 +54,8 @@ class Run:
     model: LoadedModel
     open_weights: bool  # this run opens the model's masked weights
     material_id: str  # the dealer request id: a prefetched entry's, or the batch id
+    slot: int = 0  # party 0's run slot: the thread, and the lane, the run uses
+    lane: bool = False  # the run's rounds go over the slot's lane (else the peer stream)
 
 
 # (run, shares of the batch) -> (share of the result, rounds, bytes): runs in a worker thread
@@ -88,7 +94,7 @@ class Batcher:
         peer: PeerLink,
         registry: ModelRegistry,
         run_batch: RunBatch,
-        executor: Any,
+        lanes: Lanes,
         *,
         weights_opened: Callable[[LoadedModel], bool],
         pool: MaterialPool,
@@ -97,7 +103,9 @@ class Batcher:
         timeout: float,
     ) -> None:
         self.party, self.peer, self.registry = party, peer, registry
-        self._run, self._executor = run_batch, executor
+        self._run, self.lanes = run_batch, lanes
+        self._executors: dict[int, ThreadPoolExecutor] = {}  # one thread per slot, in order
+        self._free_slots = list(range(max_batches))
         self._weights_opened = weights_opened
         self.pool = pool
         self.max_batch, self.timeout = max_batch, timeout
@@ -211,6 +219,13 @@ class Batcher:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
+
+    def _executor(self, slot: int) -> ThreadPoolExecutor:
+        if slot not in self._executors:
+            self._executors[slot] = ThreadPoolExecutor(1, thread_name_prefix=f"slot{slot}")
+        return self._executors[slot]
 
     def _pick_model(self, want: str | None) -> LoadedModel:
         if want is not None:
@@ -266,12 +281,15 @@ class Batcher:
                 batch_id = secrets.token_urlsafe(18)
                 images = sum(j.x.shape[0] for j in jobs)
                 ready = self.pool.claim(model, images, jobs[0].output)
+                slot = self._free_slots.pop()
                 run = Run(
                     batch_id,
                     jobs[0].output,
                     model,
                     not self._weights_opened(model),
                     ready or batch_id,
+                    slot,
+                    self.lanes.up(slot),
                 )
                 self._send(
                     wire.BATCH,
@@ -282,6 +300,8 @@ class Batcher:
                         "requests": [[j.request_id, j.x.shape[0]] for j in jobs],
                         "open_weights": run.open_weights,
                         "material": run.material_id,
+                        "slot": run.slot,
+                        "lane": run.lane,
                     },
                 )
                 self._start(self._execute(run, jobs, release=True))
@@ -308,6 +328,9 @@ class Batcher:
     async def _run_announced(self, batch_id: str, p: dict[str, Any]) -> None:
         """Party 1: run the batch party 0 announced, with zeros for requests it never got."""
         requests = [(str(r), int(n)) for r, n in p.get("requests", [])]
+        slot = p.get("slot", 0)
+        if not isinstance(slot, int) or not 0 <= slot < MAX_LANES:
+            slot = 0  # malformed: the run still happens in order, and fails on its own
         model = self.registry.get(str(p.get("version")))
         jobs: list[Job | None] = []
         for rid, _ in requests:
@@ -340,6 +363,8 @@ class Batcher:
             model,
             bool(p.get("open_weights", True)),
             str(p.get("material") or batch_id),
+            slot,
+            p.get("lane") is True,
         )
         await self._execute(run, filler, release=False)
 
@@ -347,7 +372,9 @@ class Batcher:
         try:
             x = torch.cat([j.x for j in jobs]) if len(jobs) > 1 else jobs[0].x
             loop = asyncio.get_running_loop()
-            share, rounds, nbytes = await loop.run_in_executor(self._executor, self._run, run, x)
+            share, rounds, nbytes = await loop.run_in_executor(
+                self._executor(run.slot), self._run, run, x
+            )
             model = run.model
             start = 0
             for job in jobs:
@@ -364,5 +391,6 @@ class Batcher:
                     job.future.set_exception(err)
         finally:
             if release:
+                self._free_slots.append(run.slot)
                 self._slots.release()
                 self.refill(run.model)  # after the run: fetching competes with it for the CPU

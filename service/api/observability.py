@@ -39,6 +39,12 @@ class ReplicaMetrics:
             ["result"],
             registry=r,
         )
+        self.runs = Counter(
+            "privdigit_runs",
+            "protocol runs by the channel their rounds used (lane or peer stream)",
+            ["channel"],
+            registry=r,
+        )
         self.peer_bytes = Counter("privdigit_peer_bytes_sent", "bytes sent to the peer", registry=r)
         self.auth_failures = Counter(
             "privdigit_auth_failures", "unauthenticated attempts refused", ["what"], registry=r

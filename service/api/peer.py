@@ -91,6 +91,7 @@ class PeerLink:
         # set by the replica: control frames (pairing, batching) and loss of the stream
         self.on_control: Callable[[wire.Frame], None] = lambda frame: None
         self.on_disconnect: Callable[[str], None] = lambda reason: None
+        self.on_connect: Callable[[], None] = lambda: None
 
     @property
     def connected(self) -> bool:
@@ -141,6 +142,7 @@ class PeerLink:
         self.peer_versions, self.last_error = versions, None
         log.info("peer connected", extra={"fields": {"peer_versions": versions}})
         writer = asyncio.create_task(self._write(conn, self._outbox))
+        self.on_connect()
         try:
             while True:
                 data = await conn.recv()
@@ -248,22 +250,27 @@ class PeerLink:
         return len(self._boxes)
 
 
-class PeerChannel:
-    """The engine's `Channel` for one request over the shared stream; counts rounds and bytes."""
+class FramedChannel:
+    """The engine's `Channel` for one run over some frame transport; counts rounds and bytes.
 
-    def __init__(self, link: PeerLink, request_id: str, inbox: queue.Queue) -> None:
-        self._link, self.request_id, self._inbox = link, request_id, inbox
+    A subclass moves frames (`_send`, `_receive`); this class checks that each DATA frame is the
+    peer's answer to this round (run id, round number, tensor shapes) and turns ABORT into
+    `PeerAborted`. `_exchange_order` says who sends first (both at once on a multiplexed stream).
+    """
+
+    def __init__(self, request_id: str, timeout: float) -> None:
+        self.request_id, self.timeout = request_id, timeout
         self.stats = ChannelStats()
         self._round = 0
 
+    def _send(self, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def _receive(self) -> wire.Frame | Exception:
+        raise NotImplementedError
+
     def _next(self) -> wire.Frame:
-        try:
-            item = self._inbox.get(timeout=self._link.timeout)
-        except queue.Empty:
-            raise PeerTimeout(
-                f"the peer replica sent nothing for {self._link.timeout:g} s "
-                "(did the client post the other share with the same request id?)"
-            ) from None
+        item = self._receive()
         if isinstance(item, Exception):
             raise item
         if item.kind == wire.ABORT:
@@ -271,11 +278,26 @@ class PeerChannel:
             raise PeerAborted(str(p.get("code", "peer_error")), str(p.get("message", "aborted")))
         return item
 
+    def _timed_out(self) -> PeerTimeout:
+        return PeerTimeout(
+            f"the peer replica sent nothing for {self.timeout:g} s "
+            "(did the client post the other share with the same request id?)"
+        )
+
+    def _swap(self, frame: bytes) -> wire.Frame:
+        """Send this round's frame and receive the peer's (in the order the transport needs)."""
+        self._send(frame)
+        return self._next()
+
     def exchange(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self.stats.record(tensors)
-        self._link.send(wire.encode_data(self.request_id, self._round, tensors))
-        frame = self._next()
-        if frame.kind != wire.DATA or frame.round != self._round or frame.tensors is None:
+        frame = self._swap(wire.encode_data(self.request_id, self._round, tensors))
+        if (
+            frame.kind != wire.DATA
+            or frame.request_id != self.request_id
+            or frame.round != self._round
+            or frame.tensors is None
+        ):
             raise ChannelError(f"round {self._round}: the peer is at another step")
         got = frame.tensors
         if len(got) != len(tensors) or any(
@@ -286,10 +308,31 @@ class PeerChannel:
         return got
 
     def abort(self, code: str, message: str) -> None:
-        with contextlib.suppress(PeerLost):
-            self._link.send(
+        """Tell the peer this run failed (best effort)."""
+        with contextlib.suppress(ChannelError, OSError):
+            self._send(
                 wire.encode_json(wire.ABORT, self.request_id, {"code": code, "message": message})
             )
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """The run is over (`ok`: it completed)."""
+
+
+class PeerChannel(FramedChannel):
+    """One run's frames over the shared peer stream, through its mailbox."""
+
+    def __init__(self, link: PeerLink, request_id: str, inbox: queue.Queue) -> None:
+        super().__init__(request_id, link.timeout)
+        self._link, self._inbox = link, inbox
+
+    def _send(self, frame: bytes) -> None:
+        self._link.send(frame)
+
+    def _receive(self) -> wire.Frame | Exception:
+        try:
+            return self._inbox.get(timeout=self.timeout)
+        except queue.Empty:
+            raise self._timed_out() from None
+
+    def close(self, ok: bool = True) -> None:
         self._link.release(self.request_id)

@@ -2,7 +2,8 @@
 
 Routes (the contract is `openapi.yaml`): `GET /v1/health`, `GET /v1/ready`, `GET /v1/model`,
 `POST /v1/predict`, `POST /v1/admin/reload` (deployment secret), `GET /metrics`, and the
-WebSocket `/v1/peer` (party 1 accepts party 0 there). One predict request:
+WebSocket `/v1/peer` (party 1 accepts party 0 there; protocol rounds run on the direct lanes
+of `lanes.py` when they are up). One predict request:
   1. validate the body and the share's shape; refuse a request id seen before (409);
   2. pair it with the peer's copy and batch it with concurrent ones (`batching.py`: party 0
      pairs, checks both copies describe the same job, and announces each batch);
@@ -20,11 +21,12 @@ import hashlib
 import hmac
 import logging
 import ssl
+import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from fastapi import FastAPI, Header, Security, WebSocket
@@ -37,8 +39,9 @@ from service.api import auth, wire
 from service.api.batching import Batcher, Run
 from service.api.dealer_client import DealerClient
 from service.api.errors import ERRORS, ApiError, RequestGuard, install_error_handlers
+from service.api.lanes import Lanes
 from service.api.observability import ReplicaMetrics
-from service.api.peer import PeerAborted, PeerLink, PeerLost, PeerTimeout
+from service.api.peer import FramedChannel, PeerAborted, PeerLink, PeerLost, PeerTimeout
 from service.api.prefetch import MaterialPool
 from service.api.schemas import (
     ErrorBody,
@@ -128,7 +131,14 @@ class Replica:
         self._api_keys = [hashlib.sha256(k.encode()).digest() for k in s.api_keys]
         self.draining = False
         self.replay = ReplayGuard()
-        self.executor = ThreadPoolExecutor(s.max_inflight, thread_name_prefix="mpc")
+        self.lanes = Lanes(
+            s.party,
+            self.secret,
+            count=s.max_batches if s.lanes else 0,
+            timeout=s.peer_timeout_s,
+            on_auth_failure=lambda: self.metrics.auth_failures.labels("lane").inc(),
+        )
+        self.lane_port: int | None = None  # party 1: where its lanes listen
         self.pool = MaterialPool(self._fetch_material, s.prefetch)
         self.inflight = 0
         self.batcher = Batcher(
@@ -136,7 +146,7 @@ class Replica:
             self.peer,
             self.registry,
             self.run_batch,
-            self.executor,
+            self.lanes,
             max_batch=s.max_batch,
             max_batches=s.max_batches,
             timeout=s.peer_timeout_s,
@@ -146,12 +156,46 @@ class Replica:
         # Per model version: the opened masked weights (public to both replicas). Party 0
         # forgets them with the connection, so the next run on a new one opens them again.
         self.weight_masks: dict[str, WeightMasks] = {}
-        self.peer.on_control = self.batcher.on_control
+        self.peer.on_control = self._on_control
+        self.peer.on_connect = self._on_connect
         self.peer.on_disconnect = self._on_disconnect
+
+    def _on_connect(self) -> None:
+        if self.party == 1 and self.lane_port is not None:
+            self.peer.send(wire.encode_json(wire.LANES, "", {"port": self.lane_port}))
+
+    def _on_control(self, frame: wire.Frame) -> None:
+        if frame.kind != wire.LANES:
+            self.batcher.on_control(frame)
+            return
+        port = (frame.payload or {}).get("port")
+        if self.party == 0 and self.settings.lanes and isinstance(port, int) and 0 < port < 65536:
+            url = urlsplit(self.settings.peer_url)
+            tls = self.ssl if url.scheme == "wss" else None
+            self.lanes.connect_to(url.hostname or "127.0.0.1", port, tls)
 
     def _on_disconnect(self, reason: str) -> None:
         self.weight_masks.clear()
+        if self.party == 0:
+            self.lanes.forget_target()
+        else:
+            self.lanes.close_all()
         self.batcher.on_disconnect(reason)
+
+    def start_lanes(self) -> None:
+        """Party 1: listen for lanes; party 0: dial them once party 1 names its port."""
+        s = self.settings
+        if not s.lanes:
+            return
+        if self.party == 1:
+            tls = None
+            if s.tls_cert is not None and s.tls_key is not None:
+                tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                tls.load_cert_chain(str(s.tls_cert), str(s.tls_key))
+            self.lane_port = self.lanes.listen(s.host, s.lane_port, tls)
+            log.info("lanes listening", extra={"fields": {"port": self.lane_port}})
+        else:
+            threading.Thread(target=self.lanes.dial_forever, name="lane-dial", daemon=True).start()
 
     def check_api_key(self, key: str | None) -> None:
         """Refuse (401) a client without a valid X-API-Key when the operator set keys."""
@@ -263,7 +307,16 @@ class Replica:
         sees it filled); party 0 keeps it only once the run succeeded.
         """
         model, output = run.model, run.output
-        ch, ok = self.peer.channel(run.batch_id), False
+        try:
+            ch: FramedChannel = (
+                self.lanes.channel(run.slot, run.batch_id)
+                if run.lane
+                else self.peer.channel(run.batch_id)
+            )
+        except PeerLost as exc:
+            raise ApiError("not_ready", f"lost the peer replica: {exc}") from None
+        self.metrics.runs.labels("lane" if run.lane else "stream").inc()
+        ok = False
         masks = self.weight_masks.get(model.version)
         if run.open_weights or masks is None:
             masks = WeightMasks(model.mask_id)
@@ -286,6 +339,7 @@ class Replica:
                         "dealer_ms": round((t1 - t0) * 1000, 2),
                         "protocol_ms": round((time.perf_counter() - t1) * 1000, 2),
                         "rounds": ch.stats.rounds,
+                        "lane": run.lane,
                     }
                 },
             )
@@ -313,7 +367,7 @@ class Replica:
             ch.abort("internal", "the peer replica failed")
             raise ApiError("internal", f"inference failed: {type(exc).__name__}") from None
         finally:
-            ch.close()
+            ch.close(ok)
             if not ok and self.party == 0:  # whatever went wrong, the next run re-opens them
                 self.weight_masks.pop(model.version, None)
 
@@ -451,6 +505,7 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
             await rep.reload()
         tasks = [asyncio.create_task(rep.peer.janitor())]
         rep.batcher.start()
+        rep.start_lanes()
         if settings.reload_poll_s > 0:
             tasks.append(asyncio.create_task(rep.watch()))
         if settings.party == 0:
@@ -462,7 +517,7 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        rep.executor.shutdown(wait=False, cancel_futures=True)
+        rep.lanes.stop()
         rep.pool.close()
         rep.dealer.close()
 

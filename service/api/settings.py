@@ -96,6 +96,18 @@ class ReplicaSettings(_Base):
         le=64,
         description="dealer material kept ready for one-image runs (offline phase); 0: off",
     )
+    lanes: bool = Field(
+        default=True,
+        description="run protocol rounds on direct TCP lanes between the replicas, one per "
+        "run slot (party 1 listens on lane_port); false: all rounds over the peer WebSocket",
+    )
+    lane_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="party 1: the TCP port of its lanes (0: any free port, announced to party 0 "
+        "over the peer stream); party 0 ignores it",
+    )
     peer_timeout_s: float = Field(default=10.0, gt=0)
     dealer_timeout_s: float = Field(default=10.0, gt=0)
     reload_poll_s: float = Field(

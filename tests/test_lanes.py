@@ -1,0 +1,213 @@
+"""Lanes: direct replica-to-replica sockets for protocol rounds (service/api/lanes.py).
+
+Two `Lanes` objects in this process over real loopback TCP (and TLS): they authenticate each
+other, carry the engine's rounds with the same results, rounds and bytes as the in-memory
+channel, do not deadlock on frames larger than the socket buffers, refuse strangers, and a
+failed run never leaves its lane in use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from service.api.lanes import Lanes
+from service.api.peer import PeerAborted, PeerLost, PeerTimeout
+from service.devcerts import make_dev_certs
+from service.mpc.channel import ChannelError, InMemoryChannel
+from service.mpc.prg import random_ring
+
+SECRET = b"s" * 32
+
+
+def _wait(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def pair():
+    """Party 1 listening, party 0 dialling two lanes; both stopped afterwards."""
+    made = []
+
+    def make(*, secret0=SECRET, count=2, timeout=5.0, tls=None):
+        failures = []
+        p1 = Lanes(
+            1, SECRET, count=count, timeout=timeout, on_auth_failure=lambda: failures.append(1)
+        )
+        p0 = Lanes(0, secret0, count=count, timeout=timeout)
+        server_tls, client_tls = tls or (None, None)
+        port = p1.listen("127.0.0.1", 0, server_tls)
+        threading.Thread(target=p0.dial_forever, daemon=True).start()
+        p0.connect_to("127.0.0.1", port, client_tls)
+        made.extend([p0, p1])
+        return p0, p1, port, failures
+
+    yield make
+    for lanes in made:
+        lanes.stop()
+
+
+def _up(p0, p1, count=2):
+    _wait(lambda: all(p0.up(k) and p1.up(k) for k in range(count)))
+
+
+def _rest(s: socket.socket) -> bytes:
+    """What the other end still sends before it hangs up (a reset counts as hanging up)."""
+    s.settimeout(10)
+    data = b""
+    with contextlib.suppress(ConnectionError):
+        while chunk := s.recv(4096):
+            data += chunk
+    return data
+
+
+def _run_both(fn0, fn1):
+    with ThreadPoolExecutor(2) as ex:
+        f0, f1 = ex.submit(fn0), ex.submit(fn1)
+        return f0.result(timeout=30), f1.result(timeout=30)
+
+
+def _rounds(ch, tensors):
+    out = [ch.exchange(ts) for ts in tensors]
+    ch.close(True)
+    return out
+
+
+def test_lanes_carry_rounds_like_the_in_memory_channel(pair):
+    p0, p1, _, failures = pair()
+    _up(p0, p1)
+    # sizes from one element to 4 MB per frame: larger than the socket buffers, so two blocked
+    # senders would deadlock if both sent first
+    shapes = [(1,), (7, 3), (2660,), (64, 8, 12, 12), (512 * 1024,)]
+    mine = [[random_ring(s), random_ring((3,))] for s in shapes]
+    theirs = [[random_ring(s), random_ring((3,))] for s in shapes]
+    ch0, ch1 = p0.channel(1, "batch-a"), p1.channel(1, "batch-a")
+    got0, got1 = _run_both(lambda: _rounds(ch0, mine), lambda: _rounds(ch1, theirs))
+    for a, b in zip(got0, theirs, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    for a, b in zip(got1, mine, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    m0, m1 = InMemoryChannel.pair()
+    _run_both(lambda: [m0.exchange(t) for t in mine], lambda: [m1.exchange(t) for t in theirs])
+    assert (ch0.stats.rounds, ch0.stats.bytes_sent) == (m0.stats.rounds, m0.stats.bytes_sent)
+    assert (ch1.stats.rounds, ch1.stats.bytes_sent) == (m1.stats.rounds, m1.stats.bytes_sent)
+    # a completed run leaves its lane up for the next one
+    assert p0.up(1) and p1.up(1) and not failures
+
+
+def test_a_wrong_secret_never_opens_a_lane(pair):
+    p0, p1, _, failures = pair(secret0=b"x" * 32)
+    _wait(lambda: len(failures) >= 2)
+    assert p0.indices() == [] and p1.indices() == []
+
+
+@pytest.mark.parametrize(
+    "send",
+    [b"", b"GET / HTTP/1.1\r\n\r\n", b"\x00\x00\x00\x05{}{}{", b"\x7f\xff\xff\xff"],
+)
+def test_strangers_on_the_lane_port_are_refused(pair, send):
+    p0, p1, port, failures = pair(count=1)
+    _up(p0, p1, 1)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.recv(4096)  # the hello with party 1's nonce
+        s.sendall(send)
+        s.shutdown(socket.SHUT_WR)
+        assert _rest(s) == b""  # closed on us, nothing else said
+    if send:  # something that is not a lane opening counts as an authentication failure
+        _wait(lambda: failures)
+    assert p1.indices() == [0]  # the real lane is untouched
+
+
+def test_a_replayed_handshake_is_refused(pair):
+    """The MAC covers party 1's fresh nonce: a recorded lane opening cannot be played again."""
+    p0, p1, port, failures = pair(count=1)
+    _up(p0, p1, 1)
+    from service.api import auth
+    from service.api.lanes import _recv_json, _send_json
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        first = _recv_json(s)
+        tag = auth.mac(SECRET, "lane", "0", first["nonce"], "n" * 64, "0")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        hello = _recv_json(s)
+        assert hello["nonce"] != first["nonce"]
+        _send_json(s, {"lane": 0, "nonce": "n" * 64, "mac": tag})  # valid for the old nonce
+        assert _rest(s) == b""
+    _wait(lambda: failures)
+
+
+def test_a_failed_run_closes_its_lane_and_party_0_dials_it_again(pair):
+    p0, p1, _, _ = pair()
+    _up(p0, p1)
+    old = p0.channel(0, "b")._lane
+    ch0, ch1 = p0.channel(0, "b"), p1.channel(0, "b")
+
+    def party0():
+        with pytest.raises(PeerAborted) as info:
+            ch0.exchange([random_ring((5,))])
+        ch0.close(False)
+        return info.value.code
+
+    def party1():
+        ch1.abort("dealer_unavailable", "no dealer")
+        ch1.close(False)
+
+    code, _ = _run_both(party0, party1)
+    assert code == "dealer_unavailable"
+    _up(p0, p1)  # dialled again
+    assert p0.channel(0, "c")._lane is not old
+
+
+def test_a_desynchronised_peer_is_an_error_not_a_wrong_answer(pair):
+    p0, p1, _, _ = pair(count=1)
+    _up(p0, p1, 1)
+    ch0, ch1 = p0.channel(0, "mine"), p1.channel(0, "another-batch")
+
+    def one(ch):
+        with pytest.raises(ChannelError, match="another step"):
+            ch.exchange([random_ring((4,))])
+
+    _run_both(lambda: one(ch0), lambda: one(ch1))
+
+
+def test_a_silent_peer_times_out(pair):
+    p0, p1, _, _ = pair(count=1, timeout=0.3)
+    _up(p0, p1, 1)
+    with pytest.raises(PeerTimeout):
+        p1.channel(0, "b").exchange([random_ring((2,))])  # party 1 waits for party 0 first
+
+
+def test_losing_the_peer_drops_every_lane(pair):
+    p0, p1, _, _ = pair()
+    _up(p0, p1)
+    p0.forget_target()
+    assert p0.indices() == []
+    with pytest.raises(PeerLost):
+        p0.channel(0, "b")
+
+
+def test_lanes_over_tls_and_a_plain_dialler_is_refused(pair, tmp_path):
+    certs = make_dev_certs(tmp_path)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(str(certs / "cert.pem"), str(certs / "key.pem"))
+    client = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    p0, p1, port, _ = pair(count=1, tls=(server, client))
+    _up(p0, p1, 1)
+    x = [random_ring((1000,))]
+    ch0, ch1 = p0.channel(0, "t"), p1.channel(0, "t")
+    got0, got1 = _run_both(lambda: ch0.exchange(x), lambda: ch1.exchange(x))
+    assert torch.equal(got0[0], x[0]) and torch.equal(got1[0], x[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"\x00\x00\x00\x02{}")  # no TLS: the server's handshake fails, it hangs up
+        assert b"privdigit" not in _rest(s)  # never a hello in the clear
+    assert p1.indices() == [0]
