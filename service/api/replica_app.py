@@ -327,8 +327,10 @@ class Replica:
             t0 = time.perf_counter()
             rand = self._material(run, x.shape[0])
             t1 = time.perf_counter()
+            c1 = time.thread_time()
             party = Party(self.party, ch, rand, net.fp)
             share = net.forward(party, x, model.weights, kind, masks)
+            cpu_ms = (time.thread_time() - c1) * 1000
             log.info(
                 "run",
                 extra={
@@ -340,6 +342,7 @@ class Replica:
                         "protocol_ms": round((time.perf_counter() - t1) * 1000, 2),
                         "rounds": ch.stats.rounds,
                         "lane": run.lane,
+                        "protocol_cpu_ms": round(cpu_ms, 2),
                     }
                 },
             )

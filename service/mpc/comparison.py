@@ -1,13 +1,19 @@
-"""Exact secure comparison: arithmetic-to-binary conversion and a carry-lookahead adder.
+"""Exact secure comparison: arithmetic-to-binary conversion and a carry-lookahead tree.
 
-As published by CrypTen (Knott et al. 2021, after Demmler et al. ABY 2015): [x] = x0 + x1 is
-re-read as two private 64-bit words, x0 held by party 0 and x1 by party 1; their sum is computed
-bit-sliced on XOR shares with a Kogge-Stone carry-lookahead adder whose ANDs use dealer binary
-triples. Only the carry into bit 63 is needed for the sign.
-  1. P = x0 ^ x1 (local); G = x0 & x1               (1 AND round)
-  2. for s in 1, 2, 4, 8, 16, 32:  G ^= P & (G << s);  P &= P << s     (6 rounds, P not at 32)
-  3. msb(x) = P_0[63] ^ G[62]                        (local: the sum bit 63)
-Rounds: 7. Bytes sent per party: 8 * 24 per element (2 words per AND, 12 ANDs).
+After CrypTen (Knott et al. 2021) and ABY (Demmler et al. 2015): [x] = x0 + x1 is re-read as two
+private 64-bit words, x0 held by party 0 and x1 by party 1, and the sign of their sum is the
+sum's bit 63 = x0[63] ^ x1[63] ^ (carry into bit 63), computed on XOR shares with ANDs from
+dealer binary triples. CrypTen runs a Kogge-Stone adder on whole words (all 64 carries, 12 word
+ANDs per element). Only the one carry into bit 63 is needed, so here the carry is a binary tree
+over bits 0..62 (the Brent-Kung up-sweep), on bit planes (`ring.to_planes`: one word holds one
+bit of 64 elements), so each AND touches only the planes that are still needed:
+  1. P_i = x0_i ^ x1_i (local); G_i = x0_i & x1_i on all 64 planes        (1 AND round)
+  2. six times: pair the groups (2k+1, 2k) of the previous level,
+       G' = G_hi ^ (P_hi & G_lo), P' = P_hi & P_lo (P' not for the lowest group)
+     on 63 -> 32 -> 16 -> 8 -> 4 -> 2 -> 1 groups: 61 + 31 + 15 + 7 + 3 + 1 planes (6 rounds)
+  3. msb(x) = P_63 ^ G_[0..62]                                                 (local)
+Rounds: 7. Bytes sent per party: 2 * 8 * (64 + 118) * ceil(n / 64) for n elements, about 45.5
+per element (CrypTen's whole-word adder: 192).
 What a party sees: only openings of words XOR-masked by fresh uniform triples: uniform.
 Nothing is ever opened unmasked; the result stays XOR-shared.
 
@@ -22,8 +28,7 @@ import torch
 from service.mpc import truncation
 from service.mpc.dealer import Request
 from service.mpc.party import Party
-
-_SHIFTS = (1, 2, 4, 8, 16, 32)
+from service.mpc.ring import from_plane, to_planes
 
 
 def _and_begin(party: Party, x: torch.Tensor, y: torch.Tensor):
@@ -43,35 +48,42 @@ def and_(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _and_finish(party, t, e, f)
 
 
-def _carry_chain(party: Party, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Steps 2 of the adder: the Kogge-Stone prefix over (G, P). 6 rounds."""
-    for s in _SHIFTS:
-        if s == _SHIFTS[-1]:
-            g = g ^ and_(party, p, g << s)
-        else:
-            both = and_(party, torch.stack([p, p]), torch.stack([g << s, p << s]))
-            g, p = g ^ both[0], both[1]
-    return g
+def _carry_tree(party: Party, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Step 2: the group generate of bits 0..62 from their planes (G, P) [63, w]. 6 rounds."""
+    while g.shape[0] > 1:
+        m = g.shape[0] // 2
+        p_lo, p_hi, g_lo, g_hi = (
+            p[0 : 2 * m : 2],
+            p[1 : 2 * m : 2],
+            g[0 : 2 * m : 2],
+            g[1 : 2 * m : 2],
+        )
+        both = and_(party, torch.cat([p_hi, p_hi[1:]]), torch.cat([g_lo, p_lo[1:]]))
+        g = torch.cat([g_hi ^ both[:m], g[2 * m :]])
+        p = torch.cat([torch.zeros_like(p_hi[:1]), both[m:], p[2 * m :]])  # lowest P: unused
+    return g[0]
 
 
-def _operands(party: Party, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This party's XOR shares of the two words x0 and x1 whose sum is x (local A2B start)."""
-    zero = torch.zeros_like(x)
-    return (x, zero) if party.index == 0 else (zero, x)
+def _operands(party: Party, planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This party's XOR shares of the planes of x0 and x1, whose sum is x (local A2B start)."""
+    zero = torch.zeros_like(planes)
+    return (planes, zero) if party.index == 0 else (zero, planes)
 
 
 def msb(party: Party, x: torch.Tensor) -> torch.Tensor:
     """XOR shares (bit 0 of int64) of the sign bit of [x]: 1 where x < 0. 7 rounds."""
-    a, b = _operands(party, x)
-    t, e, f = _and_begin(party, a, b)
+    planes = to_planes(x)
+    t, e, f = _and_begin(party, *_operands(party, planes))
     e, f = party.open_xor(e, f)
-    return _msb_from_g0(party, x, _and_finish(party, t, e, f))
+    return _msb_from_g0(party, x, planes, _and_finish(party, t, e, f))
 
 
-def _msb_from_g0(party: Party, x: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
-    p0 = x  # P = x0 ^ x1: each party's share of P is its own word
-    g = _carry_chain(party, p0, g0)
-    return ((p0 >> 63) ^ (g >> 62)) & 1
+def _msb_from_g0(
+    party: Party, x: torch.Tensor, planes: torch.Tensor, g0: torch.Tensor
+) -> torch.Tensor:
+    # P = x0 ^ x1: each party's share of P is its own planes
+    carry = _carry_tree(party, planes[:63], g0[:63])
+    return from_plane(planes[63] ^ carry, x.shape)
 
 
 def select(party: Party, x: torch.Tensor, bit: torch.Tensor) -> torch.Tensor:
@@ -99,10 +111,11 @@ def relu(party: Party, x: torch.Tensor, trunc_bits: int = 0) -> torch.Tensor:
 
     The sign is taken on the untruncated x (same sign), so the truncation's opening shares the
     comparison's first round. Rounds: 7 (comparison, truncation inside) + 1 (select) = 8.
-    Bytes per element per party: 192 + 16 (+ 8 with truncation).
+    Bytes per element per party: about 45.5 (comparison, see the module) + 16 (+ 8 with
+    truncation).
     """
-    a, b = _operands(party, x)
-    t, e, f = _and_begin(party, a, b)
+    planes = to_planes(x)
+    t, e, f = _and_begin(party, *_operands(party, planes))
     if trunc_bits:
         pending = truncation.begin(party, x, trunc_bits)
         (c,), (e, f) = party.open_mixed([pending.masked], [e, f])
@@ -110,7 +123,7 @@ def relu(party: Party, x: torch.Tensor, trunc_bits: int = 0) -> torch.Tensor:
     else:
         e, f = party.open_xor(e, f)
         y = x
-    sign = _msb_from_g0(party, x, _and_finish(party, t, e, f))
+    sign = _msb_from_g0(party, x, planes, _and_finish(party, t, e, f))
     return select(party, y, not_(party, sign))
 
 
@@ -149,8 +162,9 @@ def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
 
     All n(n-1)/2 differences are compared at once: winner i beats every j < i strictly and ties
     or beats every j > i; the n-1 conditions are ANDed as a tree.
-    Rounds: 7 + ceil(log2(n - 1)) (11 for 10 classes). Bytes per party per row: 192 n(n-1)/2
-    + 16 n (n - 2). What a party sees: masked openings only; the output stays shared.
+    Rounds: 7 + ceil(log2(n - 1)) (11 for 10 classes). Bytes per party: those of `msb` on
+    n(n-1)/2 elements per row, plus 16 n (n - 2) per row for the AND tree. What a party sees:
+    masked openings only; the output stays shared.
     """
     n = x.shape[-1]
     if n < 2:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 RING_BITS = 64
@@ -73,6 +74,29 @@ def logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 0:
         return x.clone()
     return (x >> bits) & ((1 << (RING_BITS - bits)) - 1)
+
+
+def to_planes(x: torch.Tensor) -> torch.Tensor:
+    """The bit planes of ring elements: int64 [64, ceil(n / 64)] for n elements in C order.
+
+    Bit k of word j of plane i is bit i of element 64 j + k (elements past n are 0). One word
+    then carries one bit of 64 elements, so a bitwise protocol on a few planes touches 64 times
+    fewer words than on whole elements.
+    """
+    flat = x.reshape(-1).contiguous().numpy()
+    words = -(-flat.shape[0] // 64)
+    padded = np.zeros(words * 64, dtype=np.int64)
+    padded[: flat.shape[0]] = flat
+    bits = np.unpackbits(padded.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+    planes = np.packbits(np.ascontiguousarray(bits.T), axis=1, bitorder="little")
+    return torch.from_numpy(planes.view(np.int64).copy())
+
+
+def from_plane(plane: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """One bit plane back to 0/1 int64 per element, in `shape` (inverse of `to_planes`)."""
+    n = int(np.prod(shape, dtype=np.int64))
+    bits = np.unpackbits(plane.contiguous().numpy().view(np.uint8), bitorder="little")[:n]
+    return torch.from_numpy(bits.astype(np.int64)).reshape(tuple(shape))
 
 
 DEFAULT_FP = FixedPoint(16)
