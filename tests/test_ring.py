@@ -3,7 +3,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.mpc.ring import EncodingError, FixedPoint, logical_shift_right, msb
+from service.mpc.ring import (
+    EncodingError,
+    FixedPoint,
+    from_plane,
+    logical_shift_right,
+    msb,
+    to_planes,
+)
 
 
 @given(st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=50))
@@ -43,3 +50,32 @@ def test_msb_and_logical_shift():
     x = torch.tensor([-1, 0, 1, -(2**63), 2**63 - 1], dtype=torch.int64)
     assert msb(x).tolist() == [1, 0, 0, 1, 0]
     assert logical_shift_right(x, 60).tolist() == [15, 0, 0, 8, 7]
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from([0, 1, -1, 2**63 - 1, -(2**63), 2**32, -(2**32) + 1]),
+            st.integers(-(2**63), 2**63 - 1),
+        ),
+        min_size=1,
+        max_size=300,
+    )
+)
+def test_bit_planes_hold_each_bit_of_each_element(xs):
+    x = torch.tensor(xs, dtype=torch.int64)
+    planes = to_planes(x)
+    assert planes.shape == (64, -(-len(xs) // 64))
+    for i in range(64):
+        assert torch.equal(from_plane(planes[i], x.shape), (x >> i) & 1), i
+    # the padding past the last element is zero in every plane
+    tail = len(xs) % 64
+    if tail:
+        assert not (planes[:, -1] >> tail).any()
+
+
+def test_bit_planes_of_a_tensor_follow_c_order():
+    x = torch.arange(-300, 300, dtype=torch.int64).reshape(2, 3, 100) * 0x0123456789ABC
+    planes = to_planes(x)
+    for i in (0, 1, 17, 40, 63):
+        assert torch.equal(from_plane(planes[i], x.shape), (x >> i) & 1)

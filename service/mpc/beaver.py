@@ -2,7 +2,8 @@
 
 Computes [op(x, y)] from [x], [y] and a dealer triple ([a], [b], [c] = [op(a, b)]):
   1. open d = x - a and e = y - b            (both in one round)
-  2. [z] = [c] + op(d, [b]) + op([a], e) + op(d, e)   (the last term by party 0 only)
+  2. [z] = [c] + op(d, [b]) + op([a], e) + op(d, e)   (the last term by party 0 only), computed
+     as [c] + op(d, [b] + e) + op([a], e) by party 0 (bilinearity: two ops per party, not three)
 Rounds: 1. Bytes sent per party: 8 * (numel(x) + numel(y)).
 What a party sees: d and e, each masked by a fresh uniform a or b: uniform, independent of x, y.
 The product carries 2f fractional bits; rescaling happens in `truncation`, nowhere else.
@@ -30,8 +31,12 @@ def beaver(
     t = party.rand.take(Request.beaver(op, x.shape, y.shape, params))
     f = bilinear(op, params)
     d, e = party.open(x - t["a"], y - t["b"])
-    z = t["c"] + f(d, t["b"]) + f(t["a"], e)
-    return z + f(d, e) if party.index == 0 else z
+    return _combine(party, t, f, d, e)
+
+
+def _combine(party: Party, t, f, d: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Step 2: [c] + op(d, [b]) + op([a], e), plus op(d, e) folded into party 0's first op."""
+    return t["c"] + f(d, t["b"] + e if party.index == 0 else t["b"]) + f(t["a"], e)
 
 
 @dataclass
@@ -62,8 +67,7 @@ def linear(
         masks.opened[name] = e
     else:
         (d,) = party.open(x - t["a"])
-    z = t["c"] + f(d, t["b"]) + f(t["a"], e)
-    return z + f(d, e) if party.index == 0 else z
+    return _combine(party, t, f, d, e)
 
 
 def mul(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

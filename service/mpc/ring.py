@@ -76,20 +76,40 @@ def logical_shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits) & ((1 << (RING_BITS - bits)) - 1)
 
 
+# 64x64 bit-matrix transpose (Hacker's Delight 7-3): swap the off-diagonal j x j blocks for
+# j = 32, 16, ..., 1; masks pick the low half of each 2j-bit group.
+_TRANSPOSE_MASKS = tuple(
+    (j, torch.tensor(m - (1 << 64) if m >= 1 << 63 else m, dtype=DTYPE))
+    for j, m in (
+        (32, 0x00000000FFFFFFFF),
+        (16, 0x0000FFFF0000FFFF),
+        (8, 0x00FF00FF00FF00FF),
+        (4, 0x0F0F0F0F0F0F0F0F),
+        (2, 0x3333333333333333),
+        (1, 0x5555555555555555),
+    )
+)
+
+
 def to_planes(x: torch.Tensor) -> torch.Tensor:
     """The bit planes of ring elements: int64 [64, ceil(n / 64)] for n elements in C order.
 
     Bit k of word j of plane i is bit i of element 64 j + k (elements past n are 0). One word
     then carries one bit of 64 elements, so a bitwise protocol on a few planes touches 64 times
-    fewer words than on whole elements.
+    fewer words than on whole elements. Each block of 64 elements is a 64x64 bit matrix,
+    transposed in place with six masked swaps over all blocks at once.
     """
-    flat = x.reshape(-1).contiguous().numpy()
+    flat = x.reshape(-1)
     words = -(-flat.shape[0] // 64)
-    padded = np.zeros(words * 64, dtype=np.int64)
-    padded[: flat.shape[0]] = flat
-    bits = np.unpackbits(padded.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
-    planes = np.packbits(np.ascontiguousarray(bits.T), axis=1, bitorder="little")
-    return torch.from_numpy(planes.view(np.int64).copy())
+    a = torch.zeros(words * 64, dtype=DTYPE)
+    a[: flat.shape[0]] = flat
+    for j, mask in _TRANSPOSE_MASKS:
+        v = a.view(words, 64 // (2 * j), 2, j)  # rows with bit j clear, and their partners
+        lo, hi = v[:, :, 0, :], v[:, :, 1, :]
+        t = ((lo >> j) ^ hi) & mask
+        hi ^= t
+        lo ^= t << j
+    return a.view(words, 64).t().contiguous()
 
 
 def from_plane(plane: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
