@@ -43,9 +43,11 @@ def test_correlations_hold():
 def test_party0_gets_only_a_seed_and_party1_only_corrections():
     dealer = Dealer()
     m0, m1 = dealer.deal("x", 0, PLAN), dealer.deal("x", 1, PLAN)
-    assert m0.corrections == [] and m0.nbytes == 32
+    # a seed and the dealer's public instance id
+    assert m0.corrections == [] and m0.nbytes == 32 + 16
     # party 1: c (2x4), and-c (5), r_hi + r_msb (2x6), r + ar (2x7) words
-    assert m1.nbytes == 32 + 8 * (8 + 5 + 12 + 14)
+    assert m1.nbytes == 32 + 16 + 8 * (8 + 5 + 12 + 14)
+    assert m0.dealer == m1.dealer == dealer.instance and Dealer().instance != dealer.instance
 
 
 def test_a_request_id_is_served_once_per_party():

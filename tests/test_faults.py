@@ -174,3 +174,22 @@ def test_a_peer_with_a_certificate_from_another_ca_is_refused(tmp_path):
         assert r.status_code == 503 and not r.json()["peer_connected"]
     finally:
         c.stop()
+
+
+def test_after_a_dealer_restart_runs_open_the_weights_under_its_new_masks(cluster, images):
+    """A restarted dealer has a new master key, hence new fixed weight masks: the replicas must
+    open W - b again instead of reusing the old opening (which would give wrong labels)."""
+    expected = _labels(cluster, images[:4])
+    cluster.stop_process("dealer")
+    cluster.start_process("dealer")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{cluster.dealer_url}/v1/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, cluster.tails()
+        time.sleep(0.1)
+    for _ in range(3):  # four-image runs fetch from the new dealer (no prefetched material fits)
+        assert _labels(cluster, images[:4]) == expected

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from service.api.lanes import Lanes
-from service.api.peer import PeerAborted, PeerLost, PeerTimeout
+from service.api.peer import MaterialMismatch, PeerAborted, PeerLost, PeerTimeout
 from service.devcerts import make_dev_certs
 from service.mpc.channel import ChannelError, InMemoryChannel
 from service.mpc.prg import random_ring
@@ -211,3 +211,34 @@ def test_lanes_over_tls_and_a_plain_dialler_is_refused(pair, tmp_path):
         s.sendall(b"\x00\x00\x00\x02{}")  # no TLS: the server's handshake fails, it hangs up
         assert b"privdigit" not in _rest(s)  # never a hello in the clear
     assert p1.indices() == [0]
+
+
+@pytest.mark.parametrize("theirs", [7, None])
+def test_material_from_two_dealers_is_refused_in_round_0(pair, theirs):
+    """Each run's first frame carries its dealer instance; a peer holding other material (or
+    none) fails the run instead of computing a wrong label. The mark is not counted."""
+    p0, p1, _, _ = pair(count=1)
+    _up(p0, p1, 1)
+    ch0, ch1 = p0.channel(0, "m"), p1.channel(0, "m")
+    ch0.check, ch1.check = 5, theirs
+    x = [random_ring((3,))]
+
+    def one(ch):
+        with pytest.raises((MaterialMismatch, ChannelError)):
+            ch.exchange(x)
+
+    _run_both(lambda: one(ch0), lambda: one(ch1))
+    assert ch0.stats.bytes_sent == 24
+
+
+def test_the_same_dealer_instance_passes_and_is_not_counted(pair):
+    p0, p1, _, _ = pair(count=1)
+    _up(p0, p1, 1)
+    ch0, ch1 = p0.channel(0, "m"), p1.channel(0, "m")
+    ch0.check = ch1.check = -123
+    x = [random_ring((3,))]
+    got0, got1 = _run_both(
+        lambda: [ch0.exchange(x), ch0.exchange(x)], lambda: [ch1.exchange(x), ch1.exchange(x)]
+    )
+    assert all(torch.equal(g[0], x[0]) for g in (*got0, *got1))
+    assert ch0.stats.bytes_sent == ch1.stats.bytes_sent == 48 and ch0.stats.rounds == 2

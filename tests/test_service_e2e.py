@@ -593,3 +593,17 @@ def test_rounds_run_on_lanes_or_with_no_lanes_on_the_peer_stream(
                 _plain_labels(plaintext, images)
             )
         assert all(_gauge(u, stream) >= 1 and _gauge(u, lane) == 0 for u in c.replica_urls)
+
+
+def test_batches_of_the_usual_size_run_on_material_fetched_ahead(cluster, mnist, plaintext):
+    """Party 0 keeps material ready for the batch size it last saw queued (here 4 images), so
+    the next such batch does not wait for the dealer."""
+    hits = 'privdigit_prefetch_total{result="hit"}'
+    images = mnist[0][:4] / 255.0
+    with privdigit.PrivDigitClient(cluster.replica_urls) as client:
+        client.predict_encoded(images)  # shows party 0 a queue of 4 images
+        before = [_gauge(url, hits) for url in cluster.replica_urls]
+        for _ in range(3):
+            labels = [p.label for p in client.predict_encoded(images)]
+            assert labels == _plain_labels(plaintext, images).tolist()
+    assert all(_gauge(u, hits) >= b + 2 for u, b in zip(cluster.replica_urls, before, strict=True))

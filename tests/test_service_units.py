@@ -299,3 +299,36 @@ def test_material_pool_keeps_the_usual_run_ready_and_serves_each_entry_once():
     pool.clear()
     assert len(pool) == 0
     pool.close()
+
+
+def test_material_pool_keeps_entries_ahead_for_the_load_and_drops_a_restarted_dealers():
+    from types import SimpleNamespace
+
+    from service.api.prefetch import MaterialPool
+
+    def fetch(material_id, model, batch, output):
+        return SimpleNamespace(dealer=b"old" if material_id.startswith("old") else b"new")
+
+    v1 = SimpleNamespace(version="v1")
+    pool = MaterialPool(fetch, depth=2)
+    assert pool.ahead(v1, 16, 1) == 1
+    pool.add("old-16", v1, 16, "label")
+    pool.add("old-1", v1, 1, "label")
+    pool.take("old-1").future.result(5)
+    pool.add("old-1b", v1, 1, "label")
+    assert pool.ahead(v1, 16, 1) == 0
+    pool.take("old-16").future.result(5)
+    pool.add("old-16", v1, 16, "label")  # (taken above to wait for it; back in the pool)
+    pool.add("sync", v1, 1, "label")
+    pool.take("sync").future.result(5)
+    # a batch of 20 queued images runs 16 of them on the entry ahead; 15 images find none
+    assert pool.ready_batch(v1, 20, "label") == 16 and pool.ready_batch(v1, 15, "label") == 1
+    assert pool.ready_batch(v1, 20, "logits") is None
+    assert pool.ahead(v1, 8, 1) == 1  # the load changed: the 16-image entry is dropped
+    assert pool.ready_batch(v1, 20, "label") == 1
+    pool.add("new-8", v1, 8, "label")
+    pool.add("sync2", v1, 1, "label")
+    pool.take("sync2").future.result(5)
+    pool.forget_other_dealers(b"new")  # the dealer restarted: only its material still fits
+    assert pool.ready_batch(v1, 20, "label") == 8 and len(pool) == 1
+    pool.close()

@@ -44,6 +44,8 @@ from service.api.peer import PeerLink, PeerLost
 from service.api.prefetch import PREFETCH_BATCH, PREFETCH_OUTPUT, MaterialPool
 from service.store import LoadedModel, ModelRegistry
 
+IDLE_S = 0.05  # party 0 refills prefetched material after this long without a run
+
 
 @dataclass(frozen=True)
 class Run:
@@ -106,6 +108,9 @@ class Batcher:
         self._run, self.lanes = run_batch, lanes
         self._executors: dict[int, ThreadPoolExecutor] = {}  # one thread per slot, in order
         self._free_slots = list(range(max_batches))
+        self._ahead = max_batches if pool.depth else 0  # entries kept for the load's batch size
+        self.max_batches = max_batches
+        self._last_run_end = 0.0
         self._weights_opened = weights_opened
         self.pool = pool
         self.max_batch, self.timeout = max_batch, timeout
@@ -163,8 +168,9 @@ class Batcher:
             self._start(self._run_announced(rid, p))
         elif frame.kind == wire.PREFETCH and self.party == 1:
             model = self.registry.get(str(p.get("version")))
-            if model is not None:
-                self.pool.add(rid, model, PREFETCH_BATCH, PREFETCH_OUTPUT)
+            batch = p.get("batch", PREFETCH_BATCH)
+            if model is not None and isinstance(batch, int) and 1 <= batch <= self.max_batch:
+                self.pool.add(rid, model, batch, PREFETCH_OUTPUT)
         self._expire()
 
     def _expire(self) -> None:
@@ -243,18 +249,37 @@ class Batcher:
         return model
 
     def _take_batch(self) -> list[Job]:
-        """The oldest queued job and the queued jobs that can run with it, up to max_batch."""
+        """The oldest queued job and the queued jobs that can run with it, up to max_batch
+        images, or exactly as many as an entry of prefetched material holds when that fits."""
         first = next(iter(self._queue.values()))
+        alike = [
+            j for j in self._queue.values() if (j.output, j.want) == (first.output, first.want)
+        ]
+        most = self.max_batch
+        with contextlib.suppress(ApiError):  # no model: the caller refuses the batch
+            queued = min(sum(j.x.shape[0] for j in alike), self.max_batch)
+            ready = self.pool.ready_batch(self._pick_model(first.want), queued, first.output)
+            if ready is not None and ready > 1:
+                most = ready
         batch, images = [], 0
-        for job in list(self._queue.values()):
-            if (job.output, job.want) != (first.output, first.want):
-                continue
-            if batch and images + job.x.shape[0] > self.max_batch:
+        for job in alike:
+            if batch and images + job.x.shape[0] > most:
                 break
             batch.append(job)
             images += job.x.shape[0]
             del self._queue[job.request_id]
         return batch
+
+    def _expect(self, model: LoadedModel, queued: int) -> None:
+        """Party 0 under load: keep material ready for the batch the next free slot will take
+        (the largest power of two up to the images queued now), fetched while this one runs."""
+        size = 1 << (queued.bit_length() - 1)
+        if size < 2:
+            return
+        for _ in range(self.pool.ahead(model, size, self._ahead)):
+            material_id = secrets.token_urlsafe(18)
+            self._send(wire.PREFETCH, material_id, {"version": model.version, "batch": size})
+            self.pool.add(material_id, model, size, PREFETCH_OUTPUT)
 
     async def _batch_forever(self) -> None:
         while True:
@@ -262,6 +287,7 @@ class Batcher:
             self._wake.clear()
             while self._queue:
                 await self._slots.acquire()
+                queued = sum(j.x.shape[0] for j in self._queue.values())
                 jobs = [j for j in self._take_batch() if not j.future.done()]
                 if not jobs:
                     self._slots.release()
@@ -281,6 +307,8 @@ class Batcher:
                 batch_id = secrets.token_urlsafe(18)
                 images = sum(j.x.shape[0] for j in jobs)
                 ready = self.pool.claim(model, images, jobs[0].output)
+                if jobs[0].output == PREFETCH_OUTPUT:
+                    self._expect(model, min(queued, self.max_batch))
                 slot = self._free_slots.pop()
                 run = Run(
                     batch_id,
@@ -306,9 +334,23 @@ class Batcher:
                 )
                 self._start(self._execute(run, jobs, release=True))
 
+    @property
+    def idle(self) -> bool:
+        """No run in flight, none queued, and none ended within the last `IDLE_S` seconds."""
+        return (
+            len(self._free_slots) == self.max_batches
+            and not self._queue
+            and time.monotonic() - self._last_run_end >= IDLE_S
+        )
+
     def refill(self, model: LoadedModel | None = None) -> None:
-        """Party 0: top the prefetch pool up for the serving model and announce the new ids."""
-        if self.party != 0 or not self.peer.connected:
+        """Party 0: top the prefetch pool up for the serving model and announce the new ids.
+
+        Only while idle: fetching and expanding competes with a run for the CPU and for this
+        process's interpreter lock (one-image runs took 20 ms instead of 10 while requests came
+        back to back), so material is made in the pauses between requests, the offline phase.
+        """
+        if self.party != 0 or not self.peer.connected or not self.idle:
             return
         model = model or self.registry.newest_common(self.peer.peer_versions)
         if model is None:
@@ -318,7 +360,7 @@ class Batcher:
             self._send(wire.PREFETCH, material_id, {"version": model.version})
             self.pool.add(material_id, model, PREFETCH_BATCH, PREFETCH_OUTPUT)
 
-    async def _refill_forever(self, every: float = 0.5) -> None:
+    async def _refill_forever(self, every: float = IDLE_S) -> None:
         while True:
             await asyncio.sleep(every)
             self.refill()
@@ -393,4 +435,4 @@ class Batcher:
             if release:
                 self._free_slots.append(run.slot)
                 self._slots.release()
-                self.refill(run.model)  # after the run: fetching competes with it for the CPU
+                self._last_run_end = time.monotonic()  # refill once idle, see `refill`

@@ -17,10 +17,12 @@ announces the port again.
 Use. Party 0 names the slot of each run in BATCH and whether it runs on that slot's lane; both
 replicas run a slot's batches in order on the slot's own thread (`Batcher`), so a lane carries
 one run at a time. A frame is u32 length (big-endian) | a peer frame (`wire.py`: DATA, ABORT).
-Rounds are half duplex: party 0 sends then receives, party 1 receives then sends, so no frame
-size can deadlock two blocked senders; it costs one extra one-way trip per round (~20 us on
-loopback). A run that fails sends ABORT on its lane (best effort) and closes it; party 0 dials
-it again. While a slot's lane is down, its runs use the peer stream.
+Both parties' frames of a round have the same size (the protocol is symmetric). Up to
+`DUPLEX_MAX` bytes both send first, then receive: the kernel's socket buffers hold both frames,
+so a round costs one one-way trip. Larger rounds are half duplex (party 0 sends then receives,
+party 1 receives then sends), so two senders blocked on full buffers can never deadlock; that
+costs one more one-way trip. A run that fails sends ABORT on its lane (best effort) and closes
+it; party 0 dials it again. While a slot's lane is down, its runs use the peer stream.
 What lanes change for privacy: nothing; they carry the same frames as the peer stream.
 """
 
@@ -45,6 +47,7 @@ MAX_LANES = 64  # lane indices are < MAX_LANES (the largest max_batches)
 _LEN = struct.Struct(">I")
 _HANDSHAKE_TIMEOUT = 5.0
 _MAX_HANDSHAKES = 16  # connections authenticating at once (each has a thread)
+DUPLEX_MAX = 32 * 1024  # well below what loopback and LAN sockets buffer without a reader
 
 
 class Lane:
@@ -127,7 +130,7 @@ class LaneChannel(FramedChannel):
             return PeerLost(f"lane {self._lane.index} closed: {exc}")
 
     def _swap(self, frame: bytes) -> wire.Frame:
-        if self._lanes.party == 0:
+        if self._lanes.party == 0 or len(frame) <= DUPLEX_MAX:
             self._send(frame)
             return self._next()
         got = self._next()

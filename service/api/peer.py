@@ -45,6 +45,10 @@ class PeerLost(ChannelError):
     """The stream to the peer is down (or went down during the request)."""
 
 
+class MaterialMismatch(ChannelError):
+    """The two replicas hold dealer material from different dealer instances (a restart)."""
+
+
 class PeerAborted(ChannelError):
     """The peer gave up on this request and said why."""
 
@@ -255,12 +259,15 @@ class FramedChannel:
 
     A subclass moves frames (`_send`, `_receive`); this class checks that each DATA frame is the
     peer's answer to this round (run id, round number, tensor shapes) and turns ABORT into
-    `PeerAborted`. `_exchange_order` says who sends first (both at once on a multiplexed stream).
+    `PeerAborted`. With `check` set (the run's dealer instance, see `Replica.run_batch`), round 0
+    also carries it as one extra int64, not counted in `stats`, and a peer whose value differs
+    raises `MaterialMismatch`: randomness from two dealers never silently yields a wrong label.
     """
 
     def __init__(self, request_id: str, timeout: float) -> None:
         self.request_id, self.timeout = request_id, timeout
         self.stats = ChannelStats()
+        self.check: int | None = None
         self._round = 0
 
     def _send(self, frame: bytes) -> None:
@@ -291,7 +298,9 @@ class FramedChannel:
 
     def exchange(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self.stats.record(tensors)
-        frame = self._swap(wire.encode_data(self.request_id, self._round, tensors))
+        checked = self._round == 0 and self.check is not None
+        extra = [torch.tensor([self.check], dtype=torch.int64)] if checked else []
+        frame = self._swap(wire.encode_data(self.request_id, self._round, [*tensors, *extra]))
         if (
             frame.kind != wire.DATA
             or frame.request_id != self.request_id
@@ -300,6 +309,13 @@ class FramedChannel:
         ):
             raise ChannelError(f"round {self._round}: the peer is at another step")
         got = frame.tensors
+        if checked:
+            mark = got.pop() if len(got) == len(tensors) + 1 else None
+            if mark is None or mark.shape != (1,) or int(mark[0]) != self.check:
+                raise MaterialMismatch(
+                    "the replicas got this run's randomness from different dealer processes "
+                    "(the dealer restarted in between); retry the request"
+                )
         if len(got) != len(tensors) or any(
             a.shape != b.shape for a, b in zip(got, tensors, strict=True)
         ):

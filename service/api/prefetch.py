@@ -1,14 +1,19 @@
 """Dealer material fetched ahead of time (the offline phase), so a request's run starts at once.
 
 Party 0 keeps up to `depth` entries for the run it expects most: one image, label output, the
-serving model version. It names each entry with a fresh id and tells party 1 (PREFETCH), and
-both replicas fetch and expand their material for that id in the background. A batch that fits
-takes the oldest entry that is ready on party 0: its id travels in BATCH as the dealer request
-id, so both parties use the same randomness (party 1 waits for its own fetch if it is still
-running). An entry is used once, then dropped; a lost peer connection drops them all. Party 1
-fetches on demand an entry it never heard of (after a restart): the dealer serves every
-(id, party) once either way, so no randomness is ever used twice.
-What prefetching reveals: that a run of one image will come, which everyone may assume.
+serving model version. Under load it also keeps entries "ahead" for the batch size that load
+produces (`ahead`): a power of two no larger than the images queued when the last batch formed;
+a batch of at least that many images then runs that many on the prefetched material, and
+fetching happens while the previous batch runs instead of between runs. It names each entry
+with a fresh id and tells party 1 (PREFETCH, with the batch size), and both replicas fetch and
+expand their material for that id in the background. A batch that fits takes the oldest entry
+that is ready on party 0: its id travels in BATCH as the dealer request id, so both parties use
+the same randomness (party 1 waits for its own fetch if it is still running). An entry is used
+once, then dropped; a lost peer connection drops them all. Party 1 fetches on demand an entry it
+never heard of (after a restart): the dealer serves every (id, party) once either way, so no
+randomness is ever used twice.
+What prefetching reveals: that a run of one image will come, which everyone may assume, and
+under load the batch sizes party 0 expects, which the batches themselves show anyway.
 """
 
 from __future__ import annotations
@@ -67,6 +72,33 @@ class MaterialPool:
             )
         return max(0, self.depth - have)
 
+    def ahead(self, model: LoadedModel, batch: int, count: int) -> int:
+        """How many entries of `batch` images party 0 should add to hold `count` of them.
+
+        Entries of other sizes than 1 and `batch` are dropped: the load changed.
+        """
+        with self._lock:
+            for stale in [
+                k for k, e in self._entries.items() if e.batch not in (PREFETCH_BATCH, batch)
+            ]:
+                self._entries.pop(stale).future.cancel()
+            have = sum(e.fits(model, batch, PREFETCH_OUTPUT) for e in self._entries.values())
+        return max(0, count - have)
+
+    def ready_batch(self, model: LoadedModel, most: int, output: str) -> int | None:
+        """The largest batch size, up to `most` images, with an entry ready for this run."""
+        with self._lock:
+            sizes = [
+                e.batch
+                for e in self._entries.values()
+                if e.version == model.version
+                and e.output == output
+                and e.batch <= most
+                and e.future.done()
+                and not e.future.exception()
+            ]
+        return max(sizes, default=None)
+
     def claim(self, model: LoadedModel, batch: int, output: str) -> str | None:
         """Party 0: the id of the oldest entry fetched successfully for this run, if any,
         promised to that run at once, so two runs are never given the same material."""
@@ -81,6 +113,19 @@ class MaterialPool:
         """The entry a run uses (removed: each entry serves one run)."""
         with self._lock:
             return self._claimed.pop(material_id, None) or self._entries.pop(material_id, None)
+
+    def forget_other_dealers(self, dealer: bytes) -> None:
+        """Drop fetched entries made by another dealer instance than `dealer` (it restarted)."""
+        with self._lock:
+            for entries in (self._entries, self._claimed):
+                for key in [
+                    k
+                    for k, e in entries.items()
+                    if e.future.done()
+                    and not e.future.exception()
+                    and e.future.result().dealer != dealer
+                ]:
+                    del entries[key]
 
     def clear(self) -> None:
         """Forget every entry (the peer connection is gone, so are its announcements)."""

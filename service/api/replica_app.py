@@ -41,7 +41,14 @@ from service.api.dealer_client import DealerClient
 from service.api.errors import ERRORS, ApiError, RequestGuard, install_error_handlers
 from service.api.lanes import Lanes
 from service.api.observability import ReplicaMetrics
-from service.api.peer import FramedChannel, PeerAborted, PeerLink, PeerLost, PeerTimeout
+from service.api.peer import (
+    FramedChannel,
+    MaterialMismatch,
+    PeerAborted,
+    PeerLink,
+    PeerLost,
+    PeerTimeout,
+)
 from service.api.prefetch import MaterialPool
 from service.api.schemas import (
     ErrorBody,
@@ -140,6 +147,7 @@ class Replica:
         )
         self.lane_port: int | None = None  # party 1: where its lanes listen
         self.pool = MaterialPool(self._fetch_material, s.prefetch)
+        self._dealer = b""  # the dealer instance of the newest material fetched
         self.inflight = 0
         self.batcher = Batcher(
             s.party,
@@ -150,12 +158,14 @@ class Replica:
             max_batch=s.max_batch,
             max_batches=s.max_batches,
             timeout=s.peer_timeout_s,
-            weights_opened=lambda model: model.version in self.weight_masks,
+            weights_opened=lambda model: any(v == model.version for v, _ in self.weight_masks),
             pool=self.pool,
         )
-        # Per model version: the opened masked weights (public to both replicas). Party 0
-        # forgets them with the connection, so the next run on a new one opens them again.
-        self.weight_masks: dict[str, WeightMasks] = {}
+        # Per model version and dealer instance (whose seeds make the masks): the opened masked
+        # weights (public to both replicas). Party 0 forgets them with the connection, so the
+        # next run on a new one opens them again; material from a restarted dealer comes with
+        # new masks, so both replicas open the weights again for it.
+        self.weight_masks: dict[tuple[str, bytes], WeightMasks] = {}
         self.peer.on_control = self._on_control
         self.peer.on_connect = self._on_connect
         self.peer.on_disconnect = self._on_disconnect
@@ -285,7 +295,11 @@ class Replica:
         """Worker thread: this party's dealer material for one run, expanded (offline work)."""
         kind = "label" if output == "label" else "logits"
         plan = model.network.plan(batch, kind, model.weight_shapes, model.mask_id)
-        return Randomness(self.dealer.fetch(material_id, plan)).prefetch()
+        rand = Randomness(self.dealer.fetch(material_id, plan)).prefetch()
+        if rand.dealer != self._dealer:  # the dealer restarted: older entries no longer fit
+            self._dealer = rand.dealer
+            self.pool.forget_other_dealers(rand.dealer)
+        return rand
 
     def _material(self, run: Run, batch: int) -> Randomness:
         entry = self.pool.take(run.material_id) if run.material_id != run.batch_id else None
@@ -303,8 +317,9 @@ class Replica:
         """Worker thread: one protocol run on a batch, with the peer, keyed by the batch id.
 
         `run.open_weights` (party 0 decides, party 1 follows): this run opens the masked weights
-        anew. Party 1 shares the object at once (a run party 0 announces after this one ended
-        sees it filled); party 0 keeps it only once the run succeeded.
+        anew; both also open them when none are held for this material's dealer instance. Party
+        1 shares the object at once (a run party 0 announces after this one ended sees it
+        filled); party 0 keeps it only once the run succeeded.
         """
         model, output = run.model, run.output
         try:
@@ -317,15 +332,18 @@ class Replica:
             raise ApiError("not_ready", f"lost the peer replica: {exc}") from None
         self.metrics.runs.labels("lane" if run.lane else "stream").inc()
         ok = False
-        masks = self.weight_masks.get(model.version)
-        if run.open_weights or masks is None:
-            masks = WeightMasks(model.mask_id)
-            if self.party == 1:
-                self.weight_masks[model.version] = masks
         try:
             net, kind = model.network, "label" if output == "label" else "logits"
             t0 = time.perf_counter()
             rand = self._material(run, x.shape[0])
+            ch.check = int.from_bytes(rand.dealer[:8], "little", signed=True)
+            key = (model.version, rand.dealer)
+            masks = self.weight_masks.get(key)
+            opens = run.open_weights or masks is None
+            if opens:
+                masks = WeightMasks(model.mask_id)
+                if self.party == 1:
+                    self._keep_masks(key, masks)
             t1 = time.perf_counter()
             c1 = time.thread_time()
             party = Party(self.party, ch, rand, net.fp)
@@ -346,8 +364,8 @@ class Replica:
                     }
                 },
             )
-            if self.party == 0 and run.open_weights:
-                self.weight_masks[model.version] = masks
+            if self.party == 0 and opens:
+                self._keep_masks(key, masks)
             ok = True
             return share, ch.stats.rounds, ch.stats.bytes_sent
         except ApiError as exc:
@@ -358,6 +376,9 @@ class Replica:
             raise ApiError(code, f"the peer replica aborted: {exc}") from None
         except PeerTimeout as exc:
             raise ApiError("peer_timeout", str(exc)) from None
+        except MaterialMismatch as exc:  # both replicas see it; stale entries must go
+            self.pool.forget_other_dealers(self._dealer)
+            raise ApiError("dealer_unavailable", str(exc)) from None
         except PeerLost as exc:
             raise ApiError(
                 "not_ready", f"lost the peer replica during the request: {exc}"
@@ -372,7 +393,15 @@ class Replica:
         finally:
             ch.close(ok)
             if not ok and self.party == 0:  # whatever went wrong, the next run re-opens them
-                self.weight_masks.pop(model.version, None)
+                self._forget_masks(model.version)
+
+    def _keep_masks(self, key: tuple[str, bytes], masks: WeightMasks) -> None:
+        self._forget_masks(key[0])
+        self.weight_masks[key] = masks
+
+    def _forget_masks(self, version: str) -> None:
+        for key in [k for k in self.weight_masks if k[0] == version]:
+            del self.weight_masks[key]
 
     # -- one predict request (event loop) ------------------------------------------------------
 

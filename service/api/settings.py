@@ -77,11 +77,13 @@ class ReplicaSettings(_Base):
     )
     max_inflight: int = Field(default=32, ge=1, le=1024)
     max_batches: int = Field(
-        default=2,
+        default=1,
         ge=1,
         le=64,
-        description="protocol runs in flight; requests that arrive "
-        "while all are busy queue and leave together as one batch",
+        description="protocol runs in flight; requests that arrive while all are busy queue "
+        "and leave together as one batch. 1 (default): runs in one process share one "
+        "interpreter lock, so a second concurrent run mostly delays the first (32 clients on 2 "
+        "cores: 266 images/s with 1, 147 with 2)",
     )
     comparison: Literal["a2b", "fss", "hybrid"] = Field(
         default="a2b",

@@ -3,7 +3,8 @@
 Tensor in JSON (documented in `openapi.yaml`, mirrored by `clients/privdigit.py`):
     {"dtype": "int64", "shape": [n, ...], "data": base64(little-endian int64, C order)}
 
-Dealer material (application/octet-stream): the 32-byte seed, then party 1's corrections as
+Dealer material (application/octet-stream): the 32-byte seed, the dealer's 16-byte instance id,
+then party 1's corrections as
 little-endian int64 in plan order, then (both parties) the DCF keys of the plan's fss gates as
 little-endian 64-bit words in plan order, then (both parties) one 32-byte weight-mask seed per
 beaverw request (all sizes follow from the public plan).
@@ -29,7 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.mpc.dealer import PartyMaterial, Request, correction_shapes, key_words
+from service.mpc.dealer import (
+    INSTANCE_BYTES,
+    PartyMaterial,
+    Request,
+    correction_shapes,
+    key_words,
+)
 
 SEED_BYTES = 32
 
@@ -87,7 +94,7 @@ def plan_from_json(items: Sequence[dict[str, Any]]) -> tuple[Request, ...]:
 
 
 def material_to_bytes(m: PartyMaterial) -> bytes:
-    parts = [m.seed]
+    parts = [m.seed, m.dealer]
     parts += [c.contiguous().numpy().astype("<i8", copy=False).tobytes() for c in m.corrections]
     parts += [k.astype("<u8", copy=False).tobytes() for k in m.keys]
     return b"".join([*parts, *m.mask_seeds])
@@ -99,13 +106,12 @@ def material_from_bytes(
     shapes = correction_shapes(plan) if party == 1 else []
     keys = key_words(plan)
     n_masks = sum(r.kind == "beaverw" for r in plan)
-    words_end = SEED_BYTES + 8 * (sum(math.prod(s) for s in shapes) + sum(keys))
+    head = SEED_BYTES + INSTANCE_BYTES
+    words_end = head + 8 * (sum(math.prod(s) for s in shapes) + sum(keys))
     expected = words_end + SEED_BYTES * n_masks
     if len(data) != expected:
         raise WireError(f"dealer sent {len(data)} bytes, the plan needs {expected}")
-    flat = np.frombuffer(data[:words_end], dtype="<i8", offset=SEED_BYTES).astype(
-        np.int64, copy=True
-    )
+    flat = np.frombuffer(data[:words_end], dtype="<i8", offset=head).astype(np.int64, copy=True)
     corrections, pos = [], 0
     for s in shapes:
         n = math.prod(s)
@@ -118,7 +124,16 @@ def material_from_bytes(
     masks = [
         data[words_end + i * SEED_BYTES : words_end + (i + 1) * SEED_BYTES] for i in range(n_masks)
     ]
-    return PartyMaterial(request_id, party, data[:SEED_BYTES], plan, corrections, words, masks)
+    return PartyMaterial(
+        request_id,
+        party,
+        data[:SEED_BYTES],
+        plan,
+        corrections,
+        words,
+        masks,
+        data[SEED_BYTES:head],
+    )
 
 
 # -- peer frames ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 from service.mpc import dcf
 from service.mpc.prg import PRG, SEED_BYTES, fresh_seed
 from service.mpc.ring import logical_shift_right, msb
+
+INSTANCE_BYTES = 16
 
 
 class RandomnessReused(RuntimeError):
@@ -278,11 +281,13 @@ class PartyMaterial:
     corrections: list[torch.Tensor] = field(default_factory=list)
     keys: list[np.ndarray] = field(default_factory=list)
     mask_seeds: list[bytes] = field(default_factory=list)  # one per beaverw request
+    dealer: bytes = bytes(INSTANCE_BYTES)  # the dealing `Dealer`'s public instance id
 
     @property
     def nbytes(self) -> int:
         return (
             len(self.seed)
+            + len(self.dealer)
             + len(self.mask_seeds) * SEED_BYTES
             + sum(c.numel() * c.element_size() for c in self.corrections)
             + sum(k.nbytes for k in self.keys)
@@ -309,6 +314,11 @@ class Randomness:
                 raise RandomnessReused("prefetch must come before any draw, and only once")
             self._ready = [self._expand(req) for req in self._m.plan]
         return self
+
+    @property
+    def dealer(self) -> bytes:
+        """The instance id of the dealer that made this material (see `Dealer.instance`)."""
+        return self._m.dealer
 
     @property
     def exhausted(self) -> bool:
@@ -369,6 +379,9 @@ class Dealer:
 
     def __init__(self, master_key: bytes | None = None) -> None:
         self._key = master_key if master_key is not None else fresh_seed()
+        # Public and random: material from two dealers (e.g. before and after a restart, with
+        # a fresh master key) does not fit together, and the parties check this id to notice.
+        self.instance = os.urandom(INSTANCE_BYTES)
         self._served: set[tuple[str, int]] = set()
         self._lock = threading.Lock()
         # DCF keys are costly to make and both parties need them: made once per request id and
@@ -406,7 +419,7 @@ class Dealer:
         plan = tuple(plan)
         masks = [self._mask_seed(r, party) for r in plan if r.kind == "beaverw"]
         if party == 0 and not any(r.kind == "fss" for r in plan):
-            return PartyMaterial(request_id, 0, seed, plan, mask_seeds=masks)
+            return PartyMaterial(request_id, 0, seed, plan, mask_seeds=masks, dealer=self.instance)
         with self._lock:
             cached = self._unclaimed.pop(request_id, None)
         if cached is not None and cached[0] == plan:
@@ -419,7 +432,7 @@ class Dealer:
                     while len(self._unclaimed) > MAX_UNCLAIMED:
                         self._unclaimed.popitem(last=False)
         mine = corrections if party == 1 else []
-        return PartyMaterial(request_id, party, seed, plan, mine, keys, masks)
+        return PartyMaterial(request_id, party, seed, plan, mine, keys, masks, self.instance)
 
     def _derive(
         self, request_id: str, plan: tuple[Request, ...]
