@@ -101,3 +101,23 @@ def test_linear_with_a_fixed_mask_for_convolutions():
         result = _run_linear(dealer, masks, x, w, "conv2d", (1, 1))
         want = F.conv2d(x.double(), w.double(), padding=1)
         assert torch.equal(opened(result), want.long())
+
+
+@given(st.sampled_from([1, 5]), st.sampled_from([(1, 0, 2), (1, 1, 2), (2, 1, 3)]))
+def test_conv_then_sum_pool_as_one_bilinear_op_is_exact(batch, params):
+    """conv2d_pool: the Beaver product of a convolution followed by k x k sum pooling, with the
+    dealer's c already pooled (k^2 times smaller), fixed weight masks, exact on the ring."""
+    from service.mpc.dealer import Dealer
+
+    stride, padding, k = params
+    side = {2: 10, 3: 11}[k]  # (side + 2 padding - 3) // stride + 1 divisible by k
+    dealer, w = Dealer(), random_ring((4, 2, 3, 3))
+    masks = (beaver.WeightMasks("pool"), beaver.WeightMasks("pool"))
+    for _ in range(2):  # opens W - b, then reuses it
+        x = random_ring((batch, 2, side, side))
+        result = _run_linear(dealer, masks, x, w, "conv2d_pool", params)
+        y = F.conv2d(x, w, stride=stride, padding=padding)
+        n, c, h, wd = y.shape
+        assert h % k == 0 and wd % k == 0
+        want = y.reshape(n, c, h // k, k, wd // k, k).sum(dim=(3, 5))
+        assert torch.equal(opened(result), want)

@@ -46,9 +46,12 @@ class Entry:
 class MaterialPool:
     """Prefetched dealer material by id; one background thread fetches, in order."""
 
-    def __init__(self, fetch: Fetch, depth: int) -> None:
+    def __init__(
+        self, fetch: Fetch, depth: int, on_drop: Callable[[int], None] = lambda n: None
+    ) -> None:
         self.depth = depth
         self._fetch = fetch
+        self._on_drop = on_drop  # entries dropped unused (the load or the model changed)
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._claimed: dict[str, Entry] = {}  # party 0: promised to a run, not yet taken
         self._lock = threading.Lock()
@@ -65,8 +68,12 @@ class MaterialPool:
         Entries of other model versions are dropped: the serving version moved on.
         """
         with self._lock:
-            for stale in [k for k, e in self._entries.items() if e.version != model.version]:
-                self._entries.pop(stale).future.cancel()
+            stale = [k for k, e in self._entries.items() if e.version != model.version]
+            for key in stale:
+                self._entries.pop(key).future.cancel()
+        if stale:
+            self._on_drop(len(stale))
+        with self._lock:
             have = sum(
                 e.fits(model, PREFETCH_BATCH, PREFETCH_OUTPUT) for e in self._entries.values()
             )
@@ -78,10 +85,12 @@ class MaterialPool:
         Entries of other sizes than 1 and `batch` are dropped: the load changed.
         """
         with self._lock:
-            for stale in [
-                k for k, e in self._entries.items() if e.batch not in (PREFETCH_BATCH, batch)
-            ]:
-                self._entries.pop(stale).future.cancel()
+            stale = [k for k, e in self._entries.items() if e.batch not in (PREFETCH_BATCH, batch)]
+            for key in stale:
+                self._entries.pop(key).future.cancel()
+        if stale:
+            self._on_drop(len(stale))
+        with self._lock:
             have = sum(e.fits(model, batch, PREFETCH_OUTPUT) for e in self._entries.values())
         return max(0, count - have)
 

@@ -146,7 +146,11 @@ class Replica:
             on_auth_failure=lambda: self.metrics.auth_failures.labels("lane").inc(),
         )
         self.lane_port: int | None = None  # party 1: where its lanes listen
-        self.pool = MaterialPool(self._fetch_material, s.prefetch)
+        self.pool = MaterialPool(
+            self._fetch_material,
+            s.prefetch,
+            on_drop=lambda n: self.metrics.prefetch.labels("dropped").inc(n),
+        )
         self._dealer = b""  # the dealer instance of the newest material fetched
         self.inflight = 0
         self.batcher = Batcher(

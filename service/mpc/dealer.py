@@ -1,7 +1,8 @@
 """Correlated randomness from a dealer, seed-compressed and bound to a request id.
 
 Kinds (each a `Request`; shapes are public, values secret):
-- `beaver(op, x_shape, y_shape)`: [a], [b], [c] with c = op(a, b) for op in mul | matmul | conv2d.
+- `beaver(op, x_shape, y_shape)`: [a], [b], [c] with c = op(a, b) for op in mul | matmul | conv2d
+  | conv2d_pool (a convolution followed by k x k sum pooling: c is k^2 times smaller).
 - `beaverw(op, x_shape, w_shape, mask_id, name)`: the same for a model weight whose mask b is
   fixed per model (mask id) and weight name: [b] comes from a per-(model, weight, party) mask
   seed, so the parties open W - b once per model instead of once per query (`beaver.linear`).
@@ -105,6 +106,15 @@ def bilinear(op: str, params: tuple) -> Callable[[torch.Tensor, torch.Tensor], t
     if op == "conv2d":
         stride, padding = int(params[0]), int(params[1])
         return lambda x, w: F.conv2d(x, w, stride=stride, padding=padding)
+    if op == "conv2d_pool":
+        stride, padding, k = int(params[0]), int(params[1]), int(params[2])
+
+        def conv_pool(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            y = F.conv2d(x, w, stride=stride, padding=padding)
+            n, c, h, wd = y.shape
+            return y.reshape(n, c, h // k, k, wd // k, k).sum(dim=(3, 5))
+
+        return conv_pool
     raise ValueError(f"unknown bilinear op {op!r}")
 
 
@@ -212,7 +222,7 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
             raise ValueError(f"step {i}: trunc needs one shift in [1, 63)")
         if req.kind in ("beaver", "beaverw"):
             op = req.params[0] if req.params else None
-            if op not in ("mul", "matmul", "conv2d"):
+            if op not in ("mul", "matmul", "conv2d", "conv2d_pool"):
                 raise ValueError(f"step {i}: unknown bilinear op {op!r}")
             params = req.params[1:]
             if req.kind == "beaverw":
@@ -222,10 +232,14 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
                 ):
                     raise ValueError(f"step {i}: beaverw needs a mask id and a weight name")
                 params = params[:-2]
-            if (op == "conv2d") != (len(params) == 2) or not all(
-                isinstance(p, int) and 0 <= p < 64 for p in params
-            ):
-                raise ValueError(f"step {i}: conv2d needs stride and padding, nothing else does")
+            wanted = {"conv2d": 2, "conv2d_pool": 3}.get(str(op), 0)
+            if len(params) != wanted or not all(isinstance(p, int) and 0 <= p < 64 for p in params):
+                raise ValueError(
+                    f"step {i}: conv2d needs stride and padding, conv2d_pool also the pooling "
+                    "size, nothing else takes params"
+                )
+            if op == "conv2d_pool" and params[2] < 1:
+                raise ValueError(f"step {i}: conv2d_pool needs a pooling size >= 1")
             try:
                 _derived_shape(req)
             except (RuntimeError, ValueError, IndexError, TypeError) as exc:

@@ -6,7 +6,9 @@ Layers (JSON dicts, as `training.model.layer_list` writes them):
 Weights are shares of `{name}.weight` and `{name}.bias` at f fractional bits.
 
 Scale bookkeeping: a linear layer's product carries 2f fractional bits; average pooling is a
-local sum whose 1/k^2 joins the pending rescale (k^2 must be a power of two). The rescale is
+local sum whose 1/k^2 joins the pending rescale (k^2 must be a power of two). A convolution
+directly followed by average pooling runs as one bilinear op (`conv2d_pool`), so its Beaver
+product c, the dealer material, is already pooled: k^2 times smaller. The rescale is
 done once, in the next ReLU, which compares on the unscaled value and truncates in the same
 round (see `comparison.relu`). For a label, argmax runs on the unscaled logits (it is
 scale-invariant), so the last layer needs no truncation at all.
@@ -104,8 +106,12 @@ class PrivateNetwork:
             raise ModelSpecError(f"input shape {tuple(x.shape[1:])} != {self.input_shape}")
         f = self.fp.frac_bits
         pending = 0  # fractional bits above f that the next rescale must remove
-        for layer in self.layers:
+        fused = False  # the previous conv2d already pooled for this avgpool2d
+        for i, layer in enumerate(self.layers):
             kind = layer["type"]
+            if fused:
+                fused = False
+                continue
             if kind in ("conv2d", "linear"):
                 if pending:
                     x, pending = truncation.truncate(party, x, pending), 0
@@ -113,6 +119,12 @@ class PrivateNetwork:
                 w, b = weights[name], weights[f"{layer['name']}.bias"]
                 if kind == "conv2d":
                     params = (int(layer.get("stride", 1)), int(layer.get("padding", 0)))
+                    k = self._pool_after(i, x, w, params)
+                    if k:  # sum-pool(conv(x, W) + b) = conv2d_pool(x, W) + k^2 b
+                        x = beaver.linear(party, x, w, name, masks, "conv2d_pool", (*params, k))
+                        x = x + ((b << f) * (k * k)).view(1, -1, 1, 1)
+                        pending, fused = f + int(math.log2(k * k)), True
+                        continue
                     x = beaver.linear(party, x, w, name, masks, "conv2d", params)
                     x = x + (b << f).view(1, -1, 1, 1)
                 else:
@@ -137,6 +149,16 @@ class PrivateNetwork:
         if output == "logits":
             return truncation.truncate(party, x, pending) if pending else x
         raise ValueError(f"output must be 'label' or 'logits', got {output!r}")
+
+    def _pool_after(self, i: int, x: torch.Tensor, w: torch.Tensor, params: tuple[int, int]) -> int:
+        """The kernel of an average pooling right after conv layer i that can fuse with it
+        (the conv output's sides divide by it), else 0."""
+        if i + 1 >= len(self.layers) or self.layers[i + 1]["type"] != "avgpool2d":
+            return 0
+        k = int(self.layers[i + 1]["kernel_size"])
+        stride, padding = params
+        sides = [(x.shape[d] + 2 * padding - w.shape[d]) // stride + 1 for d in (-2, -1)]
+        return k if all(s % k == 0 for s in sides) else 0
 
     def plan(
         self,

@@ -16,6 +16,8 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 SEED_BYTES = 32
+_CHUNK = 1 << 20
+_ZEROS = memoryview(bytes(_CHUNK))  # the plaintext of the keystream, shared read-only
 
 
 def fresh_seed() -> bytes:
@@ -32,15 +34,21 @@ class PRG:
         self._enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
         self.bytes_drawn = 0
 
-    def _bytes(self, n: int) -> bytes:
+    def _bytes(self, n: int) -> bytearray:
+        """The next n keystream bytes (plus 15 spare bytes at the end, see `update_into`)."""
         self.bytes_drawn += n
-        return self._enc.update(bytes(n))
+        out = bytearray(n + 15)  # `update_into` wants room for one block less one byte
+        view = memoryview(out)
+        for start in range(0, n, _CHUNK):  # encrypt zeros: the keystream, with no copies
+            size = min(_CHUNK, n - start)
+            self._enc.update_into(_ZEROS[:size], view[start : start + size + 15])
+        return out
 
     def ring(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform elements of Z_2^64 (int64) of the given shape."""
         n = math.prod(shape)
-        data = np.frombuffer(self._bytes(8 * n), dtype="<i8")
-        return torch.from_numpy(data.copy()).reshape(tuple(shape))
+        data = np.frombuffer(self._bytes(8 * n), dtype="<i8", count=n)  # writable, no copy
+        return torch.from_numpy(data).reshape(tuple(shape))
 
     def bits(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform bits (0/1 as int64) of the given shape."""
