@@ -42,6 +42,20 @@ def _labels(cluster, x, timeout=60.0):
         return [p.label for p in client.predict_encoded(x)]
 
 
+def _start_dealer(cluster) -> None:
+    """Start the dealer and wait until it answers its health check."""
+    cluster.start_process("dealer")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{cluster.dealer_url}/v1/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, cluster.tails()
+        time.sleep(0.1)
+
+
 def _post_both(cluster, x, rid=None):
     s0, s1 = privdigit.share_image(privdigit.encode_fixed(x.reshape(-1, 1, 28, 28), 16))
     rid = rid or secrets.token_urlsafe(18)
@@ -96,16 +110,7 @@ def test_dealer_down_gives_503_and_recovers_after_restart(cluster, images):
         pytest.fail("requests kept succeeding without a dealer beyond the prefetched material")
     for r in responses:
         assert r.status_code == 503 and r.json()["error"]["code"] == "dealer_unavailable"
-    cluster.start_process("dealer")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{cluster.dealer_url}/v1/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, cluster.tails()
-        time.sleep(0.1)
+    _start_dealer(cluster)
     assert _labels(cluster, images[:4]) == expected
 
 
@@ -181,15 +186,6 @@ def test_after_a_dealer_restart_runs_open_the_weights_under_its_new_masks(cluste
     open W - b again instead of reusing the old opening (which would give wrong labels)."""
     expected = _labels(cluster, images[:4])
     cluster.stop_process("dealer")
-    cluster.start_process("dealer")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{cluster.dealer_url}/v1/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, cluster.tails()
-        time.sleep(0.1)
+    _start_dealer(cluster)
     for _ in range(3):  # four-image runs fetch from the new dealer (no prefetched material fits)
         assert _labels(cluster, images[:4]) == expected
