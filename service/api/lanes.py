@@ -55,29 +55,37 @@ class Lane:
 
     def __init__(self, sock: socket.socket, index: int, timeout: float) -> None:
         self.sock, self.index = sock, index
-        self.closed = False
         sock.settimeout(timeout)
 
     def send(self, frame: bytes) -> None:
-        head = _LEN.pack(len(frame))
-        if len(frame) <= 65536:  # the usual round: one segment
-            self.sock.sendall(head + frame)
-        else:  # no copy of a large frame
-            self.sock.sendall(head)
-            self.sock.sendall(frame)
+        _send_frame(self.sock, frame)
 
     def receive(self) -> bytes:
-        (n,) = _LEN.unpack(_read_exactly(self.sock, _LEN.size))
-        if n > MAX_FRAME:
-            raise wire.WireError(f"lane frame of {n} bytes is larger than {MAX_FRAME}")
-        return bytes(_read_exactly(self.sock, n))
+        return _read_frame(self.sock, MAX_FRAME)
 
     def close(self) -> None:
-        self.closed = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+def _send_frame(sock: socket.socket, data: bytes) -> None:
+    """u32 length (big-endian), then the bytes."""
+    head = _LEN.pack(len(data))
+    if len(data) <= 65536:  # the usual round: one segment
+        sock.sendall(head + data)
+    else:  # no copy of a large frame
+        sock.sendall(head)
+        sock.sendall(data)
+
+
+def _read_frame(sock: socket.socket, limit: int) -> bytes:
+    """The next length-prefixed frame; `WireError` if it claims more than `limit` bytes."""
+    (n,) = _LEN.unpack(_read_exactly(sock, _LEN.size))
+    if n > limit:
+        raise wire.WireError(f"lane frame of {n} bytes is larger than {limit}")
+    return bytes(_read_exactly(sock, n))
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytearray:
@@ -92,22 +100,19 @@ def _read_exactly(sock: socket.socket, n: int) -> bytearray:
 
 
 def _send_json(sock: socket.socket, obj: dict[str, Any]) -> None:
-    data = json.dumps(obj).encode()
-    sock.sendall(_LEN.pack(len(data)) + data)
+    _send_frame(sock, json.dumps(obj).encode())
 
 
 def _recv_json(sock: socket.socket) -> dict[str, Any]:
-    (n,) = _LEN.unpack(_read_exactly(sock, _LEN.size))
-    if n > 4096:
-        raise auth.AuthError("handshake message too long")
-    obj = json.loads(bytes(_read_exactly(sock, n)))
+    obj = json.loads(_read_frame(sock, 4096))  # a handshake message is a few hundred bytes
     if not isinstance(obj, dict):
         raise auth.AuthError("handshake message is not an object")
     return obj
 
 
 class LaneChannel(FramedChannel):
-    """The engine's `Channel` for one run on a lane (half duplex: party 0 speaks first)."""
+    """The engine's `Channel` for one run on a lane (rounds over `DUPLEX_MAX` bytes half duplex,
+    party 0 first; smaller ones full duplex)."""
 
     def __init__(self, lanes: Lanes, lane: Lane, request_id: str) -> None:
         super().__init__(request_id, lanes.timeout)
