@@ -39,6 +39,11 @@ class Entry:
     output: str
     future: Future[Randomness]
 
+    @property
+    def ready(self) -> bool:
+        """Fetched, successfully."""
+        return self.future.done() and not self.future.exception()
+
     def fits(self, model: LoadedModel, batch: int, output: str) -> bool:
         return (self.version, self.batch, self.output) == (model.version, batch, output)
 
@@ -67,12 +72,7 @@ class MaterialPool:
 
         Entries of other model versions are dropped: the serving version moved on.
         """
-        with self._lock:
-            stale = [k for k, e in self._entries.items() if e.version != model.version]
-            for key in stale:
-                self._entries.pop(key).future.cancel()
-        if stale:
-            self._on_drop(len(stale))
+        self._drop_unused(lambda e: e.version != model.version)
         with self._lock:
             have = sum(
                 e.fits(model, PREFETCH_BATCH, PREFETCH_OUTPUT) for e in self._entries.values()
@@ -84,15 +84,19 @@ class MaterialPool:
 
         Entries of other sizes than 1 and `batch` are dropped: the load changed.
         """
-        with self._lock:
-            stale = [k for k, e in self._entries.items() if e.batch not in (PREFETCH_BATCH, batch)]
-            for key in stale:
-                self._entries.pop(key).future.cancel()
-        if stale:
-            self._on_drop(len(stale))
+        self._drop_unused(lambda e: e.batch not in (PREFETCH_BATCH, batch))
         with self._lock:
             have = sum(e.fits(model, batch, PREFETCH_OUTPUT) for e in self._entries.values())
         return max(0, count - have)
+
+    def _drop_unused(self, stale: Callable[[Entry], bool]) -> None:
+        """Cancel and forget the unclaimed entries `stale` picks; count them."""
+        with self._lock:
+            keys = [k for k, e in self._entries.items() if stale(e)]
+            for key in keys:
+                self._entries.pop(key).future.cancel()
+        if keys:
+            self._on_drop(len(keys))
 
     def ready_batch(self, model: LoadedModel, most: int, output: str) -> int | None:
         """The largest batch size, up to `most` images, with an entry ready for this run."""
@@ -100,11 +104,7 @@ class MaterialPool:
             sizes = [
                 e.batch
                 for e in self._entries.values()
-                if e.version == model.version
-                and e.output == output
-                and e.batch <= most
-                and e.future.done()
-                and not e.future.exception()
+                if e.version == model.version and e.output == output and e.batch <= most and e.ready
             ]
         return max(sizes, default=None)
 
@@ -113,7 +113,7 @@ class MaterialPool:
         promised to that run at once, so two runs are never given the same material."""
         with self._lock:
             for e in self._entries.values():
-                if e.fits(model, batch, output) and e.future.done() and not e.future.exception():
+                if e.fits(model, batch, output) and e.ready:
                     self._claimed[e.material_id] = self._entries.pop(e.material_id)
                     return e.material_id
         return None
@@ -128,11 +128,7 @@ class MaterialPool:
         with self._lock:
             for entries in (self._entries, self._claimed):
                 for key in [
-                    k
-                    for k, e in entries.items()
-                    if e.future.done()
-                    and not e.future.exception()
-                    and e.future.result().dealer != dealer
+                    k for k, e in entries.items() if e.ready and e.future.result().dealer != dealer
                 ]:
                     del entries[key]
 
