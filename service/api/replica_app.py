@@ -162,14 +162,14 @@ class Replica:
             max_batch=s.max_batch,
             max_batches=s.max_batches,
             timeout=s.peer_timeout_s,
-            weights_opened=lambda model: any(v == model.version for v, _ in self.weight_masks),
+            weights_opened=lambda model: model.version in self.weight_masks,
             pool=self.pool,
         )
-        # Per model version and dealer instance (whose seeds make the masks): the opened masked
-        # weights (public to both replicas). Party 0 forgets them with the connection, so the
-        # next run on a new one opens them again; material from a restarted dealer comes with
-        # new masks, so both replicas open the weights again for it.
-        self.weight_masks: dict[tuple[str, bytes], WeightMasks] = {}
+        # Per model version: the dealer instance whose seeds made the masks, and the opened
+        # masked weights (public to both replicas). Party 0 forgets them with the connection, so
+        # the next run on a new one opens them again; material from a restarted dealer comes
+        # with new masks, so both replicas open the weights again for it.
+        self.weight_masks: dict[str, tuple[bytes, WeightMasks]] = {}
         self.peer.on_control = self._on_control
         self.peer.on_connect = self._on_connect
         self.peer.on_disconnect = self._on_disconnect
@@ -341,13 +341,12 @@ class Replica:
             t0 = time.perf_counter()
             rand = self._material(run, x.shape[0])
             ch.check = int.from_bytes(rand.dealer[:8], "little", signed=True)
-            key = (model.version, rand.dealer)
-            masks = self.weight_masks.get(key)
-            opens = run.open_weights or masks is None
+            dealer, masks = self.weight_masks.get(model.version, (b"", None))
+            opens = run.open_weights or masks is None or dealer != rand.dealer
             if opens:
                 masks = WeightMasks(model.mask_id)
                 if self.party == 1:
-                    self._keep_masks(key, masks)
+                    self.weight_masks[model.version] = (rand.dealer, masks)
             t1 = time.perf_counter()
             c1 = time.thread_time()
             party = Party(self.party, ch, rand, net.fp)
@@ -369,7 +368,7 @@ class Replica:
                 },
             )
             if self.party == 0 and opens:
-                self._keep_masks(key, masks)
+                self.weight_masks[model.version] = (rand.dealer, masks)
             ok = True
             return share, ch.stats.rounds, ch.stats.bytes_sent
         except ApiError as exc:
@@ -397,15 +396,7 @@ class Replica:
         finally:
             ch.close(ok)
             if not ok and self.party == 0:  # whatever went wrong, the next run re-opens them
-                self._forget_masks(model.version)
-
-    def _keep_masks(self, key: tuple[str, bytes], masks: WeightMasks) -> None:
-        self._forget_masks(key[0])
-        self.weight_masks[key] = masks
-
-    def _forget_masks(self, version: str) -> None:
-        for key in [k for k in self.weight_masks if k[0] == version]:
-            del self.weight_masks[key]
+                self.weight_masks.pop(model.version, None)
 
     # -- one predict request (event loop) ------------------------------------------------------
 
