@@ -107,14 +107,15 @@ class Batcher:
         self.party, self.peer, self.registry = party, peer, registry
         self._run, self.lanes = run_batch, lanes
         self._executors: dict[int, ThreadPoolExecutor] = {}  # one thread per slot, in order
-        self._free_slots = list(range(max_batches))
+        self._free_slots: asyncio.Queue[int] = asyncio.Queue()  # slots without a run
+        for slot in range(max_batches):
+            self._free_slots.put_nowait(slot)
         self._ahead = max_batches if pool.depth else 0  # entries kept for the load's batch size
         self.max_batches = max_batches
         self._last_run_end = 0.0
         self._weights_opened = weights_opened
         self.pool = pool
         self.max_batch, self.timeout = max_batch, timeout
-        self._slots = asyncio.Semaphore(max_batches)
         self._jobs: dict[str, Job] = {}  # this replica's requests not yet in a batch
         self._peer_meta: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
         self._queue: OrderedDict[str, Job] = OrderedDict()  # party 0: paired, waiting
@@ -286,16 +287,16 @@ class Batcher:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                await self._slots.acquire()
+                slot = await self._free_slots.get()
                 queued = sum(j.x.shape[0] for j in self._queue.values())
                 jobs = [j for j in self._take_batch() if not j.future.done()]
                 if not jobs:
-                    self._slots.release()
+                    self._free_slots.put_nowait(slot)
                     continue
                 try:
                     model = self._pick_model(jobs[0].want)
                 except ApiError as exc:
-                    self._slots.release()
+                    self._free_slots.put_nowait(slot)
                     for job in jobs:
                         self._send(
                             wire.REJECT, job.request_id, {"code": exc.code, "message": exc.message}
@@ -309,7 +310,6 @@ class Batcher:
                 ready = self.pool.claim(model, images, jobs[0].output)
                 if jobs[0].output == PREFETCH_OUTPUT:
                     self._expect(model, min(queued, self.max_batch))
-                slot = self._free_slots.pop()
                 run = Run(
                     batch_id,
                     jobs[0].output,
@@ -338,7 +338,7 @@ class Batcher:
     def idle(self) -> bool:
         """No run in flight, none queued, and none ended within the last `IDLE_S` seconds."""
         return (
-            len(self._free_slots) == self.max_batches
+            self._free_slots.qsize() == self.max_batches
             and not self._queue
             and time.monotonic() - self._last_run_end >= IDLE_S
         )
@@ -433,6 +433,5 @@ class Batcher:
                     job.future.set_exception(err)
         finally:
             if release:
-                self._free_slots.append(run.slot)
-                self._slots.release()
+                self._free_slots.put_nowait(run.slot)
                 self._last_run_end = time.monotonic()  # refill once idle, see `refill`
