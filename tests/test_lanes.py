@@ -121,7 +121,9 @@ def test_strangers_on_the_lane_port_are_refused(pair, send):
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         s.recv(4096)  # the hello with party 1's nonce
         s.sendall(send)
-        s.shutdown(socket.SHUT_WR)
+        # the replica may already have hung up on a bad length prefix (then the socket is reset)
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_WR)
         assert _rest(s) == b""  # closed on us, nothing else said
     if send:  # something that is not a lane opening counts as an authentication failure
         _wait(lambda: failures)
