@@ -227,7 +227,7 @@ def test_validate_plan_refuses_bad_fss_requests(params):
 
 @pytest.mark.parametrize(
     ("kind", "protocol", "rounds"),
-    [("cnn", "fss", 9), ("fcnet", "fss", 7), ("cnn", "hybrid", 16), ("fcnet", "hybrid", 7)],
+    [("cnn", "fss", 9), ("fcnet", "fss", 7), ("cnn", "hybrid", 12), ("fcnet", "hybrid", 7)],
 )
 def test_network_with_fss_matches_plaintext_labels_and_logits(kind, protocol, rounds):
     model = _model(kind)

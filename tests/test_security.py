@@ -74,7 +74,7 @@ def test_relu_view_does_not_depend_on_the_sign_or_value():
     relu = lambda p, x: comparison.relu(p, x, 16)  # noqa: E731
     view_pos = _view_of_party0(relu, _secret(3.25, 1) << 16)
     view_neg = _view_of_party0(relu, _secret(-1000.5, 1) << 16)
-    assert len(view_pos) == len(view_neg) > 8
+    assert len(view_pos) == len(view_neg) >= 4  # at least one message per round
     assert _max_z(view_pos, view_neg) < Z_LIMIT
 
 

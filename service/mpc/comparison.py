@@ -1,21 +1,21 @@
-"""Exact secure comparison: arithmetic-to-binary conversion and a carry-lookahead tree.
+"""Exact secure comparison: arithmetic-to-binary conversion and a 3-round carry tree.
 
 After CrypTen (Knott et al. 2021) and ABY (Demmler et al. 2015): [x] = x0 + x1 is re-read as two
 private 64-bit words, x0 held by party 0 and x1 by party 1, and the sign of their sum is the
-sum's bit 63 = x0[63] ^ x1[63] ^ (carry into bit 63), computed on XOR shares with ANDs from
-dealer binary triples. CrypTen runs a Kogge-Stone adder on whole words (all 64 carries, 12 word
-ANDs per element). Only the one carry into bit 63 is needed, so here the carry is a binary tree
-over bits 0..62 (the Brent-Kung up-sweep), on bit planes (`ring.to_planes`: one word holds one
-bit of 64 elements), so each AND touches only the planes that are still needed:
-  1. P_i = x0_i ^ x1_i (local); G_i = x0_i & x1_i on all 64 planes        (1 AND round)
-  2. six times: pair the groups (2k+1, 2k) of the previous level,
-       G' = G_hi ^ (P_hi & G_lo), P' = P_hi & P_lo (P' not for the lowest group)
-     on 63 -> 32 -> 16 -> 8 -> 4 -> 2 -> 1 groups: 61 + 31 + 15 + 7 + 3 + 1 planes (6 rounds)
-  3. msb(x) = P_63 ^ G_[0..62]                                                 (local)
-Rounds: 7. Bytes sent per party: 2 * 8 * (64 + 118) * ceil(n / 64) for n elements, about 45.5
-per element (CrypTen's whole-word adder: 192).
-What a party sees: only openings of words XOR-masked by fresh uniform triples: uniform.
-Nothing is ever opened unmasked; the result stays XOR-shared.
+sum's bit 63 = x0[63] ^ x1[63] ^ (carry into bit 63). CrypTen computes all 64 carries with a
+Kogge-Stone adder of 2-input ANDs (7 rounds). Only the carry into bit 63 is needed, and gates
+with many inputs cost one round each (`fanin`), so here it is a 4-ary carry tree on **bit
+planes** (`ring.to_planes`: one word holds one bit of 64 elements), with bits 0..62 and a zero
+bit below them as 16 slices of 4 bits:
+  1. per slice, its generate G and propagate P straight from the two parties' clear bits: a
+     `cross` gate (`anf.carry4`): 45 words per 64 elements and slice pair      (1 round)
+  2. 16 slices -> 4: G, P of four slices at once (`anf.gp4`, 8 inputs)          (1 round)
+  3. 4 -> 1: the carry into bit 63 (`anf.g4`, 7 inputs)                          (1 round)
+  4. msb(x) = x0[63] ^ x1[63] ^ carry                                            (local)
+Rounds: 3 (the Brent-Kung tree of 2-input ANDs this replaced needed 7). Bytes sent per party:
+8 * (45 * 8 + 4 * 8 + 7) * ceil(n / 64) for n elements, about 50 per element.
+What a party sees: only words masked by fresh uniform dealer words: uniform. Nothing is ever
+opened unmasked; the result stays XOR-shared.
 
 Also here: `and_` (XOR-shared AND), `select` ([x * b] for a shared bit b, 1 round), `relu`,
 `maximum` and `argmax` (label only: XOR shares of a one-hot vector, nothing else).
@@ -23,67 +23,42 @@ Also here: `and_` (XOR-shared AND), `select` ([x * b] for a shared bit b, 1 roun
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from service.mpc import truncation
+from service.mpc import fanin, truncation
 from service.mpc.dealer import Request
 from service.mpc.party import Party
-from service.mpc.ring import from_plane, to_planes
-
-
-def _and_begin(party: Party, x: torch.Tensor, y: torch.Tensor):
-    t = party.rand.take(Request.and_(x.shape))
-    return t, x ^ t["a"], y ^ t["b"]
-
-
-def _and_finish(party: Party, t, e: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    z = t["c"] ^ (e & t["b"]) ^ (f & t["a"])
-    return z ^ (e & f) if party.index == 0 else z
+from service.mpc.ring import from_plane, to_plane, to_planes
 
 
 def and_(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """XOR shares of x & y, bitwise on 64-bit words. 1 round, 16 bytes per word per party."""
-    t, e, f = _and_begin(party, x, y)
-    e, f = party.open_xor(e, f)
-    return _and_finish(party, t, e, f)
+    t = party.rand.take(Request.and_(x.shape))
+    e, f = party.open_xor(x ^ t["a"], y ^ t["b"])
+    z = t["c"] ^ (e & t["b"]) ^ (f & t["a"])
+    return z ^ (e & f) if party.index == 0 else z
 
 
-def _carry_tree(party: Party, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Step 2: the group generate of bits 0..62 from their planes (G, P) [63, w]. 6 rounds."""
-    while g.shape[0] > 1:
-        m = g.shape[0] // 2
-        p_lo, p_hi, g_lo, g_hi = (
-            p[0 : 2 * m : 2],
-            p[1 : 2 * m : 2],
-            g[0 : 2 * m : 2],
-            g[1 : 2 * m : 2],
-        )
-        both = and_(party, torch.cat([p_hi, p_hi[1:]]), torch.cat([g_lo, p_lo[1:]]))
-        g = torch.cat([g_hi ^ both[:m], g[2 * m :]])
-        p = torch.cat([torch.zeros_like(p_hi[:1]), both[m:], p[2 * m :]])  # lowest P: unused
-    return g[0]
-
-
-def _operands(party: Party, planes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """This party's XOR shares of the planes of x0 and x1, whose sum is x (local A2B start)."""
-    zero = torch.zeros_like(planes)
-    return (planes, zero) if party.index == 0 else (zero, planes)
+def _msb(
+    party: Party, x: torch.Tensor, ride: Sequence[torch.Tensor] = ()
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """XOR shares of the sign bits of [x] as one bit plane, and the additive `ride` values
+    opened in the first round. 3 rounds."""
+    planes = to_planes(x)
+    bits = torch.cat([torch.zeros_like(planes[:1]), planes[:63]])  # 64 bits: 16 slices of 4
+    slices = bits.view(16, 4, -1).transpose(0, 1)  # [bit in slice, slice, words]
+    (g, p), opened = fanin.cross(party, slices, "carry4", ride)
+    quads = torch.cat([g.view(4, 4, -1).transpose(0, 1), p.view(4, 4, -1).transpose(0, 1)])
+    g, p = fanin.masked(party, quads, "gp4")[0]
+    (carry,) = fanin.masked(party, torch.cat([g, p[1:]]).unsqueeze(1), "g4")[0]
+    return planes[63] ^ carry[0], opened
 
 
 def msb(party: Party, x: torch.Tensor) -> torch.Tensor:
-    """XOR shares (bit 0 of int64) of the sign bit of [x]: 1 where x < 0. 7 rounds."""
-    planes = to_planes(x)
-    t, e, f = _and_begin(party, *_operands(party, planes))
-    e, f = party.open_xor(e, f)
-    return _msb_from_g0(party, x, planes, _and_finish(party, t, e, f))
-
-
-def _msb_from_g0(
-    party: Party, x: torch.Tensor, planes: torch.Tensor, g0: torch.Tensor
-) -> torch.Tensor:
-    # P = x0 ^ x1: each party's share of P is its own planes
-    carry = _carry_tree(party, planes[:63], g0[:63])
-    return from_plane(planes[63] ^ carry, x.shape)
+    """XOR shares (bit 0 of int64) of the sign bit of [x]: 1 where x < 0. 3 rounds."""
+    return from_plane(_msb(party, x)[0], x.shape)
 
 
 def select(party: Party, x: torch.Tensor, bit: torch.Tensor) -> torch.Tensor:
@@ -109,22 +84,17 @@ def not_(party: Party, bit: torch.Tensor) -> torch.Tensor:
 def relu(party: Party, x: torch.Tensor, trunc_bits: int = 0) -> torch.Tensor:
     """[max(x, 0) / 2^trunc_bits]: the sign of x and the truncation computed side by side.
 
-    The sign is taken on the untruncated x (same sign), so the truncation's opening shares the
-    comparison's first round. Rounds: 7 (comparison, truncation inside) + 1 (select) = 8.
-    Bytes per element per party: about 45.5 (comparison, see the module) + 16 (+ 8 with
+    The sign is taken on the untruncated x (same sign), so the truncation's opening rides in
+    the comparison's first round. Rounds: 3 (comparison, truncation inside) + 1 (select) = 4.
+    Bytes per element per party: about 50 (comparison, see the module) + 16 (+ 8 with
     truncation).
     """
-    planes = to_planes(x)
-    t, e, f = _and_begin(party, *_operands(party, planes))
-    if trunc_bits:
-        pending = truncation.begin(party, x, trunc_bits)
-        (c,), (e, f) = party.open_mixed([pending.masked], [e, f])
-        y = truncation.finish(party, pending, c)
-    else:
-        e, f = party.open_xor(e, f)
-        y = x
-    sign = _msb_from_g0(party, x, planes, _and_finish(party, t, e, f))
-    return select(party, y, not_(party, sign))
+    if not trunc_bits:
+        return select(party, x, not_(party, msb(party, x)))
+    pending = truncation.begin(party, x, trunc_bits)
+    sign, (c,) = _msb(party, x, [pending.masked])
+    y = truncation.finish(party, pending, c)
+    return select(party, y, not_(party, from_plane(sign, x.shape)))
 
 
 def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -148,27 +118,30 @@ def max_pool2d(party: Party, x: torch.Tensor, kernel: int, maximum=maximum) -> t
     return v[..., 0]
 
 
-def _and_reduce(party: Party, bits: torch.Tensor) -> torch.Tensor:
-    """AND over the last axis of XOR-shared bits, as a tree: ceil(log2 n) rounds."""
-    while bits.shape[-1] > 1:
-        k = bits.shape[-1]
-        pairs = and_(party, bits[..., 0 : k - k % 2 : 2], bits[..., 1 : k - k % 2 : 2])
-        bits = torch.cat([pairs, bits[..., k - k % 2 :]], dim=-1)
-    return bits[..., 0] & 1
+def _and_all(party: Party, bits: torch.Tensor) -> torch.Tensor:
+    """AND over the last axis (2 to 9 XOR-shared bits) in one round (`fanin`, `anf.and{n}`)."""
+    n = bits.shape[-1]
+    if n == 1:
+        return bits[..., 0] & 1
+    planes = torch.stack([to_plane(bits[..., i]) for i in range(n)])
+    (out,) = fanin.masked(party, planes.unsqueeze(1), f"and{n}")[0]
+    return from_plane(out[0], bits.shape[:-1])
 
 
 def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
     """XOR shares of the one-hot argmax over the last axis (first maximum on ties, like torch).
 
     All n(n-1)/2 differences are compared at once: winner i beats every j < i strictly and ties
-    or beats every j > i; the n-1 conditions are ANDed as a tree.
-    Rounds: 7 + ceil(log2(n - 1)) (11 for 10 classes). Bytes per party: those of `msb` on
-    n(n-1)/2 elements per row, plus 16 n (n - 2) per row for the AND tree. What a party sees:
-    masked openings only; the output stays shared.
+    or beats every j > i; its n-1 conditions are ANDed in one round (n <= 10).
+    Rounds: 3 + 1 = 4. Bytes per party: those of `msb` on n(n-1)/2 elements per row, plus
+    8 (n - 1) per 64 rows and classes. What a party sees: masked openings only; the output
+    stays shared.
     """
     n = x.shape[-1]
     if n < 2:
         return party.public(torch.ones_like(x))
+    if n > 10:
+        raise ValueError(f"argmax takes at most 10 classes, got {n}")
     iu, ju = torch.triu_indices(n, n, offset=1)
     lt = msb(party, x[..., iu] - x[..., ju])  # lt[k] = [x_i < x_j] for the pair (i, j) = k
     pair = {(int(i), int(j)): k for k, (i, j) in enumerate(zip(iu, ju, strict=True))}
@@ -181,4 +154,4 @@ def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
             elif j > i:
                 row.append(not_(party, lt[..., pair[(i, j)]]))  # not x_i < x_j
         conditions.append(torch.stack(row, dim=-1))
-    return _and_reduce(party, torch.stack(conditions, dim=-2))
+    return _and_all(party, torch.stack(conditions, dim=-2))

@@ -9,6 +9,12 @@ Kinds (each a `Request`; shapes are public, values secret):
 - `and(shape)`: XOR shares of words a, b, c with c = a & b.
 - `trunc(shape, bits)`: [r], [r >>> bits], [msb(r)] for uniform r (dealer-assisted truncation).
 - `mux(shape)`: a random bit rb as XOR shares and as [rb], a uniform [a], and [a * rb].
+- `cross(fn, (groups, w))`: for a one-round two-input-holder gate (`fanin.cross`, function `fn`
+  of `anf`): each party's dealer words x (its a-side half) and y (its b-side half) from its own
+  seed, and XOR shares of z = XOR_T x_T & y_T across the parties.
+- `mand(fn, shape)`: for a one-round gate on XOR-shared inputs (`fanin.masked`): XOR shares of
+  masks lambda [inputs, ...] and of Lambda_R, the AND of the masks in each set R of
+  `anf.MASKED[fn].subsets`.
 - `fss(shape, gate, bits)`: a uniform mask [r], and DCF keys for alpha = r mod 2^63 with the
   gate's payload plus its constants (see `fss.py`); gate `sign` or `relu` (bits: truncation).
 
@@ -40,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.mpc import dcf
+from service.mpc import anf, dcf
 from service.mpc.prg import PRG, SEED_BYTES, fresh_seed
 from service.mpc.ring import logical_shift_right, msb
 
@@ -88,6 +94,14 @@ class Request:
         return Request("mux", (tuple(shape),))
 
     @staticmethod
+    def cross(fn: str, shape) -> Request:
+        return Request("cross", (tuple(shape),), (fn,))
+
+    @staticmethod
+    def mand(fn: str, shape) -> Request:
+        return Request("mand", (tuple(shape),), (fn,))
+
+    @staticmethod
     def fss(shape, gate: str, bits: int = 0) -> Request:
         return Request("fss", (tuple(shape),), (gate, bits))
 
@@ -127,6 +141,8 @@ _SEEDED = {
     "trunc": (("r", "ring", 0),),
     "mux": (("rb", "bits", 0), ("a", "ring", 0)),
     "fss": (("r", "ring", 0), ("root", "root", 0)),
+    "cross": (("x", "ring", 0), ("y", "ring", 0)),  # shapes: see `_seeded_fields`
+    "mand": (("lam", "ring", 0),),
 }
 _DERIVED = {
     "beaver": ("c",),
@@ -134,8 +150,10 @@ _DERIVED = {
     "and": ("c",),
     "trunc": ("r_hi", "r_msb"),
     "mux": ("r", "ar"),
+    "cross": ("z",),
+    "mand": ("L",),
 }
-_XOR_KINDS = {"and"}
+_XOR_KINDS = {"and", "cross", "mand"}
 
 
 def _derived(req: Request) -> tuple[str, ...]:
@@ -181,7 +199,21 @@ def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         return {"r_hi": logical_shift_right(r, int(req.params[0])), "r_msb": msb(r)}
     if req.kind == "mux":
         return {"r": full["rb"], "ar": full["a"] * full["rb"]}
+    if req.kind == "mand":
+        products = anf.MASKED[str(req.params[0])].mask_products
+        table = products(full["lam"].numpy())
+        rows = [products.row[r] for r in anf.MASKED[str(req.params[0])].subsets]
+        return {"L": torch.from_numpy(table[rows])}
     raise ValueError(f"unknown randomness kind {req.kind!r}")
+
+
+def _cross_truth(s0: dict, s1: dict) -> dict[str, torch.Tensor]:
+    """z for a cross gate: x from the a side of each half, y from the b side (dealer only)."""
+    halves = [
+        np.bitwise_xor.reduce((x & y.unsqueeze(0)).numpy(), axis=1)
+        for x, y in ((s0["x"], s1["y"]), (s1["x"], s0["y"]))
+    ]
+    return {"z": torch.from_numpy(np.concatenate(halves, axis=1))}
 
 
 def _bilinear_of(req: Request) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -190,6 +222,10 @@ def _bilinear_of(req: Request) -> Callable[[torch.Tensor, torch.Tensor], torch.T
 
 
 def _derived_shape(req: Request) -> tuple[int, ...]:
+    if req.kind == "cross":
+        return (anf.CROSS[str(req.params[0])].outputs, *req.shapes[0])
+    if req.kind == "mand":
+        return (len(anf.MASKED[str(req.params[0])].subsets), *req.shapes[0][1:])
     if req.kind in ("beaver", "beaverw"):
         # Shape inference only: meta tensors hold no data and cost no arithmetic.
         x = torch.empty(req.shapes[0], dtype=torch.int64, device="meta")
@@ -198,7 +234,16 @@ def _derived_shape(req: Request) -> tuple[int, ...]:
     return req.shapes[0]
 
 
-_ARITY = {"beaver": 2, "beaverw": 2, "and": 1, "trunc": 1, "mux": 1, "fss": 1}
+_ARITY = {
+    "beaver": 2,
+    "beaverw": 2,
+    "and": 1,
+    "trunc": 1,
+    "mux": 1,
+    "fss": 1,
+    "cross": 1,
+    "mand": 1,
+}
 _MASK_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
@@ -253,10 +298,26 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
                 or (req.params[0] == "sign" and req.params[1] != 0)
             ):
                 raise ValueError(f"step {i}: fss needs a gate (sign | relu) and a shift in [0, 62)")
+        elif req.kind in ("cross", "mand"):
+            table = anf.CROSS if req.kind == "cross" else anf.MASKED
+            fn = table.get(req.params[0]) if len(req.params) == 1 else None
+            shape = req.shapes[0]
+            if fn is None:
+                raise ValueError(f"step {i}: {req.kind} needs one of the functions {sorted(table)}")
+            if req.kind == "cross" and (len(shape) != 2 or shape[0] % 2):
+                raise ValueError(f"step {i}: cross needs a shape (even groups, words)")
+            if req.kind == "mand" and (not shape or shape[0] != fn.inputs):
+                raise ValueError(f"step {i}: mand {fn.name} needs a shape ({fn.inputs}, ...)")
         elif req.params and req.kind != "trunc":
             raise ValueError(f"step {i}: {req.kind} takes no params")
     total = sum(
-        math.prod(s) for r in plan for s in (*r.shapes, *([_derived_shape(r)] * len(_derived(r))))
+        math.prod(s)
+        for r in plan
+        for s in (
+            *r.shapes,
+            *(shape for _, _, shape in _seeded_fields(r)),
+            *([_derived_shape(r)] * len(_derived(r))),
+        )
     ) + sum(key_words(plan))
     if total > max_elements:
         raise PlanTooLarge(f"plan asks for {total} ring elements; the limit is {max_elements}")
@@ -270,12 +331,20 @@ def correction_shapes(plan: tuple[Request, ...]) -> list[tuple[int, ...]]:
     return [_derived_shape(req) for req in plan for _ in _derived(req)]
 
 
-def _expand_seeded(req: Request, prg: PRG) -> dict[str, torch.Tensor]:
+def _seeded_fields(req: Request) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, 'ring' | 'bits' | 'root', shape) of what each party draws from its own seed."""
     if req.kind not in _SEEDED:
         raise ValueError(f"unknown randomness kind {req.kind!r}")
+    if req.kind == "cross":
+        fn, (groups, w) = anf.CROSS[str(req.params[0])], req.shapes[0]
+        half = groups // 2
+        return [("x", "ring", (fn.outputs, fn.width, half, w)), ("y", "ring", (fn.width, half, w))]
+    return [(name, how, req.shapes[idx]) for name, how, idx in _SEEDED[req.kind]]
+
+
+def _expand_seeded(req: Request, prg: PRG) -> dict[str, torch.Tensor]:
     out = {}
-    for name, how, idx in _SEEDED[req.kind]:
-        shape = req.shapes[idx]
+    for name, how, shape in _seeded_fields(req):
         if how == "root":  # one 128-bit DCF root seed per element
             out[name] = prg.ring((math.prod(shape), 2))
         else:
@@ -375,7 +444,7 @@ class PlanRecorder:
 
     def take(self, req: Request) -> dict[str, torch.Tensor]:
         self.plan.append(req)
-        out = {n: torch.zeros(req.shapes[i], dtype=torch.int64) for n, _, i in _SEEDED[req.kind]}
+        out = {n: torch.zeros(shape, dtype=torch.int64) for n, _, shape in _seeded_fields(req)}
         for name in _derived(req):
             out[name] = torch.zeros(_derived_shape(req), dtype=torch.int64)
         if req.kind == "fss":
@@ -462,7 +531,9 @@ class Dealer:
             }
             if req.kind == "beaverw":
                 full["b"] = self._mask(req)
-            if req.kind == "fss":
+            if req.kind == "cross":
+                truth = _cross_truth(s0, s1)
+            elif req.kind == "fss":
                 truth, alpha, beta = _fss_truth(req, full["r"])
                 roots = (s0["root"].numpy().view(np.uint64), s1["root"].numpy().view(np.uint64))
                 keys.append(dcf.gen(alpha, beta, DCF_BITS, *roots).to_words())

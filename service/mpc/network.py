@@ -14,15 +14,16 @@ round (see `comparison.relu`). For a label, argmax runs on the unscaled logits (
 scale-invariant), so the last layer needs no truncation at all.
 
 Comparisons (ReLU, max pooling, argmax) use one of two protocols, chosen per deployment:
-  "a2b": arithmetic-to-binary conversion and a carry-lookahead adder (`comparison`), the
-         reference: no keys, small dealer material, 7-8 rounds per comparison layer;
+  "a2b": arithmetic-to-binary conversion and a 4-ary carry tree of one-round gates
+         (`comparison`), the reference: no keys, small dealer material, 3-4 rounds per
+         comparison layer;
   "fss": function secret sharing (`fss`, DCF keys from the dealer): 1 round per ReLU layer
          (truncation fused in), 2 for argmax, at the price of about 2.5 KB of dealer keys per
          ReLU and per party.
   "hybrid": fss for layers of at most HYBRID_FSS_MAX comparisons per image (argmax, the small
          ReLU layers), a2b for the large ones: most of the rounds saved, a fraction of the keys.
 Rounds for the default CNN (conv-pool-relu x2, fc-relu, fc, argmax), per layer:
-  a2b: 1+8, 1+8, 1+8, 1, 11 = 39    fss: 1+1, 1+1, 1+1, 1, 2 = 9    hybrid: 1+8, 1+1, 1+1, 1, 2 = 16
+  a2b: 1+4, 1+4, 1+4, 1, 4 = 20    fss: 1+1, 1+1, 1+1, 1, 2 = 9    hybrid: 1+4, 1+1, 1+1, 1, 2 = 12
 What each party sees: only openings masked by fresh dealer randomness (see each protocol).
 """
 

@@ -119,5 +119,14 @@ def from_plane(plane: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torc
     return torch.from_numpy(bits.astype(np.int64)).reshape(tuple(shape))
 
 
+def to_plane(bits: torch.Tensor) -> torch.Tensor:
+    """0/1 int64 per element (C order) packed into one bit plane (inverse of `from_plane`)."""
+    flat = (bits.reshape(-1) & 1).numpy().astype(np.uint8)
+    packed = np.packbits(flat, bitorder="little")
+    words = np.zeros(-(-flat.shape[0] // 64) * 8, dtype=np.uint8)
+    words[: packed.shape[0]] = packed
+    return torch.from_numpy(words.view(np.int64))
+
+
 DEFAULT_FP = FixedPoint(16)
 """The default precision: 16 fractional bits (resolution 1.5e-5)."""

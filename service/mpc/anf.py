@@ -1,0 +1,196 @@
+"""Boolean functions in algebraic normal form, for the one-round gates of `fanin` (pure tables).
+
+A function of n bits is, per output, the XOR of AND-monomials over its inputs (its ANF); a
+monomial is a bitmask of inputs. `fanin` evaluates such a function on XOR-shared bits in one
+round, and the dealer (`dealer.py`) derives the matching correlated randomness from the same
+tables, so both sides read them from here.
+
+Two shapes of gate:
+- **cross** (`Cross`): inputs a (k bits, known in the clear to one party) and b (k bits, known
+  to the other). Per output, f(a, b) = XOR_T c_T(a) b^T over the monomials b^T of b; each
+  c_T(a) is one product of a's bits for the functions used here (checked at import).
+- **masked** (`Masked`): inputs XOR-shared between the parties. Opening u ^ lambda for dealer
+  masks lambda turns each monomial into XOR_{R subset m} (public part) & Lambda_R, where
+  Lambda_R is the AND of the masks in R: the dealer deals shares of Lambda_R for every R with at
+  least two inputs (`subsets`).
+
+Functions here:
+- `carry4` (cross, 4 + 4 bits): the group generate G (carry out of a + b with no carry in) and
+  propagate P (a ^ b all ones) of a 4-bit slice of two addends.
+- `gp4` (masked, 8 bits G0..G3, P0..P3, 0 lowest): G = G3 ^ P3 G2 ^ P3 P2 G1 ^ P3 P2 P1 G0 and
+  P = P0 P1 P2 P3, four groups into one (valid because G_i P_i = 0, so the terms exclude each
+  other and XOR is OR).
+- `g4` (masked, 7 bits G0..G3, P1..P3): G only, for the top of the tree.
+- `and2` .. `and9` (masked): the AND of all inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+
+def _anf(truth: Callable[[int], tuple[int, ...]], n: int, outputs: int) -> tuple[tuple[int, ...]]:
+    """The ANF monomials of each output of `truth` on n bits (Moebius transform of the table)."""
+    table = [list(truth(v)) for v in range(1 << n)]
+    result = []
+    for o in range(outputs):
+        a = [row[o] & 1 for row in table]
+        for i in range(n):
+            for m in range(1 << n):
+                if m >> i & 1:
+                    a[m] ^= a[m ^ (1 << i)]
+        result.append(tuple(m for m in range(1 << n) if a[m]))
+    return tuple(result)
+
+
+@dataclass(frozen=True)
+class Products:
+    """How to AND the inputs of many input sets together by doubling: step (i, src) appends,
+    for each listed row, that row AND input i. Row 0 is the empty set (all ones)."""
+
+    steps: tuple[tuple[int, np.ndarray], ...]
+    row: dict[int, int]  # input set (bitmask) -> its row
+
+    @staticmethod
+    def of(needed: Iterable[int], inputs: int) -> Products:
+        needed = set(needed)
+        # every set is built from its part below input i, for each i in turn
+        closure = {m & ((2 << i) - 1) for m in needed for i in range(inputs)} | {0}
+        masks, steps = [0], []
+        for i in range(inputs):
+            src = [j for j, m in enumerate(masks) if (m | 1 << i) in closure and not m >> i & 1]
+            if src:
+                steps.append((i, np.array(src)))
+                masks += [masks[j] | 1 << i for j in src]
+        return Products(tuple(steps), {m: j for j, m in enumerate(masks)})
+
+    def __call__(self, inputs: np.ndarray) -> np.ndarray:
+        """The table of products [rows, ...] for the input words [inputs, ...]."""
+        out = np.full((len(self.row), *inputs.shape[1:]), -1, dtype=inputs.dtype)
+        end = 1
+        for i, src in self.steps:
+            np.bitwise_and(out[src], inputs[i], out=out[end : end + len(src)])
+            end += len(src)
+        return out
+
+
+@dataclass(frozen=True)
+class Masked:
+    """A function of `inputs` XOR-shared bits, one tuple of monomials per output."""
+
+    name: str
+    inputs: int
+    monomials: tuple[tuple[int, ...], ...]
+
+    @cached_property
+    def subsets(self) -> tuple[int, ...]:
+        """Input sets R (bitmasks, at least two inputs) whose mask products the dealer deals."""
+        out = set()
+        for mono in (m for o in self.monomials for m in o):
+            r = mono
+            while r:  # every submask of the monomial
+                if r & (r - 1):
+                    out.add(r)
+                r = (r - 1) & mono
+        return tuple(sorted(out))
+
+    @cached_property
+    def mask_products(self) -> Products:
+        """How the dealer builds Lambda_R for every R in `subsets`."""
+        return Products.of(self.subsets, self.inputs)
+
+    @cached_property
+    def terms(self) -> tuple[tuple[int, int, int], ...]:
+        """(output, public mask m - R, mask set R) for every R inside every monomial m."""
+        out = []
+        for o, monos in enumerate(self.monomials):
+            for mono in monos:
+                r = mono
+                while True:
+                    out.append((o, mono & ~r, r))
+                    if not r:
+                        break
+                    r = (r - 1) & mono
+        return tuple(sorted(out))
+
+    def __call__(self, bits: int) -> tuple[int, ...]:
+        """The clear outputs for input bits packed in an int (tests and the dealer)."""
+        return tuple(sum((bits & m) == m for m in monos) & 1 for monos in self.monomials)
+
+
+@dataclass(frozen=True)
+class Cross:
+    """f(a, b) for a: `k` bits of one party, b: `k` bits of the other; per output o and nonempty
+    b-monomial T, coefficient[o][T] is the a-monomial whose product multiplies b^T (None: 0),
+    and constant[o] the a-monomial of the b-free term (None: 0)."""
+
+    name: str
+    k: int
+    outputs: int
+    coefficient: tuple[tuple[int | None, ...], ...]
+    constant: tuple[int | None, ...]
+
+    @property
+    def width(self) -> int:
+        """Nonempty b-monomials: the masked words each side sends per output and group."""
+        return (1 << self.k) - 1
+
+    def __call__(self, a: int, b: int) -> tuple[int, ...]:
+        """The clear outputs (tests)."""
+        out = []
+        for o in range(self.outputs):
+            v = 0 if self.constant[o] is None else int((a & self.constant[o]) == self.constant[o])
+            for t in range(1, 1 << self.k):
+                s = self.coefficient[o][t - 1]
+                if s is not None and (b & t) == t and (a & s) == s:
+                    v ^= 1
+            out.append(v)
+        return tuple(out)
+
+
+def _cross(name: str, k: int, outputs: int, truth: Callable[[int, int], tuple[int, ...]]) -> Cross:
+    mask = (1 << k) - 1
+    monos = _anf(lambda v: truth(v & mask, v >> k), 2 * k, outputs)
+    coefficient, constant = [], []
+    for o in range(outputs):
+        per_t: dict[int, int] = {}
+        for m in monos[o]:
+            t = m >> k
+            if t in per_t:
+                raise AssertionError(f"{name}: b^{t} has more than one coefficient monomial")
+            per_t[t] = m & mask
+        constant.append(per_t.get(0))
+        coefficient.append(tuple(per_t.get(t) for t in range(1, 1 << k)))
+    return Cross(name, k, outputs, tuple(coefficient), tuple(constant))
+
+
+def _masked(name: str, n: int, outputs: int, truth: Callable[[int], tuple[int, ...]]) -> Masked:
+    return Masked(name, n, _anf(truth, n, outputs))
+
+
+def _bit(v: int, i: int) -> int:
+    return v >> i & 1
+
+
+def _gp4(v: int) -> tuple[int, int]:
+    g, p = [_bit(v, i) for i in range(4)], [_bit(v, 4 + i) for i in range(4)]
+    big_g = g[3] ^ (p[3] & g[2]) ^ (p[3] & p[2] & g[1]) ^ (p[3] & p[2] & p[1] & g[0])
+    return big_g, p[0] & p[1] & p[2] & p[3]
+
+
+def _g4(v: int) -> tuple[int]:
+    # inputs G0..G3 = bits 0..3, P1..P3 = bits 4..6 (P0 is never needed at the top)
+    return (_gp4((v & 0xF) | ((v >> 4) << 5))[0],)
+
+
+CARRY4 = _cross("carry4", 4, 2, lambda a, b: (int(a + b >= 16), int(a ^ b == 15)))
+GP4 = _masked("gp4", 8, 2, _gp4)
+G4 = _masked("g4", 7, 1, _g4)
+MASKED = {f.name: f for f in (GP4, G4)} | {
+    f"and{n}": Masked(f"and{n}", n, (((1 << n) - 1,),)) for n in range(2, 10)
+}
+CROSS = {CARRY4.name: CARRY4}

@@ -1,0 +1,162 @@
+"""Boolean gates with many inputs in one round, on bit planes (functions from `anf`).
+
+Two gates, both on int64 words whose bits are independent lanes (bit planes):
+
+- `cross`: f(a, b) where one party holds a and the other b in the clear (the two addends of an
+  arithmetic sharing, bit by bit). Groups are split in halves; in the first half party 0 holds
+  a, in the second party 1, so both send the same amount. Per group and output,
+  f = c_0(a) ^ XOR_T c_T(a) & b^T over the 2^k - 1 nonempty monomials b^T of b. The b side
+  sends w_T = b^T ^ y_T, the a side m_T = c_T(a) ^ x_T, for dealer words x (a side) and y (b
+  side) and XOR shares of z = XOR_T x_T & y_T. Then the a side holds c_0 ^ XOR_T c_T & w_T ^
+  [z] and the b side XOR_T m_T & y_T ^ [z]; they XOR to f.
+  Rounds: 1. Words sent per party, per group pair and output: (outputs + 1) (2^k - 1) / 2 *
+  2, i.e. 45 words per 64 lanes of a 4-bit group pair with `carry4`.
+  What a party sees: words masked by fresh uniform dealer words (uniform).
+- `masked`: f(u) for XOR-shared inputs u. Both parties open delta = u ^ lambda for dealer masks
+  lambda; each monomial m is then XOR_{R in m} delta^(m - R) & Lambda_R with Lambda_R the AND of
+  the masks in R (Lambda_{} = 1, held by party 0; Lambda_{i} = lambda_i; larger R from the
+  dealer, `anf.Masked.subsets`). Rounds: 1. Words sent per party: one per input (per 64
+  lanes). What a party sees: delta, masked by fresh uniform lambda.
+
+Both accept `ride`: additive shares opened in the same round (a protocol's other openings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import torch
+
+from service.mpc.anf import CROSS, MASKED, Cross, Masked, Products
+from service.mpc.dealer import Request
+from service.mpc.party import Party
+
+
+def _xor_reduce(x: torch.Tensor, axis: int) -> torch.Tensor:
+    return torch.from_numpy(np.bitwise_xor.reduce(x.numpy(), axis=axis))
+
+
+def _monomials(bits: torch.Tensor) -> torch.Tensor:
+    """All products of the k input rows [k, ...]: row m is the AND of the inputs in mask m."""
+    out = torch.full((1, *bits.shape[1:]), -1, dtype=bits.dtype)
+    for row in bits:
+        out = torch.cat([out, out & row])
+    return out
+
+
+@dataclass
+class PendingCross:
+    fn: Cross
+    rand: dict[str, torch.Tensor]
+    coef: torch.Tensor  # [outputs, 2^k - 1, half, w]: c_T(a) on this party's a-side half
+    const: torch.Tensor  # [outputs, half, w]
+    index: int
+
+
+@cache
+def _cross_index(fn: Cross) -> tuple[torch.Tensor, torch.Tensor]:
+    zero = 1 << fn.k  # a row of zeros appended to the monomials
+    coef = torch.tensor([[zero if s is None else s for s in row] for row in fn.coefficient])
+    const = torch.tensor([zero if s is None else s for s in fn.constant])
+    return coef, const
+
+
+def cross_begin(party: Party, bits: torch.Tensor, name: str) -> tuple[PendingCross, list]:
+    """This party's messages for `cross` on its own bits [k, groups, w] (groups even)."""
+    fn = CROSS[name]
+    k, groups, w = bits.shape
+    if k != fn.k or groups % 2:
+        raise ValueError(f"{name} needs [{fn.k}, even groups, words], got {tuple(bits.shape)}")
+    t = party.rand.take(Request.cross(name, (groups, w)))
+    half = groups // 2
+    lo, hi = bits[:, :half], bits[:, half:]
+    a, b = (lo, hi) if party.index == 0 else (hi, lo)
+    mono_a = _monomials(a)
+    mono_a = torch.cat([mono_a, torch.zeros_like(mono_a[:1])])
+    coef_index, const_index = _cross_index(fn)
+    coef = mono_a[coef_index]
+    pending = PendingCross(fn, t, coef, mono_a[const_index], party.index)
+    return pending, [coef ^ t["x"], _monomials(b)[1:] ^ t["y"]]
+
+
+def cross_finish(pending: PendingCross, theirs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """XOR shares of the outputs [outputs, groups, w] from the peer's messages."""
+    their_coef, their_mono = theirs
+    t = pending.rand
+    as_a = pending.const ^ _xor_reduce(pending.coef & their_mono.unsqueeze(0), 1)
+    as_b = _xor_reduce(their_coef & t["y"].unsqueeze(0), 1)
+    halves = [as_a, as_b] if pending.index == 0 else [as_b, as_a]
+    return torch.cat(halves, dim=1) ^ t["z"]
+
+
+def cross(party: Party, bits: torch.Tensor, name: str, ride: Sequence[torch.Tensor] = ()):
+    """XOR shares of f(a, b) [outputs, groups, w], and the opened `ride` values. 1 round."""
+    pending, mine = cross_begin(party, bits, name)
+    theirs = party.channel.exchange([*mine, *ride])
+    opened = [m + o for m, o in zip(ride, theirs[2:], strict=True)]
+    return cross_finish(pending, theirs[:2]), opened
+
+
+@dataclass(frozen=True)
+class _MaskedPlan:
+    public: Products  # the products of opened words each term needs
+    public_row: np.ndarray  # per term: its row in that table
+    secret_row: np.ndarray  # per term: its row of the Lambda table [1, lambda, dealer's]
+    starts: tuple[int, ...]  # first term of each output (terms are sorted by output)
+
+
+@cache
+def _masked_plan(fn: Masked) -> _MaskedPlan:
+    public = Products.of((p for _, p, _ in fn.terms), fn.inputs)
+    lam = {0: 0} | {1 << i: 1 + i for i in range(fn.inputs)}
+    lam |= {r: 1 + fn.inputs + j for j, r in enumerate(fn.subsets)}
+    outputs = [o for o, _, _ in fn.terms]
+    return _MaskedPlan(
+        public,
+        np.array([public.row[p] for _, p, _ in fn.terms]),
+        np.array([lam[r] for _, _, r in fn.terms]),
+        tuple(outputs.index(o) for o in range(len(fn.monomials))),
+    )
+
+
+@dataclass
+class PendingMasked:
+    fn: Masked
+    rand: dict[str, torch.Tensor]
+    index: int
+
+
+def masked_begin(party: Party, inputs: torch.Tensor, name: str) -> tuple[PendingMasked, list]:
+    """This party's message for `masked` on XOR shares [inputs, ...]."""
+    fn = MASKED[name]
+    if inputs.shape[0] != fn.inputs:
+        raise ValueError(f"{name} takes {fn.inputs} inputs, got {inputs.shape[0]}")
+    t = party.rand.take(Request.mand(name, tuple(inputs.shape)))
+    return PendingMasked(fn, t, party.index), [inputs ^ t["lam"]]
+
+
+def masked_finish(pending: PendingMasked, mine: torch.Tensor, theirs: torch.Tensor):
+    """XOR shares of the outputs [outputs, ...] from both parties' openings."""
+    delta = (mine ^ theirs).numpy()
+    plan, t = _masked_plan(pending.fn), pending.rand
+    d = plan.public(delta)
+    one = d[:1] if pending.index == 0 else np.zeros_like(d[:1])
+    lam = np.concatenate([one, t["lam"].numpy(), t["L"].numpy()])
+    products = np.take(d, plan.public_row, axis=0)
+    products &= np.take(lam, plan.secret_row, axis=0)
+    ends = [*plan.starts[1:], len(products)]
+    out = [
+        np.bitwise_xor.reduce(products[a:b], axis=0) for a, b in zip(plan.starts, ends, strict=True)
+    ]
+    return torch.from_numpy(np.stack(out))
+
+
+def masked(party: Party, inputs: torch.Tensor, name: str, ride: Sequence[torch.Tensor] = ()):
+    """XOR shares of f(inputs) [outputs, ...], and the opened `ride` values. 1 round."""
+    pending, mine = masked_begin(party, inputs, name)
+    theirs = party.channel.exchange([*mine, *ride])
+    opened = [m + o for m, o in zip(ride, theirs[1:], strict=True)]
+    return masked_finish(pending, mine[0], theirs[0]), opened

@@ -1,0 +1,142 @@
+"""One-round gates with many inputs (`fanin`) against their clear functions (`anf`), per lane."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.mpc import anf, fanin
+from service.mpc.dealer import Dealer, Request, deal_pair, validate_plan
+from service.mpc.inprocess import run_two_party
+from service.mpc.prg import random_ring
+from tests.conftest import FP
+
+
+def _lane(words: torch.Tensor, lane: int) -> np.ndarray:
+    """Bit `lane` of every word, as 0/1."""
+    return ((words >> lane) & 1).numpy()
+
+
+def _run(fn, plan, mine0, mine1):
+    r0, r1 = deal_pair(Dealer(), "fanin", plan)
+    res = run_two_party(lambda p: fn(p, mine0 if p.index == 0 else mine1), r0, r1, FP)
+    assert r0.exhausted and r1.exhausted
+    return res
+
+
+def test_the_tables_are_the_functions_they_name():
+    for a in range(16):
+        for b in range(16):
+            assert anf.CARRY4(a, b) == (int(a + b >= 16), int(a ^ b == 15))
+    for v in range(256):
+        g, p = [v >> i & 1 for i in range(4)], [v >> (4 + i) & 1 for i in range(4)]
+        if any(gi & pi for gi, pi in zip(g, p, strict=True)):
+            continue  # a carry group never both generates and propagates
+        carry = 0
+        for i in range(4):  # ripple through the four groups, lowest first
+            carry = g[i] | (p[i] & carry)
+        assert anf.GP4(v) == (carry, int(all(p)))
+    assert len(anf.GP4.subsets) == 22 and len(anf.G4.subsets) == 15
+    assert len(anf.MASKED["and9"].subsets) == 2**9 - 1 - 9
+
+
+@pytest.mark.parametrize("words", [1, 3])
+def test_cross_carry4_on_every_lane(words):
+    # party 0's bits a and party 1's bits b, [4, groups, words], random in every lane
+    groups = 4
+    a, b = random_ring((4, groups, words)), random_ring((4, groups, words))
+    res = _run(
+        lambda p, bits: fanin.cross(p, bits, "carry4")[0],
+        (Request.cross("carry4", (groups, words)),),
+        a,
+        b,
+    )
+    out = res.out0 ^ res.out1
+    assert out.shape == (2, groups, words)
+    for lane in (0, 1, 31, 63):
+        av, bv = _lane(a, lane), _lane(b, lane)
+        for g in range(groups):
+            for w in range(words):
+                x = sum(int(av[i, g, w]) << i for i in range(4))
+                y = sum(int(bv[i, g, w]) << i for i in range(4))
+                assert (_lane(out, lane)[:, g, w] == anf.CARRY4(x, y)).all()
+    # one round; per party: 2 outputs x 15 coefficient words and 15 monomial words per group
+    # of its a-side and b-side halves
+    assert res.stats0.rounds == 1
+    assert res.stats0.bytes_sent == res.stats1.bytes_sent == 8 * 45 * (groups // 2) * words
+
+
+@given(st.sampled_from(sorted(anf.MASKED)), st.integers(1, 3), st.integers(0, 2**32))
+def test_masked_gates_on_xor_shared_inputs(name, words, seed):
+    fn = anf.MASKED[name]
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randint(-(2**63), 2**63 - 1, (fn.inputs, 2, words), generator=gen)
+    share0 = torch.randint(-(2**63), 2**63 - 1, u.shape, generator=gen)
+    if name == "gp4":  # valid carry inputs only: a group never both generates and propagates
+        u[:4] &= ~u[4:]
+    if name == "g4":
+        u[1:4] &= ~u[4:]
+    res = _run(
+        lambda p, s: fanin.masked(p, s, name)[0],
+        (Request.mand(name, u.shape),),
+        share0,
+        share0 ^ u,
+    )
+    out = res.out0 ^ res.out1
+    for lane in (0, 7, 63):
+        bits = _lane(u, lane)
+        for m in range(2):
+            for w in range(words):
+                v = sum(int(bits[i, m, w]) << i for i in range(fn.inputs))
+                assert tuple(_lane(out, lane)[:, m, w]) == fn(v)
+    assert res.stats0.rounds == 1 and res.stats0.bytes_sent == 8 * u.numel()
+
+
+def test_ride_along_openings_share_the_round():
+    x = random_ring((5,))
+    bits = random_ring((4, 2, 1))
+    r0, r1 = deal_pair(Dealer(), "ride", (Request.cross("carry4", (2, 1)),))
+    res = run_two_party(
+        lambda p: fanin.cross(p, bits, "carry4", [x if p.index == 0 else -x + 1])[1][0],
+        r0,
+        r1,
+        FP,
+    )
+    assert res.out0.tolist() == res.out1.tolist() == [1] * 5
+    assert res.stats0.rounds == 1
+
+
+def test_party_0_gets_only_a_seed_and_party_1_the_products():
+    plan = (Request.cross("carry4", (16, 2)), Request.mand("gp4", (8, 4, 2)))
+    dealer = Dealer()
+    m0, m1 = dealer.deal("s", 0, plan), dealer.deal("s", 1, plan)
+    assert m0.corrections == []
+    assert [tuple(c.shape) for c in m1.corrections] == [(2, 16, 2), (22, 4, 2)]
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        Request("cross", ((16, 2),), ("gp4",)),  # not a cross function
+        Request("cross", ((15, 2),), ("carry4",)),  # odd number of groups
+        Request("mand", ((7, 4, 2),), ("gp4",)),  # gp4 has 8 inputs
+        Request("mand", ((8, 4, 2),), ("and99",)),
+        Request("mand", ((8, 4, 2),), ()),
+    ],
+)
+def test_malformed_gate_requests_are_refused(req):
+    with pytest.raises(ValueError):
+        validate_plan((req,))
+
+
+def test_a_gate_asks_the_dealer_for_the_shape_it_runs_on():
+    plan = (Request.mand("and3", (3, 1, 1)),)
+    r0, r1 = deal_pair(Dealer(), "shape", plan)
+    with pytest.raises(Exception, match="plan"):
+        run_two_party(
+            lambda p: fanin.masked(p, torch.zeros((3, 2, 1), dtype=torch.int64), "and3"),
+            r0,
+            r1,
+            FP,
+        )
