@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from service.api import wire
+from service.memory import keep_freed_memory
 from service.mpc.beaver import WeightMasks
 from service.mpc.channel import InMemoryChannel
 from service.mpc.dealer import Dealer, deal_pair
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of comparison protocols: a2b, fss, hybrid",
     )
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the service's processes do
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     protocols = [c.strip() for c in args.comparison.split(",") if c.strip()]
     bad = [k for k in kinds if k not in MODELS] + [c for c in protocols if c not in PROTOCOLS]

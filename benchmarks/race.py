@@ -46,6 +46,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.engine import _online, _share_images
+from service.memory import keep_freed_memory
 from service.mpc.beaver import WeightMasks
 from service.mpc.dealer import Dealer
 from service.mpc.network import PrivateNetwork
@@ -727,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
         "--crypten-timeout", type=float, default=1800.0, help="seconds for CrypTen's runs"
     )
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as the service's processes do
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     threads = torch.get_num_threads()

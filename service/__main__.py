@@ -23,6 +23,8 @@ import sys
 import threading
 from pathlib import Path
 
+from service.memory import keep_freed_memory
+
 OPENAPI_FILE = Path(__file__).resolve().parent.parent / "openapi.yaml"
 
 
@@ -107,9 +109,9 @@ def _add_comparison(p: argparse.ArgumentParser) -> None:
         "--comparison",
         choices=("a2b", "fss", "hybrid"),
         default="a2b",
-        help="comparison protocol of both replicas: a2b (reference, 39 rounds), fss "
+        help="comparison protocol of both replicas: a2b (reference, 20 rounds), fss "
         "(function secret sharing, 9 rounds, ~7 MB of dealer keys per image) or hybrid (fss "
-        "for the small layers: 16 rounds, ~1 MB); default a2b",
+        "for the small layers: 12 rounds, ~1 MB); default a2b",
     )
 
 
@@ -458,6 +460,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
+    keep_freed_memory()  # replicas and dealer: no page faults on every round's arrays
     return a.fn(a)
 
 

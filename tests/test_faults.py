@@ -124,21 +124,37 @@ def test_party0_restart_redials_by_itself(cluster, images):
 
 def test_graceful_shutdown_finishes_in_flight_and_refuses_new(cluster, images):
     expected = _labels(cluster, images[:256])
-    results: list = []
-    worker = threading.Thread(target=lambda: results.extend(_post_both(cluster, images[:256])))
-    worker.start()
-    time.sleep(0.4)
-    cluster.procs["replica0"].send_signal(signal.SIGTERM)
-    time.sleep(0.1)
-    late = httpx.post(
-        f"{cluster.replica_urls[0]}/v1/predict",
-        json={
-            "request_id": secrets.token_urlsafe(18),
-            "input": privdigit.encode_tensor(np.zeros((1, 1, 28, 28), dtype=np.int64)),
-        },
-        timeout=30,
-    )
-    worker.join(60)
+    s0, s1 = privdigit.share_image(privdigit.encode_fixed(images[:256].reshape(-1, 1, 28, 28), 16))
+    rid = secrets.token_urlsafe(18)
+
+    def post(party: int, share: np.ndarray) -> httpx.Response:
+        return httpx.post(
+            f"{cluster.replica_urls[party]}/v1/predict",
+            json={"request_id": rid, "input": privdigit.encode_tensor(share)},
+            timeout=60,
+        )
+
+    # The request is in flight on replica 0 (waiting for its peer's half) when SIGTERM comes;
+    # the peer's half arrives only after the late request was refused, so the order is fixed
+    # however fast the protocol runs.
+    with ThreadPoolExecutor(2) as ex:
+        first = ex.submit(post, 0, s0)
+        deadline = time.monotonic() + 30
+        while "privdigit_inflight 1.0" not in httpx.get(f"{cluster.replica_urls[0]}/metrics").text:
+            assert time.monotonic() < deadline and not first.done(), "never in flight"
+            time.sleep(0.02)
+        cluster.procs["replica0"].send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+        late = httpx.post(
+            f"{cluster.replica_urls[0]}/v1/predict",
+            json={
+                "request_id": secrets.token_urlsafe(18),
+                "input": privdigit.encode_tensor(np.zeros((1, 1, 28, 28), dtype=np.int64)),
+            },
+            timeout=30,
+        )
+        results = [first, ex.submit(post, 1, s1)]
+        results = [f.result() for f in results]
     assert late.status_code == 503 and late.json()["error"]["code"] == "not_ready"
     assert "shutting down" in late.json()["error"]["message"]
     assert [r.status_code for r in results] == [200, 200], [r.text[:200] for r in results]

@@ -332,3 +332,13 @@ def test_material_pool_keeps_entries_ahead_for_the_load_and_drops_a_restarted_de
     pool.forget_other_dealers(b"new")  # the dealer restarted: only its material still fits
     assert pool.ready_batch(v1, 20, "label") == 8 and len(pool) == 1
     pool.close()
+
+
+def test_the_service_processes_keep_freed_memory_for_reuse():
+    import platform
+
+    from service.memory import keep_freed_memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt thresholds are glibc's")
+    assert keep_freed_memory() is True
