@@ -20,8 +20,8 @@ def test_msb_is_exact_on_the_whole_ring(xs):
     result = run_shared(comparison.msb, x)
     assert torch.equal(opened_xor(result), (x < 0).long())
     assert result.stats0.rounds == 3
-    # 8 slice pairs x 45 masked words (cross), 4 x 8 openings (gp4), 7 openings (g4)
-    assert result.stats0.bytes_sent == 8 * (8 * 45 + 4 * 8 + 7) * -(-len(xs) // 64)
+    # 8 slice pairs x 30 masked words (cross), 4 x 8 openings (gp4), 7 openings (g4)
+    assert result.stats0.bytes_sent == 8 * (8 * 30 + 4 * 8 + 7) * -(-len(xs) // 64)
 
 
 def test_msb_on_a_large_random_batch():
@@ -55,6 +55,8 @@ def test_select_multiplies_by_a_shared_bit(pairs):
     result = run_shared(lambda p, xs: comparison.select(p, xs, b0 if p.index == 0 else b1), x)
     assert torch.equal(opened(result), x * b)
     assert result.stats0.rounds == 1
+    # d per element, e as one bit per element in a bit plane
+    assert result.stats0.bytes_sent == 8 * len(pairs) + 8 * -(-len(pairs) // 64)
 
 
 @given(st.sampled_from([1, 3, 64]), st.sampled_from([2, 10]), st.booleans())

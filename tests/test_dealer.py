@@ -11,6 +11,7 @@ from service.mpc.dealer import (
     Request,
     deal_pair,
 )
+from service.mpc.ring import from_plane
 
 PLAN = (
     Request.beaver("matmul", (2, 3), (3, 4)),
@@ -34,8 +35,8 @@ def test_correlations_hold():
     r = t0["r"] + t1["r"]
     assert torch.equal(t0["r_hi"] + t1["r_hi"], (r >> 16) & ((1 << 48) - 1))
     assert torch.equal(t0["r_msb"] + t1["r_msb"], (r >> 63) & 1)
-    rb = m0["rb"] ^ m1["rb"]
-    assert set(rb.tolist()) <= {0, 1}
+    rb = from_plane(m0["rb"] ^ m1["rb"], (7,))  # one bit per element, dealt as a bit plane
+    assert m0["rb"].shape == (1,) and set(rb.tolist()) <= {0, 1}
     assert torch.equal(m0["r"] + m1["r"], rb)
     assert torch.equal(m0["ar"] + m1["ar"], (m0["a"] + m1["a"]) * rb)
 

@@ -61,10 +61,11 @@ def test_cross_carry4_on_every_lane(words):
                 x = sum(int(av[i, g, w]) << i for i in range(4))
                 y = sum(int(bv[i, g, w]) << i for i in range(4))
                 assert (_lane(out, lane)[:, g, w] == anf.CARRY4(x, y)).all()
-    # one round; per party: 2 outputs x 15 coefficient words and 15 monomial words per group
-    # of its a-side and b-side halves
+    # one round; per party: the 15 monomials of a that are coefficients (of G or P) for its
+    # a-side half and the 15 nonempty monomials of b for its b-side half
+    assert anf.CARRY4.support == tuple(range(1, 16))
     assert res.stats0.rounds == 1
-    assert res.stats0.bytes_sent == res.stats1.bytes_sent == 8 * 45 * (groups // 2) * words
+    assert res.stats0.bytes_sent == res.stats1.bytes_sent == 8 * 30 * (groups // 2) * words
 
 
 @given(st.sampled_from(sorted(anf.MASKED)), st.integers(1, 3), st.integers(0, 2**32))
@@ -113,6 +114,7 @@ def test_party_0_gets_only_a_seed_and_party_1_the_products():
     m0, m1 = dealer.deal("s", 0, plan), dealer.deal("s", 1, plan)
     assert m0.corrections == []
     assert [tuple(c.shape) for c in m1.corrections] == [(2, 16, 2), (22, 4, 2)]
+    assert m0.nbytes == m1.nbytes - 8 * (2 * 16 * 2 + 22 * 4 * 2)
 
 
 @pytest.mark.parametrize(

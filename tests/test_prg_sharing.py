@@ -30,7 +30,6 @@ def test_prg_bits_look_uniform():
     for bit in (0, 31, 62, 63):
         ones = ((x >> bit) & 1).double().mean().item()
         assert abs(ones - 0.5) < 0.01  # 4.5 sigma
-    assert PRG(fresh_seed()).bits((1000,)).unique().tolist() == [0, 1]
 
 
 def test_prg_refuses_short_seed():

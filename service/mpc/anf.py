@@ -136,8 +136,28 @@ class Cross:
 
     @property
     def width(self) -> int:
-        """Nonempty b-monomials: the masked words each side sends per output and group."""
+        """Nonempty b-monomials: the masked words the b side sends per group."""
         return (1 << self.k) - 1
+
+    @cached_property
+    def support(self) -> tuple[int, ...]:
+        """The a-monomials (other than 1) that are some coefficient: the masked words the a
+        side sends per group, each once however many coefficients it is."""
+        used = {s for row in self.coefficient for s in row if s}
+        return tuple(sorted(used))
+
+    @cached_property
+    def rows(self) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+        """Per output and b-monomial, then per output for the constant term: the row of a
+        table [0, 1, support...] that holds its coefficient."""
+
+        def row(s: int | None) -> int:
+            return 0 if s is None else 1 if s == 0 else 2 + self.support.index(s)
+
+        return (
+            tuple(tuple(row(s) for s in r) for r in self.coefficient),
+            tuple(row(s) for s in self.constant),
+        )
 
     def __call__(self, a: int, b: int) -> tuple[int, ...]:
         """The clear outputs (tests)."""

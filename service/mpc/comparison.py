@@ -8,12 +8,12 @@ with many inputs cost one round each (`fanin`), so here it is a 4-ary carry tree
 planes** (`ring.to_planes`: one word holds one bit of 64 elements), with bits 0..62 and a zero
 bit below them as 16 slices of 4 bits:
   1. per slice, its generate G and propagate P straight from the two parties' clear bits: a
-     `cross` gate (`anf.carry4`): 45 words per 64 elements and slice pair      (1 round)
+     `cross` gate (`anf.carry4`): 30 words per 64 elements and slice pair      (1 round)
   2. 16 slices -> 4: G, P of four slices at once (`anf.gp4`, 8 inputs)          (1 round)
   3. 4 -> 1: the carry into bit 63 (`anf.g4`, 7 inputs)                          (1 round)
   4. msb(x) = x0[63] ^ x1[63] ^ carry                                            (local)
 Rounds: 3 (the Brent-Kung tree of 2-input ANDs this replaced needed 7). Bytes sent per party:
-8 * (45 * 8 + 4 * 8 + 7) * ceil(n / 64) for n elements, about 50 per element.
+8 * (30 * 8 + 4 * 8 + 7) * ceil(n / 64) for n elements, about 35 per element.
 What a party sees: only words masked by fresh uniform dealer words: uniform. Nothing is ever
 opened unmasked; the result stays XOR-shared.
 
@@ -62,15 +62,23 @@ def msb(party: Party, x: torch.Tensor) -> torch.Tensor:
 
 
 def select(party: Party, x: torch.Tensor, bit: torch.Tensor) -> torch.Tensor:
-    """[x * b] from arithmetic [x] and XOR-shared bit b (bit injection fused with the product).
+    """[x * b] from arithmetic [x] and XOR-shared bits b, one per element (int64 0/1)."""
+    return select_plane(party, x, to_plane(bit))
 
-    Dealer: a random bit rb (XOR shares and [rb]), uniform [a], and [a * rb].
-      1. open d = x - a (arithmetic) and e = b ^ rb (binary)      (1 round)
+
+def select_plane(party: Party, x: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
+    """[x * b] from arithmetic [x] and XOR-shared bits b as a bit plane (bit injection fused
+    with the product).
+
+    Dealer: random bits rb (XOR shares of their plane, and [rb] per element), uniform [a], and
+    [a * rb].
+      1. open d = x - a (arithmetic) and e = b ^ rb (binary, as a plane)      (1 round)
       2. b = e + (1 - 2e) rb, so x * b = d e + d (1 - 2e)[rb] + e [a] + (1 - 2e)[a rb]
-    Rounds: 1. Bytes per element per party: 8 + 8. Seen: d, e, masked by uniform a and rb.
+    Rounds: 1. Bytes per element per party: 8 + 1/8. Seen: d, e, masked by uniform a and rb.
     """
     t = party.rand.take(Request.mux(x.shape))
-    (d,), (e,) = party.open_mixed([x - t["a"]], [bit ^ t["rb"]])
+    (d,), (e,) = party.open_mixed([x - t["a"]], [plane ^ t["rb"]])
+    e = from_plane(e, x.shape)
     s = 1 - 2 * e
     z = d * s * t["r"] + e * t["a"] + s * t["ar"]
     return z + d * e if party.index == 0 else z
@@ -81,20 +89,22 @@ def not_(party: Party, bit: torch.Tensor) -> torch.Tensor:
     return bit ^ 1 if party.index == 0 else bit
 
 
+def _not_plane(party: Party, plane: torch.Tensor) -> torch.Tensor:
+    return ~plane if party.index == 0 else plane
+
+
 def relu(party: Party, x: torch.Tensor, trunc_bits: int = 0) -> torch.Tensor:
     """[max(x, 0) / 2^trunc_bits]: the sign of x and the truncation computed side by side.
 
     The sign is taken on the untruncated x (same sign), so the truncation's opening rides in
     the comparison's first round. Rounds: 3 (comparison, truncation inside) + 1 (select) = 4.
-    Bytes per element per party: about 50 (comparison, see the module) + 16 (+ 8 with
+    Bytes per element per party: about 35 (comparison, see the module) + 8 (select; + 8 with
     truncation).
     """
-    if not trunc_bits:
-        return select(party, x, not_(party, msb(party, x)))
-    pending = truncation.begin(party, x, trunc_bits)
-    sign, (c,) = _msb(party, x, [pending.masked])
-    y = truncation.finish(party, pending, c)
-    return select(party, y, not_(party, from_plane(sign, x.shape)))
+    pending = truncation.begin(party, x, trunc_bits) if trunc_bits else None
+    sign, opened = _msb(party, x, [pending.masked] if pending else [])
+    y = truncation.finish(party, pending, opened[0]) if pending else x
+    return select_plane(party, y, _not_plane(party, sign))
 
 
 def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

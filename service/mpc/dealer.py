@@ -8,10 +8,11 @@ Kinds (each a `Request`; shapes are public, values secret):
   seed, so the parties open W - b once per model instead of once per query (`beaver.linear`).
 - `and(shape)`: XOR shares of words a, b, c with c = a & b.
 - `trunc(shape, bits)`: [r], [r >>> bits], [msb(r)] for uniform r (dealer-assisted truncation).
-- `mux(shape)`: a random bit rb as XOR shares and as [rb], a uniform [a], and [a * rb].
-- `cross(fn, (groups, w))`: for a one-round two-input-holder gate (`fanin.cross`, function `fn`
-  of `anf`): each party's dealer words x (its a-side half) and y (its b-side half) from its own
-  seed, and XOR shares of z = XOR_T x_T & y_T across the parties.
+- `mux(shape)`: random bits rb, one per element, as XOR shares of their bit plane and as [rb],
+  a uniform [a], and [a * rb].
+- `cross(fn, (groups, w))`: for a one-round gate whose two operands each party holds one of
+  (`fanin.cross`, function `fn` of `anf`): each party's dealer words x (its a-side half) and y
+  (its b-side half) from its own seed, and XOR shares of z = XOR_T x_{c_T} & y_T.
 - `mand(fn, shape)`: for a one-round gate on XOR-shared inputs (`fanin.masked`): XOR shares of
   masks lambda [inputs, ...] and of Lambda_R, the AND of the masks in each set R of
   `anf.MASKED[fn].subsets`.
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 
 from service.mpc import anf, dcf
 from service.mpc.prg import PRG, SEED_BYTES, fresh_seed
-from service.mpc.ring import logical_shift_right, msb
+from service.mpc.ring import from_plane, logical_shift_right, msb
 
 INSTANCE_BYTES = 16
 
@@ -132,14 +133,15 @@ def bilinear(op: str, params: tuple) -> Callable[[torch.Tensor, torch.Tensor], t
     raise ValueError(f"unknown bilinear op {op!r}")
 
 
-# Per kind: seeded fields (name, 'ring' | 'bits', shape index) drawn by both parties from their
-# own seed, and derived fields (name, combine 'add' | 'xor') whose party-1 share is a correction.
+# Per kind: seeded fields (name, 'ring' | 'plane' (one bit per element) | 'root', shape index)
+# drawn by both parties from their own seed, and derived fields (name, combine 'add' | 'xor')
+# whose party-1 share is a correction.
 _SEEDED = {
     "beaver": (("a", "ring", 0), ("b", "ring", 1)),
     "beaverw": (("a", "ring", 0),),  # b: from the fixed weight-mask seed, see `Randomness`
     "and": (("a", "ring", 0), ("b", "ring", 0)),
     "trunc": (("r", "ring", 0),),
-    "mux": (("rb", "bits", 0), ("a", "ring", 0)),
+    "mux": (("rb", "plane", 0), ("a", "ring", 0)),
     "fss": (("r", "ring", 0), ("root", "root", 0)),
     "cross": (("x", "ring", 0), ("y", "ring", 0)),  # shapes: see `_seeded_fields`
     "mand": (("lam", "ring", 0),),
@@ -198,7 +200,8 @@ def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         r = full["r"]
         return {"r_hi": logical_shift_right(r, int(req.params[0])), "r_msb": msb(r)}
     if req.kind == "mux":
-        return {"r": full["rb"], "ar": full["a"] * full["rb"]}
+        rb = from_plane(full["rb"], req.shapes[0])
+        return {"r": rb, "ar": full["a"] * rb}
     if req.kind == "mand":
         products = anf.MASKED[str(req.params[0])].mask_products
         table = products(full["lam"].numpy())
@@ -207,12 +210,15 @@ def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     raise ValueError(f"unknown randomness kind {req.kind!r}")
 
 
-def _cross_truth(s0: dict, s1: dict) -> dict[str, torch.Tensor]:
-    """z for a cross gate: x from the a side of each half, y from the b side (dealer only)."""
-    halves = [
-        np.bitwise_xor.reduce((x & y.unsqueeze(0)).numpy(), axis=1)
-        for x, y in ((s0["x"], s1["y"]), (s1["x"], s0["y"]))
-    ]
+def _cross_truth(req: Request, s0: dict, s1: dict) -> dict[str, torch.Tensor]:
+    """z for a cross gate: x from the a side of each half, y from the b side (dealer only).
+
+    z[o] = XOR_T x_{c_T} & y_T, where x of the coefficient 1 (and of a missing one) is 0."""
+    coef = torch.tensor(anf.CROSS[str(req.params[0])].rows[0])
+    halves = []
+    for x, y in ((s0["x"], s1["y"]), (s1["x"], s0["y"])):
+        table = torch.cat([torch.zeros_like(x[:2]), x])[coef]  # [outputs, T, half, w]
+        halves.append(np.bitwise_xor.reduce((table & y.unsqueeze(0)).numpy(), axis=1))
     return {"z": torch.from_numpy(np.concatenate(halves, axis=1))}
 
 
@@ -332,14 +338,19 @@ def correction_shapes(plan: tuple[Request, ...]) -> list[tuple[int, ...]]:
 
 
 def _seeded_fields(req: Request) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, 'ring' | 'bits' | 'root', shape) of what each party draws from its own seed."""
+    """(name, 'ring' | 'root', shape) of what each party draws from its own seed."""
     if req.kind not in _SEEDED:
         raise ValueError(f"unknown randomness kind {req.kind!r}")
     if req.kind == "cross":
         fn, (groups, w) = anf.CROSS[str(req.params[0])], req.shapes[0]
         half = groups // 2
-        return [("x", "ring", (fn.outputs, fn.width, half, w)), ("y", "ring", (fn.width, half, w))]
-    return [(name, how, req.shapes[idx]) for name, how, idx in _SEEDED[req.kind]]
+        return [("x", "ring", (len(fn.support), half, w)), ("y", "ring", (fn.width, half, w))]
+    return [
+        (name, "ring", (-(-math.prod(req.shapes[idx]) // 64),))  # one bit per element
+        if how == "plane"
+        else (name, how, req.shapes[idx])
+        for name, how, idx in _SEEDED[req.kind]
+    ]
 
 
 def _expand_seeded(req: Request, prg: PRG) -> dict[str, torch.Tensor]:
@@ -348,7 +359,7 @@ def _expand_seeded(req: Request, prg: PRG) -> dict[str, torch.Tensor]:
         if how == "root":  # one 128-bit DCF root seed per element
             out[name] = prg.ring((math.prod(shape), 2))
         else:
-            out[name] = prg.bits(shape) if how == "bits" else prg.ring(shape)
+            out[name] = prg.ring(shape)
     return out
 
 
@@ -532,7 +543,7 @@ class Dealer:
             if req.kind == "beaverw":
                 full["b"] = self._mask(req)
             if req.kind == "cross":
-                truth = _cross_truth(s0, s1)
+                truth = _cross_truth(req, s0, s1)
             elif req.kind == "fss":
                 truth, alpha, beta = _fss_truth(req, full["r"])
                 roots = (s0["root"].numpy().view(np.uint64), s1["root"].numpy().view(np.uint64))

@@ -5,12 +5,13 @@ Two gates, both on int64 words whose bits are independent lanes (bit planes):
 - `cross`: f(a, b) where one party holds a and the other b in the clear (the two addends of an
   arithmetic sharing, bit by bit). Groups are split in halves; in the first half party 0 holds
   a, in the second party 1, so both send the same amount. Per group and output,
-  f = c_0(a) ^ XOR_T c_T(a) & b^T over the 2^k - 1 nonempty monomials b^T of b. The b side
-  sends w_T = b^T ^ y_T, the a side m_T = c_T(a) ^ x_T, for dealer words x (a side) and y (b
-  side) and XOR shares of z = XOR_T x_T & y_T. Then the a side holds c_0 ^ XOR_T c_T & w_T ^
-  [z] and the b side XOR_T m_T & y_T ^ [z]; they XOR to f.
-  Rounds: 1. Words sent per party, per group pair and output: (outputs + 1) (2^k - 1) / 2 *
-  2, i.e. 45 words per 64 lanes of a 4-bit group pair with `carry4`.
+  f = c_0(a) ^ XOR_T c_T(a) & b^T over the 2^k - 1 nonempty monomials b^T of b, and each
+  coefficient c_T is one monomial of a (`anf.Cross`). The b side sends w_T = b^T ^ y_T, the a
+  side m_S = a^S ^ x_S for each monomial S that is some coefficient (`support`: the outputs
+  share them), for dealer words x (a side) and y (b side) and XOR shares of z = XOR_T x_{c_T}
+  & y_T. Then the a side holds c_0 ^ XOR_T c_T & w_T ^ [z] and the b side XOR_T m_{c_T} & y_T
+  ^ [z]; they XOR to f. Rounds: 1. Words sent per party and group pair: |support| + 2^k - 1,
+  i.e. 30 per 64 lanes with `carry4` (G and P together).
   What a party sees: words masked by fresh uniform dealer words (uniform).
 - `masked`: f(u) for XOR-shared inputs u. Both parties open delta = u ^ lambda for dealer masks
   lambda; each monomial m is then XOR_{R in m} delta^(m - R) & Lambda_R with Lambda_R the AND of
@@ -51,17 +52,20 @@ def _monomials(bits: torch.Tensor) -> torch.Tensor:
 class PendingCross:
     fn: Cross
     rand: dict[str, torch.Tensor]
-    coef: torch.Tensor  # [outputs, 2^k - 1, half, w]: c_T(a) on this party's a-side half
-    const: torch.Tensor  # [outputs, half, w]
+    table: torch.Tensor  # [0, 1, support...] on this party's a-side half: the coefficients
     index: int
 
 
 @cache
-def _cross_index(fn: Cross) -> tuple[torch.Tensor, torch.Tensor]:
-    zero = 1 << fn.k  # a row of zeros appended to the monomials
-    coef = torch.tensor([[zero if s is None else s for s in row] for row in fn.coefficient])
-    const = torch.tensor([zero if s is None else s for s in fn.constant])
-    return coef, const
+def _rows(fn: Cross) -> tuple[torch.Tensor, torch.Tensor]:
+    coef, const = fn.rows
+    return torch.tensor(coef), torch.tensor(const)
+
+
+def _with_constants(support: torch.Tensor) -> torch.Tensor:
+    """[0, 1 (all ones), support rows...]: the table `anf.Cross.rows` indexes."""
+    zeros = torch.zeros_like(support[:1])
+    return torch.cat([zeros, ~zeros, support])
 
 
 def cross_begin(party: Party, bits: torch.Tensor, name: str) -> tuple[PendingCross, list]:
@@ -74,20 +78,19 @@ def cross_begin(party: Party, bits: torch.Tensor, name: str) -> tuple[PendingCro
     half = groups // 2
     lo, hi = bits[:, :half], bits[:, half:]
     a, b = (lo, hi) if party.index == 0 else (hi, lo)
-    mono_a = _monomials(a)
-    mono_a = torch.cat([mono_a, torch.zeros_like(mono_a[:1])])
-    coef_index, const_index = _cross_index(fn)
-    coef = mono_a[coef_index]
-    pending = PendingCross(fn, t, coef, mono_a[const_index], party.index)
-    return pending, [coef ^ t["x"], _monomials(b)[1:] ^ t["y"]]
+    support = _monomials(a)[list(fn.support)]
+    pending = PendingCross(fn, t, _with_constants(support), party.index)
+    return pending, [support ^ t["x"], _monomials(b)[1:] ^ t["y"]]
 
 
 def cross_finish(pending: PendingCross, theirs: Sequence[torch.Tensor]) -> torch.Tensor:
     """XOR shares of the outputs [outputs, groups, w] from the peer's messages."""
-    their_coef, their_mono = theirs
-    t = pending.rand
-    as_a = pending.const ^ _xor_reduce(pending.coef & their_mono.unsqueeze(0), 1)
-    as_b = _xor_reduce(their_coef & t["y"].unsqueeze(0), 1)
+    their_support, their_mono = theirs
+    t, (coef, const) = pending.rand, _rows(pending.fn)
+    # a side: c_0 ^ XOR_T c_T & (b^T ^ y_T); b side: XOR_T (c_T ^ x_T) & y_T
+    as_a = pending.table[const] ^ _xor_reduce(pending.table[coef] & their_mono.unsqueeze(0), 1)
+    masked = _with_constants(their_support)[coef]
+    as_b = _xor_reduce(masked & t["y"].unsqueeze(0), 1)
     halves = [as_a, as_b] if pending.index == 0 else [as_b, as_a]
     return torch.cat(halves, dim=1) ^ t["z"]
 

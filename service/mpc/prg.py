@@ -50,10 +50,6 @@ class PRG:
         data = np.frombuffer(self._bytes(8 * n), dtype="<i8", count=n)  # writable, no copy
         return torch.from_numpy(data).reshape(tuple(shape))
 
-    def bits(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
-        """Uniform bits (0/1 as int64) of the given shape."""
-        return self.ring(shape) & 1
-
 
 def random_ring(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """Uniform ring elements from a fresh seed: for one-off masks such as input shares."""
