@@ -536,20 +536,19 @@ class Dealer:
         corrections, keys = [], []
         for req in plan:
             s0, s1 = _expand_seeded(req, prg0), _expand_seeded(req, prg1)
-            full = {
-                n: (s0[n] ^ s1[n]) if (req.kind in _XOR_KINDS or n == "rb") else s0[n] + s1[n]
-                for n in s0
-            }
-            if req.kind == "beaverw":
-                full["b"] = self._mask(req)
-            if req.kind == "cross":
+            if req.kind == "cross":  # each half's x and y come from one party's seed only
                 truth = _cross_truth(req, s0, s1)
-            elif req.kind == "fss":
-                truth, alpha, beta = _fss_truth(req, full["r"])
-                roots = (s0["root"].numpy().view(np.uint64), s1["root"].numpy().view(np.uint64))
-                keys.append(dcf.gen(alpha, beta, DCF_BITS, *roots).to_words())
             else:
-                truth = _truth(req, full)
+                xor = req.kind in _XOR_KINDS
+                full = {n: (s0[n] ^ s1[n]) if xor or n == "rb" else s0[n] + s1[n] for n in s0}
+                if req.kind == "beaverw":
+                    full["b"] = self._mask(req)
+                if req.kind == "fss":
+                    truth, alpha, beta = _fss_truth(req, full["r"])
+                    roots = (s0["root"].numpy().view(np.uint64), s1["root"].numpy().view(np.uint64))
+                    keys.append(dcf.gen(alpha, beta, DCF_BITS, *roots).to_words())
+                else:
+                    truth = _truth(req, full)
             for value in truth.values():
                 share0 = prg0.ring(value.shape)
                 corrections.append(value ^ share0 if req.kind in _XOR_KINDS else value - share0)
