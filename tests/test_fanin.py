@@ -125,6 +125,7 @@ def test_party_0_gets_only_a_seed_and_party_1_the_products():
         Request("mand", ((7, 4, 2),), ("gp4",)),  # gp4 has 8 inputs
         Request("mand", ((8, 4, 2),), ("and99",)),
         Request("mand", ((8, 4, 2),), ()),
+        Request("mand", ((8, 4, 2),), (["gp4"],)),  # params are names and integers only
     ],
 )
 def test_malformed_gate_requests_are_refused(req):
@@ -142,3 +143,54 @@ def test_a_gate_asks_the_dealer_for_the_shape_it_runs_on():
             r1,
             FP,
         )
+
+
+def test_a_cross_function_must_be_symmetric_because_the_parties_swap_roles():
+    with pytest.raises(AssertionError, match="f\\(a, b\\) must equal f\\(b, a\\)"):
+        anf._cross("asym", 1, 1, lambda a, b: (a & (1 - b),))
+
+
+def test_cross_with_a_constant_term_and_no_coefficient_to_send(monkeypatch):
+    # f = a0 a1 ^ b0 b1: the a side's only term is its constant, b0 b1's coefficient is 1,
+    # so the a side sends nothing and the b side its 3 monomials
+    fn = anf._cross("pairs", 2, 1, lambda a, b: (int(a == 3) ^ int(b == 3),))
+    assert fn.support == () and fn.constant == (3,)
+    monkeypatch.setitem(anf.CROSS, "pairs", fn)
+    a, b = random_ring((2, 2, 1)), random_ring((2, 2, 1))
+    res = _run(
+        lambda p, bits: fanin.cross(p, bits, "pairs")[0],
+        (Request.cross("pairs", (2, 1)),),
+        a,
+        b,
+    )
+    out = res.out0 ^ res.out1
+    for lane in (0, 9, 63):
+        av, bv = _lane(a, lane), _lane(b, lane)
+        for g in range(2):
+            x = int(av[0, g, 0]) | int(av[1, g, 0]) << 1
+            y = int(bv[0, g, 0]) | int(bv[1, g, 0]) << 1
+            assert _lane(out, lane)[0, g, 0] == fn(x, y)[0]
+    assert res.stats0.bytes_sent == 8 * 3  # one slice pair: 0 + 3 words
+
+
+def test_the_dealer_deals_the_gates_correlations():
+    plan = (Request.cross("carry4", (4, 2)), Request.mand("gp4", (8, 3, 2)))
+    r0, r1 = deal_pair(Dealer(), "corr", plan)
+    c0, c1 = r0.take(plan[0]), r1.take(plan[0])
+    z = c0["z"] ^ c1["z"]
+    # half 0: party 0 holds a (its x), party 1 holds b (its y); half 1 the other way round
+    for half, (x, y) in enumerate(((c0["x"], c1["y"]), (c1["x"], c0["y"]))):
+        table = torch.cat([torch.zeros((2, *x.shape[1:]), dtype=x.dtype), x])  # rows 0, 1: no x
+        for o, rows in enumerate(anf.CARRY4.rows):
+            want = torch.zeros_like(y[0])
+            for t, row in enumerate(rows):
+                want ^= table[row] & y[t]
+            assert torch.equal(z[o, 2 * half : 2 * half + 2], want)
+    m0, m1 = r0.take(plan[1]), r1.take(plan[1])
+    lam, products = m0["lam"] ^ m1["lam"], m0["L"] ^ m1["L"]
+    for j, subset in enumerate(anf.GP4.subsets):
+        want = torch.full_like(lam[0], -1)
+        for i in range(8):
+            if subset >> i & 1:
+                want &= lam[i]
+        assert torch.equal(products[j], want)

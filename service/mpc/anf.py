@@ -126,7 +126,8 @@ class Masked:
 class Cross:
     """f(a, b) for a: `k` bits of one party, b: `k` bits of the other; per output o and nonempty
     b-monomial T, coefficient[o][T] is the a-monomial whose product multiplies b^T (None: 0),
-    and constant[o] the a-monomial of the b-free term (None: 0)."""
+    and constant[o] the a-monomial of the b-free term (None: 0). f must be symmetric
+    (f(a, b) = f(b, a)): `fanin.cross` lets the parties swap roles for half the groups."""
 
     name: str
     k: int
@@ -147,17 +148,14 @@ class Cross:
         return tuple(sorted(used))
 
     @cached_property
-    def rows(self) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
-        """Per output and b-monomial, then per output for the constant term: the row of a
-        table [0, 1, support...] that holds its coefficient."""
+    def rows(self) -> tuple[tuple[int, ...], ...]:
+        """Per output and b-monomial: the row of a table [0, 1, support...] that holds its
+        coefficient."""
 
         def row(s: int | None) -> int:
             return 0 if s is None else 1 if s == 0 else 2 + self.support.index(s)
 
-        return (
-            tuple(tuple(row(s) for s in r) for r in self.coefficient),
-            tuple(row(s) for s in self.constant),
-        )
+        return tuple(tuple(row(s) for s in r) for r in self.coefficient)
 
     def __call__(self, a: int, b: int) -> tuple[int, ...]:
         """The clear outputs (tests)."""
@@ -185,6 +183,8 @@ def _cross(name: str, k: int, outputs: int, truth: Callable[[int, int], tuple[in
             per_t[t] = m & mask
         constant.append(per_t.get(0))
         coefficient.append(tuple(per_t.get(t) for t in range(1, 1 << k)))
+    if any(truth(a, b) != truth(b, a) for a in range(1 << k) for b in range(1 << k)):
+        raise AssertionError(f"{name}: the parties swap roles, so f(a, b) must equal f(b, a)")
     return Cross(name, k, outputs, tuple(coefficient), tuple(constant))
 
 

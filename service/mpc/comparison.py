@@ -12,8 +12,8 @@ bit below them as 16 slices of 4 bits:
   2. 16 slices -> 4: G, P of four slices at once (`anf.gp4`, 8 inputs)          (1 round)
   3. 4 -> 1: the carry into bit 63 (`anf.g4`, 7 inputs)                          (1 round)
   4. msb(x) = x0[63] ^ x1[63] ^ carry                                            (local)
-Rounds: 3 (the Brent-Kung tree of 2-input ANDs this replaced needed 7). Bytes sent per party:
-8 * (30 * 8 + 4 * 8 + 7) * ceil(n / 64) for n elements, about 35 per element.
+Rounds: 3 (CrypTen's adder and the Brent-Kung tree of 2-input ANDs this replaced: 7). Bytes
+sent per party: 8 * (30 * 8 + 4 * 8 + 7) * ceil(n / 64) for n elements, about 35 per element.
 What a party sees: only words masked by fresh uniform dealer words: uniform. Nothing is ever
 opened unmasked; the result stays XOR-shared.
 
@@ -108,14 +108,14 @@ def relu(party: Party, x: torch.Tensor, trunc_bits: int = 0) -> torch.Tensor:
 
 
 def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[max(x, y)] = y + (x - y) * [x >= y]. Rounds: 8."""
+    """[max(x, y)] = y + (x - y) * [x >= y]. Rounds: 4."""
     ge = not_(party, msb(party, x - y))
     return y + select(party, x - y, ge)
 
 
 def max_pool2d(party: Party, x: torch.Tensor, kernel: int, maximum=maximum) -> torch.Tensor:
     """2D max pooling, stride = kernel, as a tree of `maximum` (this module's by default; `fss`
-    passes its own). Rounds: ceil(log2(k*k)) times those of one `maximum` (8 here)."""
+    passes its own). Rounds: ceil(log2(k*k)) times those of one `maximum` (4 here)."""
     n, c, h, w = x.shape
     if h % kernel or w % kernel:
         raise ValueError(f"max pooling {kernel}x{kernel} needs sides divisible by it, got {h}x{w}")
@@ -143,9 +143,9 @@ def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
 
     All n(n-1)/2 differences are compared at once: winner i beats every j < i strictly and ties
     or beats every j > i; its n-1 conditions are ANDed in one round (n <= 10).
-    Rounds: 3 + 1 = 4. Bytes per party: those of `msb` on n(n-1)/2 elements per row, plus
-    8 (n - 1) per 64 rows and classes. What a party sees: masked openings only; the output
-    stays shared.
+    Rounds: 3 + 1 = 4 (3 for two classes: one condition each). Bytes per party: those of `msb`
+    on n(n-1)/2 elements per row, plus 8 (n - 1) per 64 rows and classes. What a party sees:
+    masked openings only; the output stays shared.
     """
     n = x.shape[-1]
     if n < 2:

@@ -214,10 +214,11 @@ def _cross_truth(req: Request, s0: dict, s1: dict) -> dict[str, torch.Tensor]:
     """z for a cross gate: x from the a side of each half, y from the b side (dealer only).
 
     z[o] = XOR_T x_{c_T} & y_T, where x of the coefficient 1 (and of a missing one) is 0."""
-    coef = torch.tensor(anf.CROSS[str(req.params[0])].rows[0])
+    coef = torch.tensor(anf.CROSS[str(req.params[0])].rows)
     halves = []
     for x, y in ((s0["x"], s1["y"]), (s1["x"], s0["y"])):
-        table = torch.cat([torch.zeros_like(x[:2]), x])[coef]  # [outputs, T, half, w]
+        zeros = torch.zeros((2, *x.shape[1:]), dtype=x.dtype)  # the coefficients 0 and 1
+        table = torch.cat([zeros, x])[coef]  # [outputs, T, half, w]
         halves.append(np.bitwise_xor.reduce((table & y.unsqueeze(0)).numpy(), axis=1))
     return {"z": torch.from_numpy(np.concatenate(halves, axis=1))}
 
@@ -265,6 +266,8 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
         for shape in req.shapes:
             if len(shape) > 8 or any(not isinstance(d, int) or not 0 <= d < 2**31 for d in shape):
                 raise ValueError(f"step {i}: bad shape {shape}")
+        if not all(isinstance(p, int | str) and not isinstance(p, bool) for p in req.params):
+            raise ValueError(f"step {i}: params are integers and names only")
         if req.kind == "trunc" and (
             len(req.params) != 1
             or not isinstance(req.params[0], int)

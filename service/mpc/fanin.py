@@ -53,18 +53,24 @@ class PendingCross:
     fn: Cross
     rand: dict[str, torch.Tensor]
     table: torch.Tensor  # [0, 1, support...] on this party's a-side half: the coefficients
+    const: torch.Tensor  # [outputs, half, w]: the b-free terms c_0(a)
     index: int
 
 
 @cache
-def _rows(fn: Cross) -> tuple[torch.Tensor, torch.Tensor]:
-    coef, const = fn.rows
-    return torch.tensor(coef), torch.tensor(const)
+def _rows(fn: Cross) -> torch.Tensor:
+    return torch.tensor(fn.rows)
+
+
+@cache
+def _constant_rows(fn: Cross) -> torch.Tensor:
+    """Rows of all a-monomials plus a zero row (index 2^k) that hold each constant term."""
+    return torch.tensor([1 << fn.k if s is None else s for s in fn.constant])
 
 
 def _with_constants(support: torch.Tensor) -> torch.Tensor:
     """[0, 1 (all ones), support rows...]: the table `anf.Cross.rows` indexes."""
-    zeros = torch.zeros_like(support[:1])
+    zeros = torch.zeros((1, *support.shape[1:]), dtype=support.dtype)
     return torch.cat([zeros, ~zeros, support])
 
 
@@ -78,17 +84,19 @@ def cross_begin(party: Party, bits: torch.Tensor, name: str) -> tuple[PendingCro
     half = groups // 2
     lo, hi = bits[:, :half], bits[:, half:]
     a, b = (lo, hi) if party.index == 0 else (hi, lo)
-    support = _monomials(a)[list(fn.support)]
-    pending = PendingCross(fn, t, _with_constants(support), party.index)
+    mono_a = _monomials(a)
+    support = mono_a[list(fn.support)]
+    const = torch.cat([mono_a, torch.zeros_like(mono_a[:1])])[_constant_rows(fn)]
+    pending = PendingCross(fn, t, _with_constants(support), const, party.index)
     return pending, [support ^ t["x"], _monomials(b)[1:] ^ t["y"]]
 
 
 def cross_finish(pending: PendingCross, theirs: Sequence[torch.Tensor]) -> torch.Tensor:
     """XOR shares of the outputs [outputs, groups, w] from the peer's messages."""
     their_support, their_mono = theirs
-    t, (coef, const) = pending.rand, _rows(pending.fn)
+    t, coef = pending.rand, _rows(pending.fn)
     # a side: c_0 ^ XOR_T c_T & (b^T ^ y_T); b side: XOR_T (c_T ^ x_T) & y_T
-    as_a = pending.table[const] ^ _xor_reduce(pending.table[coef] & their_mono.unsqueeze(0), 1)
+    as_a = pending.const ^ _xor_reduce(pending.table[coef] & their_mono.unsqueeze(0), 1)
     masked = _with_constants(their_support)[coef]
     as_b = _xor_reduce(masked & t["y"].unsqueeze(0), 1)
     halves = [as_a, as_b] if pending.index == 0 else [as_b, as_a]
