@@ -17,8 +17,8 @@ sent per party: 8 * (30 * 8 + 4 * 8 + 7) * ceil(n / 64) for n elements, about 35
 What a party sees: only words masked by fresh uniform dealer words: uniform. Nothing is ever
 opened unmasked; the result stays XOR-shared.
 
-Also here: `and_` (XOR-shared AND), `select` ([x * b] for a shared bit b, 1 round), `relu`,
-`maximum` and `argmax` (label only: XOR shares of a one-hot vector, nothing else).
+Also here: `select` ([x * b] for a shared bit b, 1 round), `relu`, `maximum` and `argmax`
+(label only: XOR shares of a one-hot vector, nothing else).
 """
 
 from __future__ import annotations
@@ -31,14 +31,6 @@ from service.mpc import fanin, truncation
 from service.mpc.dealer import Request
 from service.mpc.party import Party
 from service.mpc.ring import from_plane, to_plane, to_planes
-
-
-def and_(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """XOR shares of x & y, bitwise on 64-bit words. 1 round, 16 bytes per word per party."""
-    t = party.rand.take(Request.and_(x.shape))
-    e, f = party.open_xor(x ^ t["a"], y ^ t["b"])
-    z = t["c"] ^ (e & t["b"]) ^ (f & t["a"])
-    return z ^ (e & f) if party.index == 0 else z
 
 
 def _msb(
