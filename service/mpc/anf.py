@@ -118,7 +118,7 @@ class Masked:
         return tuple(sorted(out))
 
     def __call__(self, bits: int) -> tuple[int, ...]:
-        """The clear outputs for input bits packed in an int (tests and the dealer)."""
+        """The clear outputs for input bits packed in an int (tests)."""
         return tuple(sum((bits & m) == m for m in monos) & 1 for monos in self.monomials)
 
 

@@ -203,10 +203,9 @@ def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         rb = from_plane(full["rb"], req.shapes[0])
         return {"r": rb, "ar": full["a"] * rb}
     if req.kind == "mand":
-        products = anf.MASKED[str(req.params[0])].mask_products
-        table = products(full["lam"].numpy())
-        rows = [products.row[r] for r in anf.MASKED[str(req.params[0])].subsets]
-        return {"L": torch.from_numpy(table[rows])}
+        fn = anf.MASKED[str(req.params[0])]
+        table = fn.mask_products(full["lam"].numpy())
+        return {"L": torch.from_numpy(table[[fn.mask_products.row[r] for r in fn.subsets]])}
     raise ValueError(f"unknown randomness kind {req.kind!r}")
 
 

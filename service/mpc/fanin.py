@@ -42,10 +42,22 @@ def _xor_reduce(x: torch.Tensor, axis: int) -> torch.Tensor:
 
 def _monomials(bits: torch.Tensor) -> torch.Tensor:
     """All products of the k input rows [k, ...]: row m is the AND of the inputs in mask m."""
-    out = torch.full((1, *bits.shape[1:]), -1, dtype=bits.dtype)
-    for row in bits:
-        out = torch.cat([out, out & row])
-    return out
+    return torch.from_numpy(_all_products(bits.shape[0])(bits.numpy()))
+
+
+@cache
+def _all_products(k: int) -> Products:
+    products = Products.of(range(1 << k), k)
+    assert all(row == mask for mask, row in products.row.items())  # doubling keeps mask order
+    return products
+
+
+def _exchange(party: Party, mine: list, ride: Sequence[torch.Tensor]) -> tuple[list, list]:
+    """One round: this gate's messages and the `ride` shares; the peer's messages, and the
+    ride values opened (added up)."""
+    theirs = party.channel.exchange([*mine, *ride])
+    k = len(mine)
+    return theirs[:k], [m + o for m, o in zip(ride, theirs[k:], strict=True)]
 
 
 @dataclass
@@ -106,9 +118,8 @@ def cross_finish(pending: PendingCross, theirs: Sequence[torch.Tensor]) -> torch
 def cross(party: Party, bits: torch.Tensor, name: str, ride: Sequence[torch.Tensor] = ()):
     """XOR shares of f(a, b) [outputs, groups, w], and the opened `ride` values. 1 round."""
     pending, mine = cross_begin(party, bits, name)
-    theirs = party.channel.exchange([*mine, *ride])
-    opened = [m + o for m, o in zip(ride, theirs[2:], strict=True)]
-    return cross_finish(pending, theirs[:2]), opened
+    theirs, opened = _exchange(party, mine, ride)
+    return cross_finish(pending, theirs), opened
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,5 @@ def masked_finish(pending: PendingMasked, mine: torch.Tensor, theirs: torch.Tens
 def masked(party: Party, inputs: torch.Tensor, name: str, ride: Sequence[torch.Tensor] = ()):
     """XOR shares of f(inputs) [outputs, ...], and the opened `ride` values. 1 round."""
     pending, mine = masked_begin(party, inputs, name)
-    theirs = party.channel.exchange([*mine, *ride])
-    opened = [m + o for m, o in zip(ride, theirs[1:], strict=True)]
+    theirs, opened = _exchange(party, mine, ride)
     return masked_finish(pending, mine[0], theirs[0]), opened
