@@ -8,7 +8,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.mpc import beaver
+from service.mpc.dealer import Dealer
 from service.mpc.prg import random_ring
+from service.mpc.ring import to_plane
+from service.mpc.sharing import share, share_xor
 from tests.conftest import FP, opened, run_shared
 
 ring_values = st.one_of(
@@ -51,30 +54,29 @@ def test_conv2d_matches_torch_on_fixed_point_reals(batch, stride_padding):
     assert (got - want).abs().max() < 1e-3
 
 
-def _run_linear(dealer, masks, x, w, op="matmul", params=()):
-    """Both parties' `beaver.linear` with their own WeightMasks objects (kept across calls)."""
+def _run_with_masks(dealer, masks, fn):
+    """`fn(party, masks)` for both parties with their own WeightMasks objects (kept across
+    calls), after a dry run that records the plan."""
     from service.mpc.channel import NullChannel
     from service.mpc.dealer import PlanRecorder, deal_pair
     from service.mpc.inprocess import run_two_party
     from service.mpc.party import Party
-    from service.mpc.sharing import share
 
-    xs, ws = share(x), share(w)
     rec = PlanRecorder()
-    dry = beaver.WeightMasks(masks[0].mask_id)
-    beaver.linear(Party(0, NullChannel(), rec, FP), xs[0], ws[0], "w", dry, op, params)
+    fn(Party(0, NullChannel(), rec, FP), beaver.WeightMasks(masks[0].mask_id))
     r0, r1 = deal_pair(dealer, secrets.token_hex(8), tuple(rec.plan))
-    return run_two_party(
-        lambda p: beaver.linear(p, xs[p.index], ws[p.index], "w", masks[p.index], op, params),
-        r0,
-        r1,
-        FP,
+    return run_two_party(lambda p: fn(p, masks[p.index]), r0, r1, FP)
+
+
+def _run_linear(dealer, masks, x, w, op="matmul", params=()):
+    """Both parties' `beaver.linear` with their own WeightMasks objects (kept across calls)."""
+    xs, ws = share(x), share(w)
+    return _run_with_masks(
+        dealer, masks, lambda p, m: beaver.linear(p, xs[p.index], ws[p.index], "w", m, op, params)
     )
 
 
 def test_linear_with_a_fixed_weight_mask_opens_the_weight_once():
-    from service.mpc.dealer import Dealer
-
     dealer, w = Dealer(), random_ring((5, 3))
     masks = (beaver.WeightMasks("model-a"), beaver.WeightMasks("model-a"))
     for i in range(3):
@@ -92,8 +94,6 @@ def test_linear_with_a_fixed_weight_mask_opens_the_weight_once():
 
 
 def test_linear_with_a_fixed_mask_for_convolutions():
-    from service.mpc.dealer import Dealer
-
     dealer, w = Dealer(), FP.encode(torch.randn(4, 2, 3, 3))
     masks = (beaver.WeightMasks("conv"), beaver.WeightMasks("conv"))
     for _ in range(2):
@@ -107,8 +107,6 @@ def test_linear_with_a_fixed_mask_for_convolutions():
 def test_conv_then_sum_pool_as_one_bilinear_op_is_exact(batch, params):
     """conv2d_pool: the Beaver product of a convolution followed by k x k sum pooling, with the
     dealer's c already pooled (k^2 times smaller), fixed weight masks, exact on the ring."""
-    from service.mpc.dealer import Dealer
-
     stride, padding, k = params
     side = {2: 10, 3: 11}[k]  # (side + 2 padding - 3) // stride + 1 divisible by k
     dealer, w = Dealer(), random_ring((4, 2, 3, 3))
@@ -121,3 +119,52 @@ def test_conv_then_sum_pool_as_one_bilinear_op_is_exact(batch, params):
         assert h % k == 0 and wd % k == 0
         want = y.reshape(n, c, h // k, k, wd // k, k).sum(dim=(3, 5))
         assert torch.equal(opened(result), want)
+
+
+@given(
+    st.sampled_from([1, 3, 64]),
+    st.sampled_from([(1, 1), (7, 3), (100, 10)]),
+    st.lists(ring_values, min_size=1, max_size=8),
+)
+def test_select_fused_with_a_linear_layer_is_exact_on_the_whole_ring(batch, dims, edges):
+    """(x * b) @ W for XOR-shared bits b in the select's one round: the same as the select and
+    then the product, on random and extreme ring values, the weight opened once."""
+    n, m = dims
+    dealer, w = Dealer(), random_ring((n, m))
+    w.view(-1)[: len(edges)] = torch.tensor(edges)[: w.numel()]
+    masks = (beaver.WeightMasks("fused"), beaver.WeightMasks("fused"))
+    for i in range(2):
+        x, bits = random_ring((batch, n)), torch.randint(0, 2, (batch, n))
+        x.view(-1)[: len(edges)] = torch.tensor(edges)[: x.numel()]
+        xs, ws, bs = share(x), share(w), share_xor(bits)
+
+        def fused(p, mk, xs=xs, ws=ws, bs=bs):
+            return beaver.select_linear(p, xs[p.index], to_plane(bs[p.index]), ws[p.index], "w", mk)
+
+        result = _run_with_masks(dealer, masks, fused)
+        assert torch.equal(opened(result), (x * bits) @ w)
+        assert result.stats0.rounds == result.stats1.rounds == 1
+        plane_bytes = 8 * -(-x.numel() // 64)
+        first = w.numel() if i == 0 else 0
+        assert result.stats0.bytes_sent == 8 * (x.numel() + first) + plane_bytes
+    assert torch.equal(masks[0].opened["w"], masks[1].opened["w"])
+
+
+def test_select_fused_with_a_linear_layer_takes_its_dealer_products_from_the_weight_mask():
+    """The dealer's products use the same fixed mask as `linear` for that weight: a weight opened
+    by one is reused by the other, and the results stay exact."""
+    dealer, w = Dealer(), random_ring((6, 4))
+    masks = (beaver.WeightMasks("shared"), beaver.WeightMasks("shared"))
+    x = random_ring((2, 6))
+    assert torch.equal(opened(_run_linear(dealer, masks, x, w)), x @ w)
+    bits = torch.randint(0, 2, (2, 6))
+    xs, ws, bs = share(x), share(w), share_xor(bits)
+    result = _run_with_masks(
+        dealer,
+        masks,
+        lambda p, mk: beaver.select_linear(
+            p, xs[p.index], to_plane(bs[p.index]), ws[p.index], "w", mk
+        ),
+    )
+    assert torch.equal(opened(result), (x * bits) @ w)
+    assert result.stats0.bytes_sent == 8 * x.numel() + 8  # the weight was already open

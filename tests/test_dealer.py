@@ -10,6 +10,7 @@ from service.mpc.dealer import (
     RandomnessReused,
     Request,
     deal_pair,
+    validate_plan,
 )
 from service.mpc.ring import from_plane
 
@@ -123,3 +124,47 @@ def test_prefetched_randomness_is_the_same_and_still_once_only():
         eager[0].take(PLAN[0])
     with pytest.raises(RandomnessReused, match="prefetch"):
         eager[1].prefetch()
+
+
+def test_select_with_a_weight_deals_products_with_the_fixed_weight_mask():
+    """muxw: the mux correlations plus [rb_j b_jk], [a_j b_jk], [a_j rb_j b_jk] for the weight's
+    fixed mask b, the same b that `beaverw` uses for that weight; sizes follow the plan."""
+    from service.api import wire
+
+    dealer = Dealer()
+    sel = Request.muxw((3, 5), (5, 2), "model1", "fc2.weight")
+    lin = Request.beaverw("matmul", (3, 5), (5, 2), (), "model1", "fc2.weight")
+    plan = (sel, lin)
+    validate_plan(plan)
+    r0, r1 = deal_pair(dealer, "mw", plan)
+    s0, s1 = r0.take(sel), r1.take(sel)
+    l0, l1 = r0.take(lin), r1.take(lin)
+    b = s0["b"] + s1["b"]
+    assert torch.equal(b, l0["b"] + l1["b"])  # one fixed mask per (model, weight)
+    rb, a = from_plane(s0["rb"] ^ s1["rb"], (3, 5)), s0["a"] + s1["a"]
+    assert torch.equal(s0["r"] + s1["r"], rb) and torch.equal(s0["ar"] + s1["ar"], a * rb)
+    for name, v in (("rbw", rb), ("aw", a), ("arw", a * rb)):
+        assert torch.equal(s0[name] + s1[name], v.unsqueeze(-1) * b.unsqueeze(0))
+    for party in (0, 1):
+        m = dealer.deal("mw2", party, plan)
+        assert len(m.mask_seeds) == 2
+        back = wire.material_from_bytes(wire.material_to_bytes(m), "mw2", party, plan)
+        assert back.mask_seeds == m.mask_seeds
+        assert [c.shape for c in back.corrections] == [c.shape for c in m.corrections]
+    # party 1: r, ar (2 x 15), three products (3 x 30), beaverw c (3 x 2) words
+    assert dealer.deal("mw3", 1, plan).nbytes == 32 + 16 + 2 * 32 + 8 * (30 + 90 + 6)
+
+
+@pytest.mark.parametrize(
+    "shapes, params",
+    [
+        (((3, 5), (4, 2)), ("m", "w")),  # inner sizes differ
+        (((3, 5, 1), (5, 2)), ("m", "w")),  # rows must be flat
+        (((3, 5), (5, 2)), ("m",)),  # no weight name
+        (((3, 5), (5, 2)), ("bad id!", "w")),
+        (((3, 5), (5, 2)), ("m", 7)),
+    ],
+)
+def test_bad_select_with_a_weight_requests_are_refused(shapes, params):
+    with pytest.raises(ValueError, match=r"muxw|params"):
+        validate_plan((Request("muxw", shapes, params),))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from service.mpc.beaver import WeightMasks
 from service.mpc.channel import NullChannel
 from service.mpc.dealer import Dealer, PlanRecorder
 from service.mpc.inprocess import private_forward
@@ -33,26 +34,29 @@ def _images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.from_numpy(data["labels"][:n]).long()
 
 
-def _private(model, x: torch.Tensor, output: str, dealer: Dealer, rid: str):
+def _private(model, x: torch.Tensor, output: str, dealer: Dealer, rid: str, masks=None):
     net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), FP)
     weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, FP)
     images = share_tensors({"x": x.double()}, FP)
-    return private_forward(net, weights, (images[0]["x"], images[1]["x"]), dealer, rid, output)
+    pair = (images[0]["x"], images[1]["x"])
+    return private_forward(net, weights, pair, dealer, rid, output, masks)
 
 
 @pytest.mark.parametrize("kind", ["cnn", "fcnet"])
 def test_labels_on_1000_mnist_images_equal_plaintext(kind):
+    """As deployed: fixed weight masks, so the last ReLU and layer run as one step."""
     model, dealer = _model(kind), Dealer()
+    masks = (WeightMasks("net"), WeightMasks("net"))
     x, truth = _images(1000)
     with torch.no_grad():
         plain = model(x)
     labels, logits = [], []
     for i, chunk in enumerate(torch.split(x, 250)):
-        res = _private(model, chunk, "label", dealer, f"l{i}")
+        res = _private(model, chunk, "label", dealer, f"l{i}", masks)
         one_hot = res.out0 ^ res.out1
         assert torch.equal(one_hot.sum(-1), torch.ones(len(chunk), dtype=torch.int64))
         labels.append(one_hot.argmax(-1))
-        res = _private(model, chunk, "logits", dealer, f"g{i}")
+        res = _private(model, chunk, "logits", dealer, f"g{i}", masks)
         logits.append(FP.decode(res.out0 + res.out1))
     labels_t, logits_t = torch.cat(labels), torch.cat(logits)
     assert torch.equal(labels_t, plain.argmax(-1)), "label agreement must be 100%"
@@ -60,14 +64,20 @@ def test_labels_on_1000_mnist_images_equal_plaintext(kind):
     assert (labels_t == truth).double().mean() >= (0.985 if kind == "cnn" else 0.97)
 
 
-def test_cnn_round_count_and_batch_one():
+@pytest.mark.parametrize("fixed_masks", [False, True])
+def test_cnn_round_count_and_batch_one(fixed_masks):
     model = _model("cnn")
-    x, _ = _images(1)
-    res = _private(model, x, "label", Dealer(), "one")
-    assert res.stats0.rounds == res.stats1.rounds == 20  # 4 linear, 3 x (3 + 1) ReLU, 3 + 1 argmax
-    assert res.stats0.bytes_sent < 1.5e6
-    with torch.no_grad():
-        assert (res.out0 ^ res.out1).argmax(-1).item() == model(x).argmax(-1).item()
+    x, _ = _images(8)
+    masks = (WeightMasks("one"), WeightMasks("one")) if fixed_masks else None
+    dealer = Dealer()  # the fixed weight masks come from its master key
+    for i in range(8):
+        res = _private(model, x[i : i + 1], "label", dealer, f"one{i}", masks)
+        # 4 linear, 3 x (3 + 1) ReLU, 3 + 1 argmax; with fixed masks the last linear layer runs
+        # in the last ReLU's select round
+        assert res.stats0.rounds == res.stats1.rounds == (19 if fixed_masks else 20)
+        assert res.stats0.bytes_sent < 1.5e6
+        with torch.no_grad():
+            assert (res.out0 ^ res.out1).argmax(-1).item() == model(x[i : i + 1]).argmax(-1).item()
 
 
 def test_bad_layer_lists_and_inputs_are_refused():

@@ -10,10 +10,12 @@ control shows the test catches a leak as small as one bit.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 
-from service.mpc import comparison
+from service.mpc import beaver, comparison
+from service.mpc.beaver import WeightMasks
 from service.mpc.channel import InMemoryChannel, NullChannel
 from service.mpc.dealer import Dealer, PlanRecorder, Request, deal_pair
 from service.mpc.inprocess import run_two_party
@@ -105,13 +107,15 @@ def test_the_statistic_catches_a_one_bit_leak():
 RUNS = 200
 
 
-def _fixed_share_views(fn, x0: torch.Tensor, x1: torch.Tensor, party: int) -> torch.Tensor:
+def _fixed_share_views(
+    fn, x0: torch.Tensor, x1: torch.Tensor, party: int, dealer: Dealer | None = None
+) -> torch.Tensor:
     """[RUNS, words]: everything `party` receives, run after run on the same shares."""
     recorder = PlanRecorder()
     fn(Party(0, NullChannel(), recorder, FP), x0)  # type: ignore[arg-type]
-    dealer, runs = Dealer(), []
+    dealer, runs = dealer or Dealer(), []
     for i in range(RUNS):
-        r0, r1 = deal_pair(dealer, f"fixed-{i}", tuple(recorder.plan))
+        r0, r1 = deal_pair(dealer, f"fixed-{party}-{i}", tuple(recorder.plan))
         pair = list(InMemoryChannel.pair())
         rec = pair[party] = RecordingChannel(pair[party])
         run_two_party(lambda p: fn(p, x0 if p.index == 0 else x1), r0, r1, FP, channels=tuple(pair))
@@ -135,6 +139,30 @@ def test_with_fixed_shares_every_received_word_is_fresh():
             views = _fixed_share_views(fn, x0, x1, party)
             assert views.shape[1] > 100
             assert _max_z_over_runs(views) < Z_LIMIT, (fn, party)
+
+
+def test_with_fixed_shares_the_relu_fused_with_a_linear_layer_receives_only_fresh_words():
+    """The last ReLU and the layer after it in one round (`beaver.select_linear`): after the
+    weight's one opening (W - b, the same every time by design, see `beaver`), every word a
+    party receives is fresh."""
+    dealer, w = Dealer(), share(FP.encode(torch.linspace(-2, 2, 30).reshape(10, 3)))
+    masks = (WeightMasks("sec"), WeightMasks("sec"))
+
+    def fused(p: Party, x: torch.Tensor) -> torch.Tensor:
+        sel = partial(beaver.select_linear, w=w[p.index], name="w", masks=masks[p.index])
+        return comparison.relu(p, x, 16, select=sel)
+
+    x0, x1 = share((_secret(-3.25, 1)[:70] << 16).reshape(7, 10))
+    recorder = PlanRecorder()
+    fused(Party(0, NullChannel(), recorder, FP), x0)  # type: ignore[arg-type]
+    masks[0].opened.clear()  # the dry run "opened" zeros; the first real run opens W - b
+    r0, r1 = deal_pair(dealer, "warm-up", tuple(recorder.plan))
+    run_two_party(lambda p: fused(p, x0 if p.index == 0 else x1), r0, r1, FP)
+    assert torch.equal(masks[0].opened["w"], masks[1].opened["w"])
+    for party in (0, 1):
+        views = _fixed_share_views(fused, x0, x1, party, dealer)
+        assert views.shape[1] > 100
+        assert _max_z_over_runs(views) < Z_LIMIT, party
 
 
 def test_the_fixed_share_statistic_catches_an_unmasked_share():

@@ -7,7 +7,7 @@ Dealer material (application/octet-stream): the 32-byte seed, the dealer's 16-by
 then party 1's corrections as
 little-endian int64 in plan order, then (both parties) the DCF keys of the plan's fss gates as
 little-endian 64-bit words in plan order, then (both parties) one 32-byte weight-mask seed per
-beaverw request (all sizes follow from the public plan).
+request with a fixed weight mask, beaverw or muxw (all sizes follow from the public plan).
 
 Peer frame (one WebSocket binary message):
     u8 kind | u16 len(request id) | request id (ASCII) | body
@@ -32,6 +32,7 @@ import torch
 
 from service.mpc.dealer import (
     INSTANCE_BYTES,
+    WEIGHT_MASK_KINDS,
     PartyMaterial,
     Request,
     correction_shapes,
@@ -105,7 +106,7 @@ def material_from_bytes(
 ) -> PartyMaterial:
     shapes = correction_shapes(plan) if party == 1 else []
     keys = key_words(plan)
-    n_masks = sum(r.kind == "beaverw" for r in plan)
+    n_masks = sum(r.kind in WEIGHT_MASK_KINDS for r in plan)
     head = SEED_BYTES + INSTANCE_BYTES
     words_end = head + 8 * (sum(math.prod(s) for s in shapes) + sum(keys))
     expected = words_end + SEED_BYTES * n_masks

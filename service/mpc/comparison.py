@@ -23,11 +23,11 @@ Also here: `select` ([x * b] for a shared bit b, 1 round), `relu`, `maximum` and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from service.mpc import fanin, truncation
+from service.mpc import beaver, fanin, truncation
 from service.mpc.dealer import Request
 from service.mpc.party import Party
 from service.mpc.ring import from_plane, to_plane, to_planes
@@ -70,10 +70,7 @@ def select_plane(party: Party, x: torch.Tensor, plane: torch.Tensor) -> torch.Te
     """
     t = party.rand.take(Request.mux(x.shape))
     (d,), (e,) = party.open_mixed([x - t["a"]], [plane ^ t["rb"]])
-    e = from_plane(e, x.shape)
-    s = 1 - 2 * e
-    z = d * s * t["r"] + e * t["a"] + s * t["ar"]
-    return z + d * e if party.index == 0 else z
+    return beaver.select_shares(party, t, d, from_plane(e, x.shape))
 
 
 def not_(party: Party, bit: torch.Tensor) -> torch.Tensor:
@@ -85,18 +82,21 @@ def _not_plane(party: Party, plane: torch.Tensor) -> torch.Tensor:
     return ~plane if party.index == 0 else plane
 
 
-def relu(party: Party, x: torch.Tensor, trunc_bits: int = 0) -> torch.Tensor:
+def relu(
+    party: Party, x: torch.Tensor, trunc_bits: int = 0, select: Callable = select_plane
+) -> torch.Tensor:
     """[max(x, 0) / 2^trunc_bits]: the sign of x and the truncation computed side by side.
 
     The sign is taken on the untruncated x (same sign), so the truncation's opening rides in
     the comparison's first round. Rounds: 3 (comparison, truncation inside) + 1 (select) = 4.
     Bytes per element per party: about 35 (comparison, see the module) + 8 (select; + 8 with
-    truncation).
+    truncation). `select(party, y, plane)` makes the last step: `select_plane` by default, or
+    one that also applies the next layer in its round (`beaver.select_linear`).
     """
     pending = truncation.begin(party, x, trunc_bits) if trunc_bits else None
     sign, opened = _msb(party, x, [pending.masked] if pending else [])
     y = truncation.finish(party, pending, opened[0]) if pending else x
-    return select_plane(party, y, _not_plane(party, sign))
+    return select(party, y, _not_plane(party, sign))
 
 
 def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,10 @@ Kinds (each a `Request`; shapes are public, values secret):
 - `trunc(shape, bits)`: [r], [r >>> bits], [msb(r)] for uniform r (dealer-assisted truncation).
 - `mux(shape)`: random bits rb, one per element, as XOR shares of their bit plane and as [rb],
   a uniform [a], and [a * rb].
+- `muxw((batch, n), (n, m), mask_id, name)`: `mux` for a select whose result goes straight into
+  the model weight W (n x m, fixed mask b as in `beaverw`), plus [rb_j b_jk], [a_j b_jk] and
+  [a_j rb_j b_jk] for every row, j and k (`beaver.select_linear`: the select and the product
+  in one round).
 - `cross(fn, (groups, w))`: for a one-round gate whose two operands each party holds one of
   (`fanin.cross`, function `fn` of `anf`): each party's dealer words x (its a-side half) and y
   (its b-side half) from its own seed, and XOR shares of z = XOR_T x_{c_T} & y_T.
@@ -95,6 +99,10 @@ class Request:
         return Request("mux", (tuple(shape),))
 
     @staticmethod
+    def muxw(x_shape, w_shape, mask_id: str, name: str) -> Request:
+        return Request("muxw", (tuple(x_shape), tuple(w_shape)), (mask_id, name))
+
+    @staticmethod
     def cross(fn: str, shape) -> Request:
         return Request("cross", (tuple(shape),), (fn,))
 
@@ -142,6 +150,7 @@ _SEEDED = {
     "and": (("a", "ring", 0), ("b", "ring", 0)),
     "trunc": (("r", "ring", 0),),
     "mux": (("rb", "plane", 0), ("a", "ring", 0)),
+    "muxw": (("rb", "plane", 0), ("a", "ring", 0)),  # b: as for beaverw
     "fss": (("r", "ring", 0), ("root", "root", 0)),
     "cross": (("x", "ring", 0), ("y", "ring", 0)),  # shapes: see `_seeded_fields`
     "mand": (("lam", "ring", 0),),
@@ -152,10 +161,12 @@ _DERIVED = {
     "and": ("c",),
     "trunc": ("r_hi", "r_msb"),
     "mux": ("r", "ar"),
+    "muxw": ("r", "ar", "rbw", "aw", "arw"),
     "cross": ("z",),
     "mand": ("L",),
 }
 _XOR_KINDS = {"and", "cross", "mand"}
+WEIGHT_MASK_KINDS = frozenset({"beaverw", "muxw"})  # requests that use a fixed weight mask
 
 
 def _derived(req: Request) -> tuple[str, ...]:
@@ -199,9 +210,14 @@ def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     if req.kind == "trunc":
         r = full["r"]
         return {"r_hi": logical_shift_right(r, int(req.params[0])), "r_msb": msb(r)}
-    if req.kind == "mux":
+    if req.kind in ("mux", "muxw"):
         rb = from_plane(full["rb"], req.shapes[0])
-        return {"r": rb, "ar": full["a"] * rb}
+        out = {"r": rb, "ar": full["a"] * rb}
+        if req.kind == "muxw":
+            b = full["b"].unsqueeze(0)  # [1, n, m] against [batch, n, 1]
+            for name, v in (("rbw", rb), ("aw", full["a"]), ("arw", out["ar"])):
+                out[name] = v.unsqueeze(-1) * b
+        return out
     if req.kind == "mand":
         fn = anf.MASKED[str(req.params[0])]
         table = fn.mask_products(full["lam"].numpy())
@@ -227,7 +243,10 @@ def _bilinear_of(req: Request) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     return bilinear(str(req.params[0]), params)
 
 
-def _derived_shape(req: Request) -> tuple[int, ...]:
+def _derived_shape(req: Request, name: str = "") -> tuple[int, ...]:
+    """The shape of the derived field `name` of `req` (public: a function of the request)."""
+    if req.kind == "muxw" and name not in ("r", "ar"):
+        return (*req.shapes[0], req.shapes[1][1])
     if req.kind == "cross":
         return (anf.CROSS[str(req.params[0])].outputs, *req.shapes[0])
     if req.kind == "mand":
@@ -246,6 +265,7 @@ _ARITY = {
     "and": 1,
     "trunc": 1,
     "mux": 1,
+    "muxw": 2,
     "fss": 1,
     "cross": 1,
     "mand": 1,
@@ -306,6 +326,15 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
                 or (req.params[0] == "sign" and req.params[1] != 0)
             ):
                 raise ValueError(f"step {i}: fss needs a gate (sign | relu) and a shift in [0, 62)")
+        elif req.kind == "muxw":
+            (x_shape, w_shape), params = req.shapes, req.params
+            if len(params) != 2 or not all(
+                isinstance(p, str) and 0 < len(p) <= 128 and set(p) <= _MASK_ID_CHARS
+                for p in params
+            ):
+                raise ValueError(f"step {i}: muxw needs a mask id and a weight name")
+            if len(x_shape) != 2 or len(w_shape) != 2 or x_shape[1] != w_shape[0]:
+                raise ValueError(f"step {i}: muxw needs shapes (batch, n) and (n, m)")
         elif req.kind in ("cross", "mand"):
             table = anf.CROSS if req.kind == "cross" else anf.MASKED
             fn = table.get(req.params[0]) if len(req.params) == 1 else None
@@ -324,7 +353,7 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
         for s in (
             *r.shapes,
             *(shape for _, _, shape in _seeded_fields(r)),
-            *([_derived_shape(r)] * len(_derived(r))),
+            *(_derived_shape(r, name) for name in _derived(r)),
         )
     ) + sum(key_words(plan))
     if total > max_elements:
@@ -336,7 +365,7 @@ def correction_shapes(plan: tuple[Request, ...]) -> list[tuple[int, ...]]:
 
     Public (a function of the plan only), so the corrections can travel as one flat buffer.
     """
-    return [_derived_shape(req) for req in plan for _ in _derived(req)]
+    return [_derived_shape(req, name) for req in plan for name in _derived(req)]
 
 
 def _seeded_fields(req: Request) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -376,7 +405,7 @@ class PartyMaterial:
     plan: tuple[Request, ...]
     corrections: list[torch.Tensor] = field(default_factory=list)
     keys: list[np.ndarray] = field(default_factory=list)
-    mask_seeds: list[bytes] = field(default_factory=list)  # one per beaverw request
+    mask_seeds: list[bytes] = field(default_factory=list)  # per WEIGHT_MASK_KINDS request
     dealer: bytes = bytes(INSTANCE_BYTES)  # the dealing `Dealer`'s public instance id
 
     @property
@@ -437,11 +466,11 @@ class Randomness:
 
     def _expand(self, req: Request) -> dict[str, torch.Tensor]:
         out = _expand_seeded(req, self._prg)
-        if req.kind == "beaverw":
+        if req.kind in WEIGHT_MASK_KINDS:
             out["b"] = PRG(next(self._masks)).ring(req.shapes[1])
         for name in _derived(req):
             if self._m.party == 0:
-                out[name] = self._prg.ring(_derived_shape(req))
+                out[name] = self._prg.ring(_derived_shape(req, name))
             else:
                 out[name] = next(self._corr)
         if req.kind == "fss":
@@ -459,10 +488,10 @@ class PlanRecorder:
         self.plan.append(req)
         out = {n: torch.zeros(shape, dtype=torch.int64) for n, _, shape in _seeded_fields(req)}
         for name in _derived(req):
-            out[name] = torch.zeros(_derived_shape(req), dtype=torch.int64)
+            out[name] = torch.zeros(_derived_shape(req, name), dtype=torch.int64)
         if req.kind == "fss":
             out["keys"] = None  # the gates skip their (local) evaluation in a dry run
-        if req.kind == "beaverw":
+        if req.kind in WEIGHT_MASK_KINDS:
             out["b"] = torch.zeros(req.shapes[1], dtype=torch.int64)
         return out
 
@@ -489,7 +518,7 @@ class Dealer:
         return hmac.new(self._key, msg, hashlib.sha256).digest()
 
     def _mask_seed(self, req: Request, party: int) -> bytes:
-        """The seed of `party`'s share of the fixed mask of one model weight (beaverw)."""
+        """The seed of `party`'s share of the fixed mask of one model weight (beaverw, muxw)."""
         mask_id, name = str(req.params[-2]).encode(), str(req.params[-1]).encode()
         msg = b"privdigit/weight-mask/v1\x00%s\x00%s\x00%d" % (mask_id, name, party)
         return hmac.new(self._key, msg, hashlib.sha256).digest()
@@ -513,7 +542,7 @@ class Dealer:
             self._served.add((request_id, party))
         seed = self._seed(request_id, party)
         plan = tuple(plan)
-        masks = [self._mask_seed(r, party) for r in plan if r.kind == "beaverw"]
+        masks = [self._mask_seed(r, party) for r in plan if r.kind in WEIGHT_MASK_KINDS]
         if party == 0 and not any(r.kind == "fss" for r in plan):
             return PartyMaterial(request_id, 0, seed, plan, mask_seeds=masks, dealer=self.instance)
         with self._lock:
@@ -543,7 +572,7 @@ class Dealer:
             else:
                 xor = req.kind in _XOR_KINDS
                 full = {n: (s0[n] ^ s1[n]) if xor or n == "rb" else s0[n] + s1[n] for n in s0}
-                if req.kind == "beaverw":
+                if req.kind in WEIGHT_MASK_KINDS:
                     full["b"] = self._mask(req)
                 if req.kind == "fss":
                     truth, alpha, beta = _fss_truth(req, full["r"])

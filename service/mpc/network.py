@@ -22,8 +22,10 @@ Comparisons (ReLU, max pooling, argmax) use one of two protocols, chosen per dep
          ReLU and per party.
   "hybrid": fss for layers of at most HYBRID_FSS_MAX comparisons per image (argmax, the small
          ReLU layers), a2b for the large ones: most of the rounds saved, a fraction of the keys.
+An a2b ReLU followed by a small linear layer (at most FUSE_MAX_WEIGHTS weights, fixed weight
+masks) applies that layer in its select's round (`beaver.select_linear`): one round less.
 Rounds for the default CNN (conv-pool-relu x2, fc-relu, fc, argmax), per layer:
-  a2b: 1+4, 1+4, 1+4, 1, 4 = 20    fss: 1+1, 1+1, 1+1, 1, 2 = 9    hybrid: 1+4, 1+1, 1+1, 1, 2 = 12
+  a2b: 1+4, 1+4, 1+4, 0, 4 = 19    fss: 1+1, 1+1, 1+1, 1, 2 = 9    hybrid: 1+4, 1+1, 1+1, 1, 2 = 12
 What each party sees: only openings masked by fresh dealer randomness (see each protocol).
 """
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
@@ -46,6 +49,7 @@ Output = Literal["label", "logits"]
 COMPARISONS = {"a2b": comparison, "fss": fss}  # each offers relu, max_pool2d and argmax
 PROTOCOLS = ("a2b", "fss", "hybrid")
 HYBRID_FSS_MAX = 1024  # comparisons per image up to which "hybrid" uses fss
+FUSE_MAX_WEIGHTS = 4096  # linear layers up to this size run in an a2b ReLU's select round
 LAYER_TYPES = {"conv2d", "linear", "avgpool2d", "maxpool2d", "relu", "flatten"}
 
 
@@ -107,11 +111,10 @@ class PrivateNetwork:
             raise ModelSpecError(f"input shape {tuple(x.shape[1:])} != {self.input_shape}")
         f = self.fp.frac_bits
         pending = 0  # fractional bits above f that the next rescale must remove
-        fused = False  # the previous conv2d already pooled for this avgpool2d
+        done = -1  # layers up to this index already ran, fused into an earlier one
         for i, layer in enumerate(self.layers):
             kind = layer["type"]
-            if fused:
-                fused = False
+            if i <= done:
                 continue
             if kind in ("conv2d", "linear"):
                 if pending:
@@ -124,7 +127,7 @@ class PrivateNetwork:
                     if k:  # sum-pool(conv(x, W) + b) = conv2d_pool(x, W) + k^2 b
                         x = beaver.linear(party, x, w, name, masks, "conv2d_pool", (*params, k))
                         x = x + ((b << f) * (k * k)).view(1, -1, 1, 1)
-                        pending, fused = f + int(math.log2(k * k)), True
+                        pending, done = f + int(math.log2(k * k)), i + 1
                         continue
                     x = beaver.linear(party, x, w, name, masks, "conv2d", params)
                     x = x + (b << f).view(1, -1, 1, 1)
@@ -141,7 +144,17 @@ class PrivateNetwork:
             elif kind == "maxpool2d":
                 x = self._cmp(x[0].numel()).max_pool2d(party, x, int(layer["kernel_size"]))
             elif kind == "relu":
-                x, pending = self._cmp(x[0].numel()).relu(party, x, pending), 0
+                cmp, nxt = self._cmp(x[0].numel()), self._linear_after(i, masks)
+                if cmp is comparison and nxt is not None:  # ReLU and the linear layer in one go
+                    name = self.layers[nxt]["name"]
+                    w, b = weights[f"{name}.weight"], weights[f"{name}.bias"]
+                    fuse = partial(
+                        beaver.select_linear, w=w.t(), name=f"{name}.weight", masks=masks
+                    )
+                    x = comparison.relu(party, x, pending, select=fuse) + (b << f)
+                    pending, done = f, nxt
+                    continue
+                x, pending = cmp.relu(party, x, pending), 0
             elif kind == "flatten":
                 x = x.reshape(x.shape[0], -1)
         if output == "label":
@@ -150,6 +163,20 @@ class PrivateNetwork:
         if output == "logits":
             return truncation.truncate(party, x, pending) if pending else x
         raise ValueError(f"output must be 'label' or 'logits', got {output!r}")
+
+    def _linear_after(self, i: int, masks: beaver.WeightMasks | None) -> int | None:
+        """The index of a linear layer right after layer i (flattens between are free) that an
+        a2b ReLU at i can apply in its select round, else None."""
+        if masks is None:
+            return None
+        j = i + 1
+        while j < len(self.layers) and self.layers[j]["type"] == "flatten":
+            j += 1
+        if j == len(self.layers) or self.layers[j]["type"] != "linear":
+            return None
+        layer = self.layers[j]
+        size = int(layer["in_features"]) * int(layer["out_features"])
+        return j if size <= FUSE_MAX_WEIGHTS else None
 
     def _pool_after(self, i: int, x: torch.Tensor, w: torch.Tensor, params: tuple[int, int]) -> int:
         """The kernel of an average pooling right after conv layer i that can fuse with it
