@@ -263,7 +263,10 @@ class LeanClient:
         a0, a1 = self._both("POST", "/v1/predict", bodies)
         if a0.get("request_id") != rid or a1.get("request_id") != rid:
             raise PrivDigitError("an answer belongs to another request")
-        return int(reconstruct_label(decode_tensor(a0["share"]), decode_tensor(a1["share"]))[0])
+        if a0.get("sharing") != a1.get("sharing"):
+            raise PrivDigitError("the replicas answered different label sharings")
+        shares = decode_tensor(a0["share"]), decode_tensor(a1["share"])
+        return int(reconstruct_label(*shares, a0["sharing"])[0])
 
     def close(self) -> None:
         for conn in self._conns:

@@ -2,8 +2,10 @@
 
 The client turns an image into an MNIST-style 28x28 array (`preprocess`), encodes it in fixed
 point, splits it into two additive shares over Z_2^64 (`share_image`), posts one share to each
-replica and reconstructs only the result: a one-hot label from XOR shares (`reconstruct_label`)
-or, when the operator enabled it, the logits from additive shares (`reconstruct_scores`).
+replica and reconstructs only the result: the label (`reconstruct_label`: from shares that add
+up, mod the prime 65521, to 0 at the label and to random nonzero values elsewhere, or from XOR
+shares of a one-hot vector, as the replicas' `sharing` says) or, when the operator enabled it,
+the logits from additive shares (`reconstruct_scores`).
 
 Wire format of a tensor (both directions):
     {"dtype": "int64", "shape": [...], "data": base64(little-endian int64 values, C order)}
@@ -57,6 +59,8 @@ __all__ = [
 DEFAULT_REPLICAS: tuple[str, str] = ("http://127.0.0.1:8000", "http://127.0.0.1:8001")
 REPLICAS_ENV = "PRIVDIGIT_REPLICAS"
 CLASSES = 10
+LABEL_PRIME = 65521  # the "zero" sharing's modulus (the service's `ring.PRIME`)
+LABEL_SHARINGS = ("zero", "xor")
 SIDE = 28  # MNIST canvas
 BOX = 20  # MNIST fits the digit's bounding box into 20x20 ...
 CENTRE = 14.0  # ... and moves its centre of mass to pixel (14, 14)
@@ -197,19 +201,31 @@ def _share_pair(s0: Any, s1: Any) -> tuple[np.ndarray, np.ndarray]:
     return a.astype(np.int64), b.astype(np.int64)
 
 
-def reconstruct_label(s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
-    """The label of each row: the index of the single 1 in s0 XOR s1 (which must be one-hot)."""
+def reconstruct_label(s0: np.ndarray, s1: np.ndarray, sharing: str = "zero") -> np.ndarray:
+    """The label of each row, from the replicas' two shares.
+
+    sharing "zero": (s0 + s1) mod LABEL_PRIME is 0 at exactly one place per row, the label (the
+    other places are uniform on 1..p-1 and mean nothing); "xor": s0 XOR s1 is one-hot.
+    """
+    if sharing not in LABEL_SHARINGS:
+        raise BadResponse(f"unknown label sharing {sharing!r}; known: {LABEL_SHARINGS}")
     a, b = _share_pair(s0, s1)
-    onehot = a ^ b
-    binary = ((onehot == 0) | (onehot == 1)).all(axis=1)
-    single = (onehot == 1).sum(axis=1) == 1
-    bad = np.flatnonzero(~(binary & single))
+    if sharing == "zero":
+        if ((a < 0) | (a >= LABEL_PRIME) | (b < 0) | (b >= LABEL_PRIME)).any():
+            raise BadResponse(f"label shares must lie in [0, {LABEL_PRIME})")
+        hot = (a + b) % LABEL_PRIME == 0
+        binary = np.ones(len(a), dtype=bool)
+    else:
+        onehot = a ^ b
+        hot = onehot == 1
+        binary = ((onehot == 0) | (onehot == 1)).all(axis=1)
+    bad = np.flatnonzero(~(binary & (hot.sum(axis=1) == 1)))
     if bad.size:
         raise BadResponse(
-            f"row {int(bad[0])} of the reconstructed output is not one-hot: the replicas' "
-            "shares do not belong together"
+            f"row {int(bad[0])} of the reconstructed output names no single label: the "
+            "replicas' shares do not belong together"
         )
-    return onehot.argmax(axis=1).astype(np.int64)
+    return hot.argmax(axis=1).astype(np.int64)
 
 
 def reconstruct_scores(s0: np.ndarray, s1: np.ndarray, frac_bits: int) -> np.ndarray:
@@ -621,21 +637,22 @@ def _predict_bodies(
 def _share_of(
     url: str, party: int, body: dict[str, Any], request_id: str, output: str, model: _Model, n: int
 ) -> tuple[np.ndarray, int]:
-    """A predict answer's share (N, 10) and frac_bits, after checking it answers our request."""
+    """A predict answer's share (N, 10) and frac_bits, after checking it answers our request
+    (its sharing is checked by the caller: both replicas must agree)."""
     if body.get("model_version") != model.version:
         raise VersionMismatch(
             f"replica {url} answered with model {body.get('model_version')!r}, "
             f"expected {model.version!r}"
         )
-    expected = {
-        "request_id": request_id,
-        "party": party,
-        "output": output,
-        "sharing": "xor" if output == "label" else "additive",
-    }
+    expected = {"request_id": request_id, "party": party, "output": output}
     for key, value in expected.items():
         if body.get(key) != value:
             raise BadResponse(f"replica {url} answered {key}={body.get(key)!r}, expected {value!r}")
+    sharings = LABEL_SHARINGS if output == "label" else ("additive",)
+    if body.get("sharing") not in sharings:
+        raise BadResponse(
+            f"replica {url} answered sharing={body.get('sharing')!r}, expected one of {sharings}"
+        )
     frac = body.get("frac_bits")
     if not isinstance(frac, int) or not 0 <= frac <= 62:
         raise BadResponse(f"replica {url} answered frac_bits={frac!r}")
@@ -662,7 +679,12 @@ def _predictions(
         _share_of(urls[p], p, bodies[p], request_id, output, model, n) for p in (0, 1)
     )
     if output == "label":
-        labels, conf = reconstruct_label(s0, s1), [None] * n
+        sharing = bodies[0]["sharing"]
+        if bodies[1]["sharing"] != sharing:
+            raise BadResponse(
+                f"the replicas answered sharings {sharing} and {bodies[1]['sharing']}"
+            )
+        labels, conf = reconstruct_label(s0, s1, sharing), [None] * n
     else:
         if f0 != f1:
             raise BadResponse(f"the replicas answered frac_bits {f0} and {f1}")

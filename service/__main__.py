@@ -109,7 +109,7 @@ def _add_comparison(p: argparse.ArgumentParser) -> None:
         "--comparison",
         choices=("a2b", "fss", "hybrid"),
         default="a2b",
-        help="comparison protocol of both replicas: a2b (reference, 20 rounds), fss "
+        help="comparison protocol of both replicas: a2b (reference, 18 rounds), fss "
         "(function secret sharing, 9 rounds, ~7 MB of dealer keys per image) or hybrid (fss "
         "for the small layers: 12 rounds, ~1 MB); default a2b",
     )

@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 import clients.predict as cli
 import clients.privdigit as pd
 from clients.privdigit import (
+    LABEL_PRIME,
     AsyncPrivDigitClient,
     BadResponse,
     ImageError,
@@ -164,12 +165,27 @@ def xor_share(onehot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mask, onehot ^ mask
 
 
+def zero_share(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Additive shares mod LABEL_PRIME of values in [0, p)."""
+    mask = np.frombuffer(os.urandom(8 * values.size), "<u8").reshape(values.shape) % LABEL_PRIME
+    mask = mask.astype(np.int64)
+    return mask, (values - mask) % LABEL_PRIME
+
+
+def zero_test(labels: list[int]) -> np.ndarray:
+    """What the a2b replicas' label shares add up to: 0 at the label, nonzero elsewhere."""
+    y = np.random.default_rng().integers(1, LABEL_PRIME, (len(labels), 10))
+    y[np.arange(len(labels)), labels] = 0
+    return y
+
+
 @given(st.lists(st.integers(0, 9), min_size=0, max_size=20))
 def test_reconstruct_label(labels: list[int]) -> None:
     onehot = np.zeros((len(labels), 10), np.int64)
     onehot[np.arange(len(labels)), labels] = 1
-    s0, s1 = xor_share(onehot)
-    out = reconstruct_label(s0, s1)
+    out = reconstruct_label(*xor_share(onehot), "xor")
+    assert out.dtype == np.int64 and out.tolist() == labels
+    out = reconstruct_label(*zero_share(zero_test(labels)), "zero")
     assert out.dtype == np.int64 and out.tolist() == labels
 
 
@@ -186,8 +202,27 @@ def test_reconstruct_label(labels: list[int]) -> None:
 )
 def test_reconstruct_label_rejects_garbage(row: list[int]) -> None:
     onehot = np.array([[0, 0, 1, 0, 0, 0, 0, 0, 0, 0], row], np.int64)
-    with pytest.raises(BadResponse, match=r"row 1 .* not one-hot"):
-        reconstruct_label(*xor_share(onehot))
+    with pytest.raises(BadResponse, match=r"row 1 .* no single label"):
+        reconstruct_label(*xor_share(onehot), "xor")
+
+
+@pytest.mark.parametrize("zeros", [0, 2, 10])
+def test_reconstruct_label_rejects_rows_without_a_single_zero(zeros: int) -> None:
+    y = zero_test([3, 4])
+    y[1] = np.arange(1, 11)
+    y[1, :zeros] = 0
+    with pytest.raises(BadResponse, match=r"row 1 .* no single label"):
+        reconstruct_label(*zero_share(y), "zero")
+
+
+@pytest.mark.parametrize("bad", [-1, LABEL_PRIME, INT64.max])
+def test_reconstruct_label_rejects_zero_shares_outside_the_field(bad: int) -> None:
+    s0, s1 = zero_share(zero_test([3]))
+    s0[0, 5] = bad
+    with pytest.raises(BadResponse, match="must lie in"):
+        reconstruct_label(s0, s1, "zero")
+    with pytest.raises(BadResponse, match="unknown label sharing"):
+        reconstruct_label(s0, s1, "additive")
 
 
 def test_reconstruct_rejects_mismatched_shares() -> None:
@@ -250,6 +285,7 @@ class FakeCluster:
         self.model_gets = [0, 0]
         self.fail: dict[int, httpx.Response] = {}  # next predict answer of a replica
         self.tamper: Callable[[int, dict[str, Any]], dict[str, Any]] | None = None
+        self.label_sharing = "zero"  # as the default protocol (a2b) answers; fss: "xor"
         self.down: set[int] = set()
 
     def serving_version(self, i: int) -> str | None:
@@ -321,7 +357,10 @@ class FakeCluster:
         ink = x.astype(np.float64).sum(axis=(1, 2, 3)) / 2.0 ** self.frac_bits[0]
         labels = np.rint(ink).astype(np.int64) % 10
         n = len(labels)
-        if body["output"] == "label":
+        if body["output"] == "label" and self.label_sharing == "zero":
+            s0, s1 = zero_share(zero_test(labels.tolist()))
+            sharing = "zero"
+        elif body["output"] == "label":
             onehot = np.zeros((n, 10), np.int64)
             onehot[np.arange(n), labels] = 1
             s0, s1 = xor_share(onehot)
@@ -396,6 +435,16 @@ def test_predict_labels() -> None:
     x = encode_fixed(images_with_ink([3, 17, 0, 9])[:, None], 16)
     assert not np.array_equal(s0, x) and not np.array_equal(s1, x)
     assert np.array_equal((s0.view(np.uint64) + s1.view(np.uint64)).view(np.int64), x)
+
+
+def test_predict_labels_from_replicas_that_answer_xor_shares() -> None:
+    """Replicas running fss (or hybrid) answer the label as XOR shares of a one-hot vector."""
+    cluster = FakeCluster()
+    cluster.label_sharing = "xor"
+    with client(cluster) as c:
+        preds = c.predict_encoded(images_with_ink([5, 12]))
+    assert [p.label for p in preds] == [5, 2]
+    assert {a["sharing"] for answers in cluster.outputs.values() for a in answers} == {"xor"}
 
 
 def test_predict_scores_gives_confidence() -> None:
@@ -563,6 +612,7 @@ def _tampered(key: str, value: Any) -> Callable[[int, dict[str, Any]], dict[str,
         ("party", 0, BadResponse),
         ("output", "scores", BadResponse),
         ("sharing", "additive", BadResponse),
+        ("sharing", "xor", BadResponse),  # the replicas must agree
         ("frac_bits", "16", BadResponse),
         ("model_version", "v0", VersionMismatch),
         ("share", encode_tensor(np.zeros((1, 9), np.int64)), BadResponse),
@@ -767,3 +817,11 @@ def test_client_imports_only_small_dependencies() -> None:
                 continue
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def test_the_label_prime_is_the_same_in_service_client_page_and_contract() -> None:
+    from service.mpc.ring import PRIME
+
+    assert pd.LABEL_PRIME == PRIME
+    assert f"export const LABEL_PRIME = {PRIME}n;" in (ROOT / "web/js/sharing.js").read_text()
+    assert f"mod the prime {PRIME}" in (ROOT / "openapi.yaml").read_text()

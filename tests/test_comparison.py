@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from service.mpc import comparison
 from service.mpc.prg import random_ring
-from service.mpc.sharing import share_xor
+from service.mpc.ring import PRIME
+from service.mpc.sharing import open_label, share_xor
 from tests.conftest import FP, opened, opened_xor, run_shared
 
 edge = st.sampled_from([0, 1, -1, 2**63 - 1, -(2**63), -(2**63) + 1, 2**62, -(2**62), 2**16])
@@ -59,20 +60,53 @@ def test_select_multiplies_by_a_shared_bit(pairs):
     assert result.stats0.bytes_sent == 8 * len(pairs) + 8 * -(-len(pairs) // 64)
 
 
-@given(st.sampled_from([1, 3, 64]), st.sampled_from([2, 10]), st.booleans())
-def test_argmax_one_hot_matches_torch_including_ties(batch, n, ties):
+def _zero_test(result) -> torch.Tensor:
+    """What the client reconstructs from argmax's shares: the sum mod p, one zero per row."""
+    for share in (result.out0, result.out1):
+        assert share.dtype == torch.int64 and ((share >= 0) & (share < PRIME)).all()
+    return (result.out0 + result.out1) % PRIME
+
+
+@given(st.sampled_from([1, 3, 64]), st.sampled_from([2, 3, 10]), st.booleans())
+def test_argmax_zero_test_matches_torch_including_ties(batch, n, ties):
     logits = torch.randint(-3, 3, (batch, n)) if ties else torch.randn(batch, n) * 100
     x = FP.encode(logits.double())
     result = run_shared(comparison.argmax, x)
-    one_hot = opened_xor(result)
-    assert torch.equal(one_hot, F.one_hot(logits.argmax(-1), n))
-    assert result.stats0.rounds == 3 + (n > 2)  # the wins of one class are ANDed in 1 round
+    y = _zero_test(result)
+    assert torch.equal((y == 0).long(), F.one_hot(logits.argmax(-1), n))
+    assert torch.equal(open_label(result.out0, result.out1, "zero"), logits.argmax(-1))
+    assert result.stats0.rounds == result.stats1.rounds == 3
 
 
-def test_argmax_at_the_largest_magnitudes():
+def test_argmax_at_the_largest_magnitudes_and_one_or_more_classes():
     big = 2**61
     x = torch.tensor([[-big, big - 1, big, -1, 0]], dtype=torch.int64)
-    assert opened_xor(run_shared(comparison.argmax, x)).argmax(-1).item() == 2
+    assert open_label(*_outs(run_shared(comparison.argmax, x)), "zero").item() == 2
+    # the widest gap whose difference does not wrap (argmax compares differences)
+    x = torch.tensor([[2**62 - 1, -(2**62)], [0, 0], [-1, 0], [1, 0]], dtype=torch.int64)
+    assert open_label(*_outs(run_shared(comparison.argmax, x)), "zero").tolist() == [0, 0, 1, 0]
+    one = run_shared(comparison.argmax, torch.tensor([[5], [-3]], dtype=torch.int64))
+    assert torch.equal(_zero_test(one), torch.zeros(2, 1, dtype=torch.int64))
+
+
+def _outs(result) -> tuple[torch.Tensor, torch.Tensor]:
+    return result.out0, result.out1
+
+
+def test_argmax_losers_see_uniform_nonzero_values_whatever_their_wins():
+    """The client's view: 0 at the label, and elsewhere rho_k (wins_k - 9) for a fresh uniform
+    rho_k, so a class that won 8 times looks like one that won none (uniform on 1..p-1)."""
+    x = FP.encode(torch.arange(10, dtype=torch.float64).flip(0).unsqueeze(0).repeat(2000, 1))
+    y = _zero_test(run_shared(comparison.argmax, x))  # class k wins 9 - k times
+    assert (y[:, 0] == 0).all() and (y[:, 1:] != 0).all()
+    second, last = y[:, 1].double(), y[:, 9].double()  # 8 wins against 0
+    for v in (second, last):
+        assert abs(v.mean() / (PRIME / 2) - 1) < 0.05  # uniform mean p / 2
+        assert len(v.unique()) > 1900  # nearly all distinct: no small set of values
+    # Kolmogorov-Smirnov distance between the two empirical distributions
+    grid = torch.linspace(0, PRIME, 200).double()
+    cdf = lambda v: (v.unsqueeze(0) <= grid.unsqueeze(1)).double().mean(1)  # noqa: E731
+    assert (cdf(second) - cdf(last)).abs().max() < 0.06
 
 
 @given(st.sampled_from([1, 4]), st.sampled_from([2, 3]))

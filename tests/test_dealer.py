@@ -168,3 +168,50 @@ def test_select_with_a_weight_deals_products_with_the_fixed_weight_mask():
 def test_bad_select_with_a_weight_requests_are_refused(shapes, params):
     with pytest.raises(ValueError, match=r"muxw|params"):
         validate_plan((Request("muxw", shapes, params),))
+
+
+def test_zero_test_material_scales_mask_products_by_secret_rho_in_z_p():
+    """zmax: XOR-shared masks as bit planes; in Z_p, rho_j Lambda_R and rho_i Lambda_R per
+    comparison (i, j) and rho_k per class, rho uniform on 1..p-1 and fresh per request."""
+    from service.mpc import anf
+    from service.mpc.dealer import pairs
+    from service.mpc.ring import PRIME
+
+    rows, n = 70, 4
+    req = Request.zmax("lt4", (rows, n))
+    validate_plan((req,))
+    fn, (iu, ju) = anf.ARITH["lt4"], pairs(n)
+    draws = []
+    for rid in ("z1", "z2"):
+        r0, r1 = deal_pair(Dealer(), rid, (req,))
+        t0, t1 = r0.take(req), r1.take(req)
+        assert t0["lam"].shape == (8, 7)  # 70 x 6 comparisons in 64-lane words
+        for k in ("X", "Y", "rho"):
+            assert ((t0[k] >= 0) & (t0[k] < PRIME) & (t1[k] >= 0) & (t1[k] < PRIME)).all()
+        rho = (t0["rho"] + t1["rho"]) % PRIME
+        assert rho.shape == (rows, n) and (rho > 0).all()
+        lam = t0["lam"] ^ t1["lam"]
+        bits = torch.stack([from_plane(lam[i], (rows * len(iu),)) for i in range(8)])
+        packed = (bits << torch.arange(8).unsqueeze(1)).sum(0).reshape(rows, -1, 1)
+        sets = torch.tensor(fn.subsets[1:])
+        products = ((packed & sets) == sets).long()
+        assert torch.equal((t0["X"] + t1["X"]) % PRIME, products * rho[:, ju, None] % PRIME)
+        assert torch.equal((t0["Y"] + t1["Y"]) % PRIME, products * rho[:, iu, None] % PRIME)
+        draws.append(rho)
+    assert not torch.equal(draws[0], draws[1])
+    assert len(draws[0].unique()) > rows * n * 0.9  # spread over 1..p-1, not a few values
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        Request("zmax", ((3, 10),), ("g4",)),  # not an arithmetic function
+        Request("zmax", ((3, 1),), ("lt4",)),  # one class needs no test
+        Request("zmax", ((3, 11),), ("lt4",)),
+        Request("zmax", ((30,),), ("lt4",)),
+        Request("zmax", ((3, 10),), ()),
+    ],
+)
+def test_bad_zero_test_requests_are_refused(req):
+    with pytest.raises(ValueError, match="zmax"):
+        validate_plan((req,))

@@ -38,7 +38,23 @@ def test_the_tables_are_the_functions_they_name():
             carry = g[i] | (p[i] & carry)
         assert anf.GP4(v) == (carry, int(all(p)))
     assert len(anf.GP4.subsets) == 22 and len(anf.G4.subsets) == 15
-    assert len(anf.MASKED["and9"].subsets) == 2**9 - 1 - 9
+
+
+def test_the_arithmetic_top_is_the_sign_bit_as_an_integer_for_every_mask():
+    """lt4: sum_R coefficients[v][R] Lambda_R = (bit ^ carry) for every valid input u and
+    every opening v = u ^ lambda (all 256 x 256), with 46 mask sets and small coefficients."""
+    fn = anf.LT4
+    sets = np.array(fn.subsets)
+    assert fn.subsets[0] == 0 and len(sets) == 46 and np.abs(fn.coefficients).max() <= 16
+    lam = np.arange(256)
+    products = ((lam[:, None] & sets[None, :]) == sets[None, :]).astype(np.int64)  # [lambda, R]
+    for u in range(256):
+        g, p = [u >> i & 1 for i in range(4)], [0] + [u >> (4 + i) & 1 for i in range(3)]
+        if any(gi & pi for gi, pi in zip(g, p, strict=True)):
+            continue  # a carry group never both generates and propagates
+        want = (u >> 7) ^ anf.G4(u & 0x7F)[0]
+        got = (fn.coefficients[u ^ lam] * products).sum(axis=1)
+        assert (got == want).all(), u
 
 
 @pytest.mark.parametrize("words", [1, 3])
@@ -134,11 +150,11 @@ def test_malformed_gate_requests_are_refused(req):
 
 
 def test_a_gate_asks_the_dealer_for_the_shape_it_runs_on():
-    plan = (Request.mand("and3", (3, 1, 1)),)
+    plan = (Request.mand("g4", (7, 1, 1)),)
     r0, r1 = deal_pair(Dealer(), "shape", plan)
     with pytest.raises(Exception, match="plan"):
         run_two_party(
-            lambda p: fanin.masked(p, torch.zeros((3, 2, 1), dtype=torch.int64), "and3"),
+            lambda p: fanin.masked(p, torch.zeros((7, 2, 1), dtype=torch.int64), "g4"),
             r0,
             r1,
             FP,

@@ -161,6 +161,7 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_new(cluster, images):
     one_hot = privdigit.reconstruct_label(
         privdigit.decode_tensor(results[0].json()["share"]),
         privdigit.decode_tensor(results[1].json()["share"]),
+        results[0].json()["sharing"],
     )
     assert list(one_hot) == expected
     # it exits by itself after the drain (uvicorn re-raises the captured SIGTERM: -15)

@@ -432,7 +432,9 @@ def test_swapped_shares_still_classify(cluster, mnist):
     r0, r1 = _pair(cluster, [_enc(s1, rid), _enc(s0, rid)])
     assert r0.status_code == r1.status_code == 200, (r0.text, r1.text)
     got = privdigit.reconstruct_label(
-        privdigit.decode_tensor(r0.json()["share"]), privdigit.decode_tensor(r1.json()["share"])
+        privdigit.decode_tensor(r0.json()["share"]),
+        privdigit.decode_tensor(r1.json()["share"]),
+        r0.json()["sharing"],
     )
     assert int(got[0]) == int(labels[0])
 

@@ -523,7 +523,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_label(cluster, mn
         assert a["batch_images"] == b["batch_images"]
         batch_sizes.append(a["batch_images"])
         one_hot = privdigit.reconstruct_label(
-            privdigit.decode_tensor(a["share"]), privdigit.decode_tensor(b["share"])
+            privdigit.decode_tensor(a["share"]), privdigit.decode_tensor(b["share"]), a["sharing"]
         )
         labels.append(int(one_hot[0]))
     assert labels == expected

@@ -460,7 +460,9 @@ class Replica:
             party=self.party,
             model_version=model.version,
             output=body.output,
-            sharing="xor" if body.output == "label" else "additive",
+            sharing=model.network.label_sharing(share.shape[-1])
+            if body.output == "label"
+            else "additive",
             frac_bits=model.network.fp.frac_bits,
             share=Tensor(**wire.tensor_to_json(share)),
             serving_version=getattr(

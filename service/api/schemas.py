@@ -44,7 +44,9 @@ class PredictRequest(BaseModel):
         "point with the model's frac_bits (pixel/255, ink bright)"
     )
     output: Literal["label", "scores"] = Field(
-        default="label", description="label: XOR shares of one-hot; scores: shares of logits"
+        default="label",
+        description="label: shares that show the label only (see `sharing`); "
+        "scores: shares of logits",
     )
     model_version: str | None = Field(
         default=None, max_length=128, description="the version the client expects (optional)"
@@ -56,9 +58,10 @@ class PredictResponse(BaseModel):
     party: int
     model_version: str
     output: Literal["label", "scores"]
-    sharing: Literal["xor", "additive"] = Field(
-        description="xor: the two shares XOR to a one-hot [n, 10]; additive: they add (mod "
-        "2^64) to the logits at frac_bits"
+    sharing: Literal["zero", "xor", "additive"] = Field(
+        description="zero: the two shares add, mod the prime 65521, to [n, 10] values that are 0 "
+        "at the label and uniform on 1..65520 elsewhere (comparison a2b); xor: they XOR to a "
+        "one-hot [n, 10] (fss, hybrid); additive: they add (mod 2^64) to the logits at frac_bits"
     )
     frac_bits: int
     share: Tensor

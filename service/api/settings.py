@@ -87,7 +87,7 @@ class ReplicaSettings(_Base):
     )
     comparison: Literal["a2b", "fss", "hybrid"] = Field(
         default="a2b",
-        description="comparison protocol: a2b (reference; 20 rounds, small dealer material), "
+        description="comparison protocol: a2b (reference; 18 rounds, small dealer material), "
         "fss (function secret sharing; 9 rounds, ~2.5 KB of dealer keys per ReLU) or hybrid "
         "(fss for layers of at most 1,024 comparisons per image; 12 rounds, ~1 MB of keys per "
         "image); both replicas must use the same",

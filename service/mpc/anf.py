@@ -13,6 +13,10 @@ Two shapes of gate:
   masks lambda turns each monomial into XOR_{R subset m} (public part) & Lambda_R, where
   Lambda_R is the AND of the masks in R: the dealer deals shares of Lambda_R for every R with at
   least two inputs (`subsets`).
+- **arithmetic** (`Arith`): the same opening, for an integer-valued function: with v = u ^
+  lambda public, F(u) = F(v ^ lambda) is an integer polynomial in the mask bits,
+  sum_R coefficient[v][R] Lambda_R (Lambda_R the product of the masks in R, Lambda_{} = 1), so
+  additive shares of the Lambda_R in any ring give additive shares of F(u) there, locally.
 
 Functions here:
 - `carry4` (cross, 4 + 4 bits): the group generate G (carry out of a + b with no carry in) and
@@ -21,7 +25,8 @@ Functions here:
   P = P0 P1 P2 P3, four groups into one (valid because G_i P_i = 0, so the terms exclude each
   other and XOR is OR).
 - `g4` (masked, 7 bits G0..G3, P1..P3): G only, for the top of the tree.
-- `and2` .. `and9` (masked): the AND of all inputs.
+- `lt4` (arithmetic, 8 bits: g4's seven, then the sum's bit 63 before the carry): the sign bit
+  msb(x) = bit ^ carry of the carry tree's top, as an integer.
 """
 
 from __future__ import annotations
@@ -170,6 +175,37 @@ class Cross:
         return tuple(out)
 
 
+@dataclass(frozen=True)
+class Arith:
+    """An integer-valued function of `inputs` XOR-shared bits (its value on every input word;
+    inputs that never occur may take any value that keeps the polynomial small)."""
+
+    name: str
+    inputs: int
+    truth: tuple[int, ...]
+
+    @cached_property
+    def _table(self) -> np.ndarray:
+        """[v, R]: the integer Moebius transform of lambda -> F(v ^ lambda), for every v."""
+        n = 1 << self.inputs
+        words = np.arange(n)
+        table = np.array(self.truth, dtype=np.int64)[words[:, None] ^ words[None, :]]
+        for i in range(self.inputs):
+            bit = (words >> i & 1).astype(bool)
+            table[:, bit] -= table[:, words[bit] ^ (1 << i)]
+        return table
+
+    @cached_property
+    def subsets(self) -> tuple[int, ...]:
+        """The mask sets R whose products Lambda_R appear for some v (the empty set first)."""
+        return tuple(int(r) for r in np.flatnonzero(self._table.any(axis=0)))
+
+    @cached_property
+    def coefficients(self) -> np.ndarray:
+        """[2^inputs, len(subsets)]: F(v ^ lambda) = sum_j coefficients[v, j] Lambda_subsets[j]."""
+        return self._table[:, list(self.subsets)]
+
+
 def _cross(name: str, k: int, outputs: int, truth: Callable[[int, int], tuple[int, ...]]) -> Cross:
     mask = (1 << k) - 1
     monos = _anf(lambda v: truth(v & mask, v >> k), 2 * k, outputs)
@@ -210,7 +246,19 @@ def _g4(v: int) -> tuple[int]:
 CARRY4 = _cross("carry4", 4, 2, lambda a, b: (int(a + b >= 16), int(a ^ b == 15)))
 GP4 = _masked("gp4", 8, 2, _gp4)
 G4 = _masked("g4", 7, 1, _g4)
-MASKED = {f.name: f for f in (GP4, G4)} | {
-    f"and{n}": Masked(f"and{n}", n, (((1 << n) - 1,),)) for n in range(2, 10)
-}
+MASKED = {f.name: f for f in (GP4, G4)}
 CROSS = {CARRY4.name: CARRY4}
+
+
+def _lt4(v: int) -> int:
+    """m ^ carry for m = bit 7 and the carry of g4's inputs, written so that its integer
+    polynomial is small: the four terms of the carry exclude each other when no group both
+    generates and propagates (G_i P_i = 0, always true of the tree's values), so their XOR is
+    their sum, and m ^ c = m + c - 2 m c. Other inputs never occur."""
+    g, p, m = [_bit(v, i) for i in range(4)], [0, *(_bit(v, 4 + i) for i in range(3))], _bit(v, 7)
+    c = g[3] + p[3] * g[2] + p[3] * p[2] * g[1] + p[3] * p[2] * p[1] * g[0]
+    return m + c - 2 * m * c
+
+
+LT4 = Arith("lt4", 8, tuple(_lt4(v) for v in range(256)))
+ARITH = {LT4.name: LT4}

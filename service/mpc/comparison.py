@@ -18,7 +18,7 @@ What a party sees: only words masked by fresh uniform dealer words: uniform. Not
 opened unmasked; the result stays XOR-shared.
 
 Also here: `select` ([x * b] for a shared bit b, 1 round), `relu`, `maximum` and `argmax`
-(label only: XOR shares of a one-hot vector, nothing else).
+(label only: a zero test in Z_p that shows the client the label and nothing else).
 """
 
 from __future__ import annotations
@@ -28,9 +28,27 @@ from collections.abc import Callable, Sequence
 import torch
 
 from service.mpc import beaver, fanin, truncation
-from service.mpc.dealer import Request
+from service.mpc.anf import ARITH
+from service.mpc.dealer import Request, pairs
 from service.mpc.party import Party
-from service.mpc.ring import from_plane, to_plane, to_planes
+from service.mpc.ring import PRIME, from_plane, to_plane, to_planes
+
+LABEL_SHARING = "zero"  # how `argmax` hands out the label (see there)
+
+
+def _top(
+    party: Party, x: torch.Tensor, ride: Sequence[torch.Tensor] = ()
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Steps 1 and 2: XOR shares of the top's inputs (G0..G3, P1..P3) [7, words], this party's
+    bit 63 of [x] as a plane, and the additive `ride` values opened in the first round.
+    2 rounds."""
+    planes = to_planes(x)
+    bits = torch.cat([torch.zeros_like(planes[:1]), planes[:63]])  # 64 bits: 16 slices of 4
+    slices = bits.view(16, 4, -1).transpose(0, 1)  # [bit in slice, slice, words]
+    (g, p), opened = fanin.cross(party, slices, "carry4", ride)
+    quads = torch.cat([g.view(4, 4, -1).transpose(0, 1), p.view(4, 4, -1).transpose(0, 1)])
+    g, p = fanin.masked(party, quads, "gp4")[0]
+    return torch.cat([g, p[1:]]), planes[63], opened
 
 
 def _msb(
@@ -38,14 +56,9 @@ def _msb(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """XOR shares of the sign bits of [x] as one bit plane, and the additive `ride` values
     opened in the first round. 3 rounds."""
-    planes = to_planes(x)
-    bits = torch.cat([torch.zeros_like(planes[:1]), planes[:63]])  # 64 bits: 16 slices of 4
-    slices = bits.view(16, 4, -1).transpose(0, 1)  # [bit in slice, slice, words]
-    (g, p), opened = fanin.cross(party, slices, "carry4", ride)
-    quads = torch.cat([g.view(4, 4, -1).transpose(0, 1), p.view(4, 4, -1).transpose(0, 1)])
-    g, p = fanin.masked(party, quads, "gp4")[0]
-    (carry,) = fanin.masked(party, torch.cat([g, p[1:]]).unsqueeze(1), "g4")[0]
-    return planes[63] ^ carry[0], opened
+    top, bit63, opened = _top(party, x, ride)
+    (carry,) = fanin.masked(party, top.unsqueeze(1), "g4")[0]
+    return bit63 ^ carry[0], opened
 
 
 def msb(party: Party, x: torch.Tensor) -> torch.Tensor:
@@ -120,40 +133,44 @@ def max_pool2d(party: Party, x: torch.Tensor, kernel: int, maximum=maximum) -> t
     return v[..., 0]
 
 
-def _and_all(party: Party, bits: torch.Tensor) -> torch.Tensor:
-    """AND over the last axis (2 to 9 XOR-shared bits) in one round (`fanin`, `anf.and{n}`)."""
-    n = bits.shape[-1]
-    if n == 1:
-        return bits[..., 0] & 1
-    planes = torch.stack([to_plane(bits[..., i]) for i in range(n)])
-    (out,) = fanin.masked(party, planes.unsqueeze(1), f"and{n}")[0]
-    return from_plane(out[0], bits.shape[:-1])
-
-
 def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
-    """XOR shares of the one-hot argmax over the last axis (first maximum on ties, like torch).
+    """The label over the last axis (first maximum on ties, like torch) as a zero test: shares in
+    Z_p (p = `ring.PRIME`) of y_k = rho_k (wins_k - (n - 1)) per class k, for rho_k uniform in
+    1..p-1 that no party knows. y is 0 at the label and uniform on 1..p-1 elsewhere, so the
+    client, adding the two shares mod p, learns the label and nothing else.
 
-    All n(n-1)/2 differences are compared at once: winner i beats every j < i strictly and ties
-    or beats every j > i; its n-1 conditions are ANDed in one round (n <= 10).
-    Rounds: 3 + 1 = 4 (3 for two classes: one condition each). Bytes per party: those of `msb`
-    on n(n-1)/2 elements per row, plus 8 (n - 1) per 64 rows and classes. What a party sees:
-    masked openings only; the output stays shared.
+    All n(n-1)/2 differences x_i - x_j are compared at once: the carry tree's first two steps as
+    in `msb`, then its top as an arithmetic gate (`anf.lt4`: the sign bit as an integer,
+    F(v ^ lambda) = sum_R c_R(v) Lambda_R over 46 sets R), whose dealer products come scaled by
+    rho_i and rho_j (`Request.zmax`), so each party gets shares of rho_j [x_i < x_j] and
+    rho_i [x_i < x_j] locally. Class k wins against j < k if x_j < x_k and against j > k unless
+    x_k < x_j, so y_k = sum_{j<k} rho_k lt_jk - sum_{j>k} rho_k lt_kj - k rho_k.
+    Rounds: 3 (CrypTen: 57). Bytes per party: those of `msb` on n(n-1)/2 elements per row, the
+    top's 8 bits instead of 7. What a party sees: masked openings only; its output share is
+    uniform.
     """
     n = x.shape[-1]
+    rows = x.reshape(-1, n).shape[0]
     if n < 2:
-        return party.public(torch.ones_like(x))
+        return torch.zeros_like(x)  # the only class: y = 0 for both parties
     if n > 10:
         raise ValueError(f"argmax takes at most 10 classes, got {n}")
-    iu, ju = torch.triu_indices(n, n, offset=1)
-    lt = msb(party, x[..., iu] - x[..., ju])  # lt[k] = [x_i < x_j] for the pair (i, j) = k
-    pair = {(int(i), int(j)): k for k, (i, j) in enumerate(zip(iu, ju, strict=True))}
-    conditions = []
-    for i in range(n):
-        row = []
-        for j in range(n):
-            if j < i:
-                row.append(lt[..., pair[(j, i)]])  # x_j < x_i
-            elif j > i:
-                row.append(not_(party, lt[..., pair[(i, j)]]))  # not x_i < x_j
-        conditions.append(torch.stack(row, dim=-1))
-    return _and_all(party, torch.stack(conditions, dim=-2))
+    iu, ju = pairs(n)
+    diff = (x[..., iu] - x[..., ju]).reshape(rows, -1)
+    top, bit63, _ = _top(party, diff)
+    fn = ARITH["lt4"]
+    t = party.rand.take(Request.zmax(fn.name, (rows, n)))
+    (v,) = party.open_xor(torch.cat([top, bit63.unsqueeze(0)]) ^ t["lam"])
+    count = diff.numel()
+    bits = torch.stack([from_plane(v[i], (count,)) for i in range(fn.inputs)])
+    packed = (bits << torch.arange(fn.inputs).unsqueeze(1)).sum(0)
+    coef = torch.from_numpy(fn.coefficients % PRIME)[packed].reshape(rows, -1, len(fn.subsets))
+    rho = t["rho"]
+
+    def scaled(products: torch.Tensor, rho_side: torch.Tensor) -> torch.Tensor:
+        """Shares of rho_side * lt per comparison: the constant term takes [rho] itself."""
+        return (coef[..., 0] * rho_side + (coef[..., 1:] * products).sum(-1)) % PRIME
+
+    y = -torch.arange(n) * rho
+    y = y.index_add(1, ju, scaled(t["X"], rho[:, ju])).index_add(1, iu, -scaled(t["Y"], rho[:, iu]))
+    return (y % PRIME).reshape(x.shape)

@@ -20,6 +20,11 @@ Kinds (each a `Request`; shapes are public, values secret):
 - `mand(fn, shape)`: for a one-round gate on XOR-shared inputs (`fanin.masked`): XOR shares of
   masks lambda [inputs, ...] and of Lambda_R, the AND of the masks in each set R of
   `anf.MASKED[fn].subsets`.
+- `zmax(fn, (rows, n))`: for the label's zero test (`comparison.argmax`), on the n (n - 1) / 2
+  pairwise comparisons of each row: XOR shares of masks lambda [inputs, words] (bit planes of the
+  comparisons) and, in Z_p (p = `ring.PRIME`), shares of rho_i Lambda_R and rho_j Lambda_R for
+  each comparison (i, j) and set R of `anf.ARITH[fn].subsets` (R nonempty), and of rho_k for each
+  class, with rho uniform in 1..p-1 per row and class, known to no party.
 - `fss(shape, gate, bits)`: a uniform mask [r], and DCF keys for alpha = r mod 2^63 with the
   gate's payload plus its constants (see `fss.py`); gate `sign` or `relu` (bits: truncation).
 
@@ -53,7 +58,7 @@ import torch.nn.functional as F
 
 from service.mpc import anf, dcf
 from service.mpc.prg import PRG, SEED_BYTES, fresh_seed
-from service.mpc.ring import from_plane, logical_shift_right, msb
+from service.mpc.ring import PRIME, from_plane, logical_shift_right, msb
 
 INSTANCE_BYTES = 16
 
@@ -111,6 +116,10 @@ class Request:
         return Request("mand", (tuple(shape),), (fn,))
 
     @staticmethod
+    def zmax(fn: str, shape) -> Request:
+        return Request("zmax", (tuple(shape),), (fn,))
+
+    @staticmethod
     def fss(shape, gate: str, bits: int = 0) -> Request:
         return Request("fss", (tuple(shape),), (gate, bits))
 
@@ -154,6 +163,7 @@ _SEEDED = {
     "fss": (("r", "ring", 0), ("root", "root", 0)),
     "cross": (("x", "ring", 0), ("y", "ring", 0)),  # shapes: see `_seeded_fields`
     "mand": (("lam", "ring", 0),),
+    "zmax": (("lam", "ring", 0),),  # shape: see `_seeded_fields`
 }
 _DERIVED = {
     "beaver": ("c",),
@@ -164,9 +174,16 @@ _DERIVED = {
     "muxw": ("r", "ar", "rbw", "aw", "arw"),
     "cross": ("z",),
     "mand": ("L",),
+    "zmax": ("X", "Y", "rho"),
 }
 _XOR_KINDS = {"and", "cross", "mand"}
+_MOD_KINDS = {"zmax"}  # derived values in Z_p (ring.PRIME), not Z_2^64
 WEIGHT_MASK_KINDS = frozenset({"beaverw", "muxw"})  # requests that use a fixed weight mask
+
+
+def pairs(classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairwise comparisons (i, j), i < j, of `classes` values, in the order argmax uses."""
+    return tuple(torch.triu_indices(classes, classes, offset=1))  # type: ignore[return-value]
 
 
 def _derived(req: Request) -> tuple[str, ...]:
@@ -199,6 +216,23 @@ def _fss_truth(req: Request, r: torch.Tensor):
         beta = np.stack([np.ones_like(mr), sigma, sigma * r_hi], axis=1)
     clear = {k: torch.from_numpy(v.view(np.int64)).reshape(r.shape) for k, v in constants.items()}
     return clear, alpha, beta
+
+
+def _zmax_truth(req: Request, lam: torch.Tensor, private: PRG) -> dict[str, torch.Tensor]:
+    """rho_j Lambda_R, rho_i Lambda_R per comparison (i, j) and rho per class (dealer only)."""
+    fn, (rows, n) = anf.ARITH[str(req.params[0])], req.shapes[0]
+    iu, ju = pairs(n)
+    count = rows * len(iu)
+    bits = torch.stack([from_plane(lam[i], (count,)) for i in range(fn.inputs)])
+    packed = (bits << torch.arange(fn.inputs).unsqueeze(1)).sum(0)  # each comparison's masks
+    sets = torch.tensor(fn.subsets[1:])
+    products = ((packed.unsqueeze(1) & sets) == sets).long().reshape(rows, len(iu), -1)
+    rho = private.mod((rows, n), PRIME - 1) + 1
+    return {
+        "X": products * rho[:, ju].unsqueeze(-1) % PRIME,
+        "Y": products * rho[:, iu].unsqueeze(-1) % PRIME,
+        "rho": rho,
+    }
 
 
 def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -247,6 +281,10 @@ def _derived_shape(req: Request, name: str = "") -> tuple[int, ...]:
     """The shape of the derived field `name` of `req` (public: a function of the request)."""
     if req.kind == "muxw" and name not in ("r", "ar"):
         return (*req.shapes[0], req.shapes[1][1])
+    if req.kind == "zmax":
+        rows, n = req.shapes[0]
+        sets = len(anf.ARITH[str(req.params[0])].subsets) - 1
+        return (rows, n) if name == "rho" else (rows, n * (n - 1) // 2, sets)
     if req.kind == "cross":
         return (anf.CROSS[str(req.params[0])].outputs, *req.shapes[0])
     if req.kind == "mand":
@@ -269,6 +307,7 @@ _ARITY = {
     "fss": 1,
     "cross": 1,
     "mand": 1,
+    "zmax": 1,
 }
 _MASK_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -335,6 +374,12 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
                 raise ValueError(f"step {i}: muxw needs a mask id and a weight name")
             if len(x_shape) != 2 or len(w_shape) != 2 or x_shape[1] != w_shape[0]:
                 raise ValueError(f"step {i}: muxw needs shapes (batch, n) and (n, m)")
+        elif req.kind == "zmax":
+            shape = req.shapes[0]
+            if len(req.params) != 1 or req.params[0] not in anf.ARITH:
+                raise ValueError(f"step {i}: zmax needs one of the functions {sorted(anf.ARITH)}")
+            if len(shape) != 2 or not 2 <= shape[1] <= 10:
+                raise ValueError(f"step {i}: zmax needs a shape (rows, classes), 2 to 10 classes")
         elif req.kind in ("cross", "mand"):
             table = anf.CROSS if req.kind == "cross" else anf.MASKED
             fn = table.get(req.params[0]) if len(req.params) == 1 else None
@@ -376,12 +421,21 @@ def _seeded_fields(req: Request) -> list[tuple[str, str, tuple[int, ...]]]:
         fn, (groups, w) = anf.CROSS[str(req.params[0])], req.shapes[0]
         half = groups // 2
         return [("x", "ring", (len(fn.support), half, w)), ("y", "ring", (fn.width, half, w))]
+    if req.kind == "zmax":
+        (rows, n), inputs = req.shapes[0], anf.ARITH[str(req.params[0])].inputs
+        comparisons = rows * n * (n - 1) // 2
+        return [("lam", "ring", (inputs, -(-comparisons // 64)))]  # bit planes
     return [
         (name, "ring", (-(-math.prod(req.shapes[idx]) // 64),))  # one bit per element
         if how == "plane"
         else (name, how, req.shapes[idx])
         for name, how, idx in _SEEDED[req.kind]
     ]
+
+
+def _share0(prg: PRG, req: Request, shape: tuple[int, ...]) -> torch.Tensor:
+    """Party 0's share of a derived value: uniform in Z_2^64, or in Z_p for the Z_p kinds."""
+    return prg.mod(shape, PRIME) if req.kind in _MOD_KINDS else prg.ring(shape)
 
 
 def _expand_seeded(req: Request, prg: PRG) -> dict[str, torch.Tensor]:
@@ -470,7 +524,7 @@ class Randomness:
             out["b"] = PRG(next(self._masks)).ring(req.shapes[1])
         for name in _derived(req):
             if self._m.party == 0:
-                out[name] = self._prg.ring(_derived_shape(req, name))
+                out[name] = _share0(self._prg, req, _derived_shape(req, name))
             else:
                 out[name] = next(self._corr)
         if req.kind == "fss":
@@ -514,6 +568,7 @@ class Dealer:
         self._unclaimed: OrderedDict[str, tuple] = OrderedDict()
 
     def _seed(self, request_id: str, party: int) -> bytes:
+        """Party 0's or 1's seed for `request_id`; "party" 2 is the dealer's own stream."""
         msg = b"privdigit/dealer/v1\x00" + request_id.encode() + b"\x00" + bytes([party])
         return hmac.new(self._key, msg, hashlib.sha256).digest()
 
@@ -564,11 +619,14 @@ class Dealer:
     ) -> tuple[list[torch.Tensor], list[np.ndarray]]:
         """Party 1's corrections and both parties' DCF keys, replaying both parties' seeds."""
         prg0, prg1 = PRG(self._seed(request_id, 0)), PRG(self._seed(request_id, 1))
+        private = PRG(self._seed(request_id, 2))  # the dealer's own: values no party may know
         corrections, keys = [], []
         for req in plan:
             s0, s1 = _expand_seeded(req, prg0), _expand_seeded(req, prg1)
             if req.kind == "cross":  # each half's x and y come from one party's seed only
                 truth = _cross_truth(req, s0, s1)
+            elif req.kind == "zmax":
+                truth = _zmax_truth(req, s0["lam"] ^ s1["lam"], private)
             else:
                 xor = req.kind in _XOR_KINDS
                 full = {n: (s0[n] ^ s1[n]) if xor or n == "rb" else s0[n] + s1[n] for n in s0}
@@ -581,8 +639,13 @@ class Dealer:
                 else:
                     truth = _truth(req, full)
             for value in truth.values():
-                share0 = prg0.ring(value.shape)
-                corrections.append(value ^ share0 if req.kind in _XOR_KINDS else value - share0)
+                share0 = _share0(prg0, req, value.shape)
+                if req.kind in _XOR_KINDS:
+                    corrections.append(value ^ share0)
+                elif req.kind in _MOD_KINDS:
+                    corrections.append((value - share0) % PRIME)
+                else:
+                    corrections.append(value - share0)
         return corrections, keys
 
 

@@ -34,6 +34,7 @@ from service.mpc import comparison, dcf
 from service.mpc.dealer import FSS_PAYLOAD, Request
 from service.mpc.party import Party
 
+LABEL_SHARING = "xor"  # `argmax` hands out XOR shares of a one-hot vector
 LOW_BITS = 63  # the DCF compares the low 63 bits; the top bit is handled by w
 _LOW = np.uint64((1 << LOW_BITS) - 1)
 _U = np.dtype("<u8")

@@ -25,7 +25,7 @@ Comparisons (ReLU, max pooling, argmax) use one of two protocols, chosen per dep
 An a2b ReLU followed by a small linear layer (at most FUSE_MAX_WEIGHTS weights, fixed weight
 masks) applies that layer in its select's round (`beaver.select_linear`): one round less.
 Rounds for the default CNN (conv-pool-relu x2, fc-relu, fc, argmax), per layer:
-  a2b: 1+4, 1+4, 1+4, 0, 4 = 19    fss: 1+1, 1+1, 1+1, 1, 2 = 9    hybrid: 1+4, 1+1, 1+1, 1, 2 = 12
+  a2b: 1+4, 1+4, 1+4, 0, 3 = 18    fss: 1+1, 1+1, 1+1, 1, 2 = 9    hybrid: 1+4, 1+1, 1+1, 1, 2 = 12
 What each party sees: only openings masked by fresh dealer randomness (see each protocol).
 """
 
@@ -87,6 +87,11 @@ class PrivateNetwork:
             return fss if per_image <= HYBRID_FSS_MAX else comparison
         return COMPARISONS[self.comparison]
 
+    def label_sharing(self, classes: int) -> str:
+        """How the label comes out for `classes` classes: "zero" (a2b's zero test in Z_p) or
+        "xor" (fss: XOR shares of one-hot)."""
+        return self._cmp(classes * (classes - 1) // 2).LABEL_SHARING
+
     def weight_names(self) -> list[str]:
         return [
             f"{ly['name']}.{p}"
@@ -103,7 +108,7 @@ class PrivateNetwork:
         output: Output,
         masks: beaver.WeightMasks | None = None,
     ) -> torch.Tensor:
-        """This party's share of the label (XOR shares of one-hot) or logits (additive, scale f).
+        """This party's share of the label (`label_sharing`) or logits (additive, scale f).
 
         `masks`: the model's fixed weight masks (`beaver.linear`); None masks weights per query.
         """

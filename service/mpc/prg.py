@@ -50,6 +50,17 @@ class PRG:
         data = np.frombuffer(self._bytes(8 * n), dtype="<i8", count=n)  # writable, no copy
         return torch.from_numpy(data).reshape(tuple(shape))
 
+    def mod(self, shape: tuple[int, ...] | torch.Size, p: int) -> torch.Tensor:
+        """Uniform elements of Z_p (int64 in [0, p), 1 < p < 2^32): 128 bits per element
+        reduced mod p, so the bias is below 2^-96."""
+        if not 1 < p < 1 << 32:
+            raise ValueError(f"p must be in (1, 2^32), got {p}")
+        n = math.prod(shape)
+        u = np.frombuffer(self._bytes(16 * n), dtype="<u8", count=2 * n).reshape(n, 2)
+        q = np.uint64(p)
+        hi = (u[:, 0] % q) * np.uint64((1 << 64) % p) % q  # both factors < 2^32: no overflow
+        return torch.from_numpy(((hi + u[:, 1] % q) % q).astype(np.int64)).reshape(tuple(shape))
+
 
 def random_ring(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """Uniform ring elements from a fresh seed: for one-off masks such as input shares."""

@@ -14,6 +14,7 @@ import torch
 
 RING_BITS = 64
 DTYPE = torch.int64
+PRIME = 65521  # Z_p of the label's zero test (`comparison.argmax`); any prime above 10 classes
 
 
 class EncodingError(ValueError):

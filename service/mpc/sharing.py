@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from service.mpc.prg import random_ring
-from service.mpc.ring import FixedPoint
+from service.mpc.ring import PRIME, FixedPoint
 
 
 def share(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,3 +40,13 @@ def share_xor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def reconstruct_xor(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """XOR two binary shares back together."""
     return x0 ^ x1
+
+
+def open_label(x0: torch.Tensor, x1: torch.Tensor, sharing: str) -> torch.Tensor:
+    """The labels from a forward pass's two label shares (`PrivateNetwork.label_sharing`):
+    "zero": the one place per row where they add to 0 mod PRIME; "xor": the one-hot's 1."""
+    if sharing == "zero":
+        return ((x0 + x1) % PRIME == 0).long().argmax(-1)
+    if sharing == "xor":
+        return (x0 ^ x1).argmax(-1)
+    raise ValueError(f"unknown label sharing {sharing!r}")

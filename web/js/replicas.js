@@ -4,6 +4,7 @@
 // become `ServiceProblem`s whose `message` is written for people, as in clients/privdigit.py.
 
 import {
+  LABEL_SHARINGS,
   ProtocolError,
   decodeTensor,
   encodeFixed,
@@ -252,7 +253,8 @@ export class ReplicaClient {
       const shares = answers.map((body, p) => this.answerShare(p, body, requestId, model));
       let result;
       try {
-        result = reconstructLabels(shares[0], shares[1], 1, CLASSES);
+        if (answers[0].sharing !== answers[1].sharing) throw new ProtocolError("the replicas use different sharings");
+        result = reconstructLabels(shares[0], shares[1], 1, CLASSES, answers[0].sharing);
       } catch (err) {
         throw new ServiceProblem(
           "bad_response",
@@ -292,9 +294,12 @@ export class ReplicaClient {
         { party },
       );
     }
-    const expected = { request_id: requestId, party, output: "label", sharing: "xor" };
+    const expected = { request_id: requestId, party, output: "label" };
     for (const [key, value] of Object.entries(expected)) {
       if (body[key] !== value) throw bad(`${key}=${JSON.stringify(body[key])}, expected ${JSON.stringify(value)}`);
+    }
+    if (!LABEL_SHARINGS.includes(body.sharing)) {
+      throw bad(`sharing=${JSON.stringify(body.sharing)}, expected one of ${JSON.stringify(LABEL_SHARINGS)}`);
     }
     let tensor;
     try {

@@ -7,6 +7,9 @@
 //   {"dtype": "int64", "shape": [...], "data": base64(little-endian int64 values, C order)}
 
 const MASK64 = (1n << 64n) - 1n;
+/** The "zero" label sharing's modulus (the service's `ring.PRIME`). */
+export const LABEL_PRIME = 65521n;
+export const LABEL_SHARINGS = ["zero", "xor"];
 
 /** A reply or value that does not follow the protocol; `message` is technical. */
 export class ProtocolError extends Error {
@@ -130,13 +133,17 @@ export function decodeTensor(obj) {
 }
 
 /**
- * The label of each of `rows` rows: the index of the single 1 in s0 XOR s1, which must be
- * one-hot (else the replicas' answers do not belong together).
+ * The label of each of `rows` rows, as `reconstruct_label` in clients/privdigit.py. Sharing
+ * "zero": (s0 + s1) mod LABEL_PRIME is 0 at exactly one place, the label (elsewhere uniform on
+ * 1..p-1, meaningless); "xor": s0 XOR s1 is one-hot. Anything else: the replicas' answers do
+ * not belong together. `onehots` marks the label's place per row.
  */
-export function reconstructLabels(s0, s1, rows, classes) {
+export function reconstructLabels(s0, s1, rows, classes, sharing = "zero") {
   if (s0.length !== rows * classes || s1.length !== rows * classes) {
     throw new ProtocolError("the answer shares have the wrong size");
   }
+  if (!LABEL_SHARINGS.includes(sharing)) throw new ProtocolError(`unknown label sharing ${sharing}`);
+  const inField = (v) => v >= 0n && v < LABEL_PRIME;
   const labels = [];
   const onehots = [];
   for (let r = 0; r < rows; r++) {
@@ -145,7 +152,12 @@ export function reconstructLabels(s0, s1, rows, classes) {
     let ones = 0;
     let binary = true;
     for (let c = 0; c < classes; c++) {
-      const v = s0[r * classes + c] ^ s1[r * classes + c];
+      const a = s0[r * classes + c];
+      const b = s1[r * classes + c];
+      if (sharing === "zero" && !(inField(a) && inField(b))) {
+        throw new ProtocolError(`label shares must lie in [0, ${LABEL_PRIME})`);
+      }
+      const v = sharing === "zero" ? BigInt(((a + b) % LABEL_PRIME) === 0n) : a ^ b;
       if (v === 1n) {
         ones += 1;
         label = c;
@@ -156,7 +168,7 @@ export function reconstructLabels(s0, s1, rows, classes) {
     }
     if (!binary || ones !== 1) {
       throw new ProtocolError(
-        `row ${r} of the reconstructed output is not one-hot: the replicas' shares do not belong together`,
+        `row ${r} of the reconstructed output names no single label: the replicas' shares do not belong together`,
       );
     }
     labels.push(label);
