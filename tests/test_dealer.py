@@ -178,21 +178,21 @@ def test_zero_test_material_scales_mask_products_by_secret_rho_in_z_p():
     from service.mpc.ring import PRIME
 
     rows, n = 70, 4
-    req = Request.zmax("lt4", (rows, n))
+    req = Request.zmax("lt2", (rows, n))
     validate_plan((req,))
-    fn, (iu, ju) = anf.ARITH["lt4"], pairs(n)
+    fn, (iu, ju) = anf.ARITH["lt2"], pairs(n)
     draws = []
     for rid in ("z1", "z2"):
         r0, r1 = deal_pair(Dealer(), rid, (req,))
         t0, t1 = r0.take(req), r1.take(req)
-        assert t0["lam"].shape == (8, 7)  # 70 x 6 comparisons in 64-lane words
+        assert t0["lam"].shape == (4, 7)  # 70 x 6 comparisons in 64-lane words
         for k in ("X", "Y", "rho"):
             assert ((t0[k] >= 0) & (t0[k] < PRIME) & (t1[k] >= 0) & (t1[k] < PRIME)).all()
         rho = (t0["rho"] + t1["rho"]) % PRIME
         assert rho.shape == (rows, n) and (rho > 0).all()
         lam = t0["lam"] ^ t1["lam"]
-        bits = torch.stack([from_plane(lam[i], (rows * len(iu),)) for i in range(8)])
-        packed = (bits << torch.arange(8).unsqueeze(1)).sum(0).reshape(rows, -1, 1)
+        bits = torch.stack([from_plane(lam[i], (rows * len(iu),)) for i in range(4)])
+        packed = (bits << torch.arange(4).unsqueeze(1)).sum(0).reshape(rows, -1, 1)
         sets = torch.tensor(fn.subsets[1:])
         products = ((packed & sets) == sets).long()
         assert torch.equal((t0["X"] + t1["X"]) % PRIME, products * rho[:, ju, None] % PRIME)
@@ -206,9 +206,9 @@ def test_zero_test_material_scales_mask_products_by_secret_rho_in_z_p():
     "req",
     [
         Request("zmax", ((3, 10),), ("g4",)),  # not an arithmetic function
-        Request("zmax", ((3, 1),), ("lt4",)),  # one class needs no test
-        Request("zmax", ((3, 11),), ("lt4",)),
-        Request("zmax", ((30,),), ("lt4",)),
+        Request("zmax", ((3, 1),), ("lt2",)),  # one class needs no test
+        Request("zmax", ((3, 11),), ("lt2",)),
+        Request("zmax", ((30,),), ("lt2",)),
         Request("zmax", ((3, 10),), ()),
     ],
 )

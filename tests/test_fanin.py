@@ -41,20 +41,31 @@ def test_the_tables_are_the_functions_they_name():
 
 
 def test_the_arithmetic_top_is_the_sign_bit_as_an_integer_for_every_mask():
-    """lt4: sum_R coefficients[v][R] Lambda_R = (bit ^ carry) for every valid input u and
-    every opening v = u ^ lambda (all 256 x 256), with 46 mask sets and small coefficients."""
-    fn = anf.LT4
+    """lt2: sum_R coefficients[v][R] Lambda_R = m ^ (G_hi ^ P_hi G_lo) for every valid input u
+    and every opening v = u ^ lambda, with 10 mask sets and small coefficients."""
+    fn = anf.LT2
     sets = np.array(fn.subsets)
-    assert fn.subsets[0] == 0 and len(sets) == 46 and np.abs(fn.coefficients).max() <= 16
-    lam = np.arange(256)
+    assert fn.subsets[0] == 0 and len(sets) == 10 and np.abs(fn.coefficients).max() <= 4
+    lam = np.arange(16)
     products = ((lam[:, None] & sets[None, :]) == sets[None, :]).astype(np.int64)  # [lambda, R]
-    for u in range(256):
-        g, p = [u >> i & 1 for i in range(4)], [0] + [u >> (4 + i) & 1 for i in range(3)]
-        if any(gi & pi for gi, pi in zip(g, p, strict=True)):
+    for u in range(16):
+        g_lo, g_hi, p_hi, m = (u >> i & 1 for i in range(4))
+        if g_hi and p_hi:
             continue  # a carry group never both generates and propagates
-        want = (u >> 7) ^ anf.G4(u & 0x7F)[0]
         got = (fn.coefficients[u ^ lam] * products).sum(axis=1)
-        assert (got == want).all(), u
+        assert (got == m ^ (g_hi ^ (p_hi & g_lo))).all(), u
+
+
+def test_gp8_joins_eight_groups_like_a_ripple():
+    rng = np.random.default_rng(7)
+    for v in rng.integers(0, 1 << 16, 2000).tolist():
+        g, p = [v >> i & 1 for i in range(8)], [v >> (8 + i) & 1 for i in range(8)]
+        g = [gi & (1 - pi) for gi, pi in zip(g, p, strict=True)]  # valid: never both
+        v = sum(gi << i for i, gi in enumerate(g)) | sum(pi << (8 + i) for i, pi in enumerate(p))
+        carry = 0
+        for i in range(8):
+            carry = g[i] | (p[i] & carry)
+        assert anf.GP8(v) == (carry, int(all(p)))
 
 
 @pytest.mark.parametrize("words", [1, 3])

@@ -68,3 +68,18 @@ def test_prg_is_the_aes_ctr_keystream_across_draws_and_chunk_boundaries():
         got += 1  # each draw is its own writable tensor: changing it touches nothing else
         pos += n
     assert prg.bytes_drawn == 8 * pos
+
+
+def test_prg_mod_p_reduces_128_keystream_bits_per_element_and_looks_uniform():
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seed, p = bytes(range(32)), 65521
+    stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(48))
+    want = [int.from_bytes(stream[16 * i : 16 * i + 16], "little") % p for i in range(3)]
+    assert PRG(seed).mod((3,), p).tolist() == want
+    x = PRG(bytes(32)).mod((300_000,), p)
+    assert x.min() >= 0 and x.max() < p
+    counts = torch.bincount(x * 20 // p, minlength=20).double()  # 20 equal bins
+    assert ((counts - 15_000).abs() < 600).all()  # about 5 sigma
+    with pytest.raises(ValueError):
+        PRG(seed).mod((1,), 2**31 - 1)

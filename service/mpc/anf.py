@@ -25,8 +25,9 @@ Functions here:
   P = P0 P1 P2 P3, four groups into one (valid because G_i P_i = 0, so the terms exclude each
   other and XOR is OR).
 - `g4` (masked, 7 bits G0..G3, P1..P3): G only, for the top of the tree.
-- `lt4` (arithmetic, 8 bits: g4's seven, then the sum's bit 63 before the carry): the sign bit
-  msb(x) = bit ^ carry of the carry tree's top, as an integer.
+- `gp8` (masked, 16 bits G0..G7, P0..P7): G and P of eight groups at once, as `gp4`.
+- `lt2` (arithmetic, 4 bits G_lo, G_hi, P_hi and the sum's bit 63 before the carry): the sign
+  bit = bit ^ (G_hi ^ P_hi G_lo) as an integer, for the argmax's zero test.
 """
 
 from __future__ import annotations
@@ -40,16 +41,12 @@ import numpy as np
 
 def _anf(truth: Callable[[int], tuple[int, ...]], n: int, outputs: int) -> tuple[tuple[int, ...]]:
     """The ANF monomials of each output of `truth` on n bits (Moebius transform of the table)."""
-    table = [list(truth(v)) for v in range(1 << n)]
-    result = []
-    for o in range(outputs):
-        a = [row[o] & 1 for row in table]
-        for i in range(n):
-            for m in range(1 << n):
-                if m >> i & 1:
-                    a[m] ^= a[m ^ (1 << i)]
-        result.append(tuple(m for m in range(1 << n) if a[m]))
-    return tuple(result)
+    words = np.arange(1 << n)
+    table = np.array([truth(v) for v in range(1 << n)], dtype=np.uint8).reshape(-1, outputs) & 1
+    for i in range(n):
+        bit = (words >> i & 1).astype(bool)
+        table[bit] ^= table[words[bit] ^ (1 << i)]
+    return tuple(tuple(int(m) for m in np.flatnonzero(table[:, o])) for o in range(outputs))
 
 
 @dataclass(frozen=True)
@@ -244,21 +241,36 @@ def _g4(v: int) -> tuple[int]:
 
 
 CARRY4 = _cross("carry4", 4, 2, lambda a, b: (int(a + b >= 16), int(a ^ b == 15)))
+
+
+def _gp8(v: int) -> tuple[int, int]:
+    # inputs G0..G7 = bits 0..7, P0..P7 = bits 8..15 (0 lowest)
+    g, p = [_bit(v, i) for i in range(8)], [_bit(v, 8 + i) for i in range(8)]
+    big_g = 0
+    for i in range(8):  # G_i P_{i+1} ... P_7: the terms exclude each other, so XOR is OR
+        term = g[i]
+        for j in range(i + 1, 8):
+            term &= p[j]
+        big_g ^= term
+    return big_g, int(all(p))
+
+
 GP4 = _masked("gp4", 8, 2, _gp4)
 G4 = _masked("g4", 7, 1, _g4)
-MASKED = {f.name: f for f in (GP4, G4)}
+GP8 = _masked("gp8", 16, 2, _gp8)
+MASKED = {f.name: f for f in (GP4, G4, GP8)}
 CROSS = {CARRY4.name: CARRY4}
 
 
-def _lt4(v: int) -> int:
-    """m ^ carry for m = bit 7 and the carry of g4's inputs, written so that its integer
-    polynomial is small: the four terms of the carry exclude each other when no group both
-    generates and propagates (G_i P_i = 0, always true of the tree's values), so their XOR is
-    their sum, and m ^ c = m + c - 2 m c. Other inputs never occur."""
-    g, p, m = [_bit(v, i) for i in range(4)], [0, *(_bit(v, 4 + i) for i in range(3))], _bit(v, 7)
-    c = g[3] + p[3] * g[2] + p[3] * p[2] * g[1] + p[3] * p[2] * p[1] * g[0]
+def _lt2(v: int) -> int:
+    """m ^ carry for (G_lo, G_hi, P_hi, m) = bits 0..3, carry = G_hi ^ P_hi G_lo, written so that
+    its integer polynomial is small: the two terms exclude each other when a group never both
+    generates and propagates (always true of the tree's values), so their XOR is their sum, and
+    m ^ c = m + c - 2 m c. Other inputs never occur."""
+    g_lo, g_hi, p_hi, m = (_bit(v, i) for i in range(4))
+    c = g_hi + p_hi * g_lo
     return m + c - 2 * m * c
 
 
-LT4 = Arith("lt4", 8, tuple(_lt4(v) for v in range(256)))
-ARITH = {LT4.name: LT4}
+LT2 = Arith("lt2", 4, tuple(_lt2(v) for v in range(16)))
+ARITH = {LT2.name: LT2}

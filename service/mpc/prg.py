@@ -51,15 +51,15 @@ class PRG:
         return torch.from_numpy(data).reshape(tuple(shape))
 
     def mod(self, shape: tuple[int, ...] | torch.Size, p: int) -> torch.Tensor:
-        """Uniform elements of Z_p (int64 in [0, p), 1 < p < 2^32): 128 bits per element
-        reduced mod p, so the bias is below 2^-96."""
-        if not 1 < p < 1 << 32:
-            raise ValueError(f"p must be in (1, 2^32), got {p}")
+        """Uniform elements of Z_p (int64 in [0, p), 1 < p < 2^28): 128 bits per element reduced
+        mod p (bias below 2^-100), as four 32-bit limbs times 2^(32 i) mod p, summed in int64."""
+        if not 1 < p < 1 << 28:
+            raise ValueError(f"p must be in (1, 2^28), got {p}")
         n = math.prod(shape)
-        u = np.frombuffer(self._bytes(16 * n), dtype="<u8", count=2 * n).reshape(n, 2)
-        q = np.uint64(p)
-        hi = (u[:, 0] % q) * np.uint64((1 << 64) % p) % q  # both factors < 2^32: no overflow
-        return torch.from_numpy(((hi + u[:, 1] % q) % q).astype(np.int64)).reshape(tuple(shape))
+        limbs = np.frombuffer(self._bytes(16 * n), dtype="<u4", count=4 * n).reshape(n, 4)
+        weights = np.array([pow(2, 32 * i, p) for i in range(4)], dtype=np.int64)
+        out = (limbs.astype(np.int64) @ weights) % p
+        return torch.from_numpy(out).reshape(tuple(shape))
 
 
 def random_ring(shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
