@@ -263,12 +263,16 @@ def _cross_truth(req: Request, s0: dict, s1: dict) -> dict[str, torch.Tensor]:
     """z for a cross gate: x from the a side of each half, y from the b side (dealer only).
 
     z[o] = XOR_T x_{c_T} & y_T, where x of the coefficient 1 (and of a missing one) is 0."""
-    coef = torch.tensor(anf.CROSS[str(req.params[0])].rows)
+    rows = anf.CROSS[str(req.params[0])].rows  # per output and T: 0, 1 or 2 + support index
     halves = []
-    for x, y in ((s0["x"], s1["y"]), (s1["x"], s0["y"])):
-        zeros = torch.zeros((2, *x.shape[1:]), dtype=x.dtype)  # the coefficients 0 and 1
-        table = torch.cat([zeros, x])[coef]  # [outputs, T, half, w]
-        halves.append(np.bitwise_xor.reduce((table & y.unsqueeze(0)).numpy(), axis=1))
+    for x, y in ((s0["x"].numpy(), s1["y"].numpy()), (s1["x"].numpy(), s0["y"].numpy())):
+        z = np.zeros((len(rows), *x.shape[1:]), dtype=x.dtype)
+        term = np.empty(x.shape[1:], dtype=x.dtype)
+        for o, row in enumerate(rows):
+            for t, r in enumerate(row):
+                if r >= 2:  # x of the coefficients 0 and 1 is 0: no term
+                    z[o] ^= np.bitwise_and(x[r - 2], y[t], out=term)
+        halves.append(z)
     return {"z": torch.from_numpy(np.concatenate(halves, axis=1))}
 
 
