@@ -170,6 +170,23 @@ def test_a_failed_run_closes_its_lane_and_party_0_dials_it_again(pair):
     assert p0.channel(0, "c")._lane is not old
 
 
+def test_a_run_that_fails_before_its_first_round_leaves_the_lane_to_the_next_run(pair):
+    """Party 0 gave up on run "x" and started "y" while party 1 was still failing "x" (no dealer):
+    party 1's late ABORT of "x" must neither fail "y" nor close the lane "y" runs on."""
+    p0, p1, _, _ = pair(count=1)
+    _up(p0, p1, 1)
+    lane = p0.channel(0, "x")._lane
+    late = p1.channel(0, "x")
+    late.abort("dealer_unavailable", "cannot reach the dealer")
+    late.close(False)  # before any round: the lane stays
+    x, y = random_ring((6,)), random_ring((6,))
+    got0, got1 = _run_both(
+        lambda: _rounds(p0.channel(0, "y"), [[x]]), lambda: _rounds(p1.channel(0, "y"), [[y]])
+    )
+    assert torch.equal(got0[0][0], y) and torch.equal(got1[0][0], x)
+    assert p0.channel(0, "z")._lane is lane and p1.up(0)
+
+
 def test_a_desynchronised_peer_is_an_error_not_a_wrong_answer(pair):
     p0, p1, _, _ = pair(count=1)
     _up(p0, p1, 1)

@@ -143,7 +143,12 @@ class LaneChannel(FramedChannel):
         return got
 
     def close(self, ok: bool = True) -> None:
-        if not ok:  # frames of a failed run may still be in flight: never reuse the lane
+        # A run that failed in a round may leave a frame half read or half written: the lane is
+        # closed and dialled anew. One that failed before its first round (its dealer material,
+        # say) sent at most a whole ABORT frame, so the lane stays in step: the next run skips
+        # other runs' ABORTs (`FramedChannel._next`). Closing it then would also break the run
+        # the peer may already have started on it.
+        if not ok and self.stats.rounds:
             self._lanes.discard(self._lane)
 
 

@@ -278,6 +278,12 @@ class FramedChannel:
 
     def _next(self) -> wire.Frame:
         item = self._receive()
+        while (
+            not isinstance(item, Exception)
+            and item.kind == wire.ABORT
+            and item.request_id != self.request_id
+        ):  # an earlier run's ABORT, left on a lane (see `LaneChannel.close`): that run is over
+            item = self._receive()
         if isinstance(item, Exception):
             raise item
         if item.kind == wire.ABORT:

@@ -502,8 +502,10 @@ weights, any activation or the label.
 `round(v * 2^frac_bits)` as int64, with `frac_bits` from `GET /v1/model`. Split it into two
 additive shares over Z_2^64 (`s0` uniform from a cryptographic source, `s1 = x - s0` with
 wrapping int64 arithmetic). Post `s0` to replica 0 and `s1` to replica 1, concurrently, with the
-same fresh `request_id` and the `model_version` both report. XOR the two `share` answers: a
-one-hot `[n, 10]` matrix whose 1 is the label (`output=scores`, where enabled: add them, read
+same fresh `request_id` and the `model_version` both report. For a label, the answers' `sharing`
+says how to open them: `zero` (the default protocol): add the two `share` tensors mod 65521;
+each row is 0 at the label and random nonzero elsewhere; `xor` (fss, hybrid): XOR them to a
+one-hot `[n, 10]` matrix (`output=scores`, where enabled: add them, read
 as signed int64 and divide by 2^frac_bits for the logits).
 
 **Tensors** travel as `{"dtype": "int64", "shape": [...], "data": base64}` where `data` is

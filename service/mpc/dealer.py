@@ -316,6 +316,11 @@ _ARITY = {
 _MASK_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
+def _is_name(p: object) -> bool:
+    """A mask id or weight name: 1 to 128 of [A-Za-z0-9._-]."""
+    return isinstance(p, str) and 0 < len(p) <= 128 and set(p) <= _MASK_ID_CHARS
+
+
 def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> None:
     """Raise ValueError unless every request is a well-formed kind with sane shapes and params.
 
@@ -342,10 +347,7 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
                 raise ValueError(f"step {i}: unknown bilinear op {op!r}")
             params = req.params[1:]
             if req.kind == "beaverw":
-                if len(params) < 2 or not all(
-                    isinstance(p, str) and 0 < len(p) <= 128 and set(p) <= _MASK_ID_CHARS
-                    for p in params[-2:]
-                ):
+                if len(params) < 2 or not all(_is_name(p) for p in params[-2:]):
                     raise ValueError(f"step {i}: beaverw needs a mask id and a weight name")
                 params = params[:-2]
             wanted = {"conv2d": 2, "conv2d_pool": 3}.get(str(op), 0)
@@ -371,10 +373,7 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
                 raise ValueError(f"step {i}: fss needs a gate (sign | relu) and a shift in [0, 62)")
         elif req.kind == "muxw":
             (x_shape, w_shape), params = req.shapes, req.params
-            if len(params) != 2 or not all(
-                isinstance(p, str) and 0 < len(p) <= 128 and set(p) <= _MASK_ID_CHARS
-                for p in params
-            ):
+            if len(params) != 2 or not all(_is_name(p) for p in params):
                 raise ValueError(f"step {i}: muxw needs a mask id and a weight name")
             if len(x_shape) != 2 or len(w_shape) != 2 or x_shape[1] != w_shape[0]:
                 raise ValueError(f"step {i}: muxw needs shapes (batch, n) and (n, m)")
