@@ -2,13 +2,14 @@
 
 import secrets
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
 from service.mpc import beaver
-from service.mpc.dealer import Dealer
+from service.mpc.dealer import POOLED_KERNEL_MAX_CHANNELS, Dealer, bilinear
 from service.mpc.prg import random_ring
 from service.mpc.ring import to_plane
 from service.mpc.sharing import share, share_xor
@@ -168,3 +169,16 @@ def test_select_fused_with_a_linear_layer_takes_its_dealer_products_from_the_wei
     )
     assert torch.equal(opened(result), (x * bits) @ w)
     assert result.stats0.bytes_sent == 8 * x.numel() + 8  # the weight was already open
+
+
+@pytest.mark.parametrize("channels", [1, POOLED_KERNEL_MAX_CHANNELS, 8])
+def test_conv_pool_by_pooled_kernel_or_by_pooling_is_the_same_on_the_ring(channels):
+    """The two ways `conv2d_pool` is computed (one stride-k convolution with the pooled kernel
+    for few input channels, convolution then sum pooling otherwise) agree exactly, wrap-around
+    included."""
+    x, w = random_ring((3, channels, 12, 12)), random_ring((4, channels, 5, 5))
+    for padding in (0, 2):
+        y = F.conv2d(x, w, padding=padding)
+        n, c, h, wd = y.shape
+        want = y.reshape(n, c, h // 2, 2, wd // 2, 2).sum(dim=(3, 5))
+        assert torch.equal(bilinear("conv2d_pool", (1, padding, 2))(x, w), want)

@@ -129,6 +129,22 @@ FSS_PAYLOAD = {"sign": 1, "relu": 3}  # DCF payload words per element, per gate
 _FSS_CONSTANTS = {"sign": ("mr",), "relu": ("mr", "rhi", "mrhi")}
 
 
+# Up to this many input channels the pooled kernel is the faster way to conv2d_pool with torch's
+# int64 convolution here (1 channel on 28x28, batch 16: 0.20 instead of 0.64 ms); with 8 or more
+# on 12x12 it is slower, so larger layers keep convolution then pooling.
+POOLED_KERNEL_MAX_CHANNELS = 4
+
+
+def _pooled_kernel(w: torch.Tensor, k: int) -> torch.Tensor:
+    """W' [o, c, kh + k - 1, kw + k - 1] with W'[u, v] = sum over a, b < k of W[u - a, v - b]."""
+    o, c, kh, kw = w.shape
+    out = torch.zeros((o, c, kh + k - 1, kw + k - 1), dtype=w.dtype)
+    for a in range(k):
+        for b in range(k):
+            out[:, :, a : a + kh, b : b + kw] += w
+    return out
+
+
 def bilinear(op: str, params: tuple) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The public bilinear map a Beaver triple is made for (shared by dealer and protocol)."""
     if op == "mul":
@@ -142,6 +158,10 @@ def bilinear(op: str, params: tuple) -> Callable[[torch.Tensor, torch.Tensor], t
         stride, padding, k = int(params[0]), int(params[1]), int(params[2])
 
         def conv_pool(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            if stride == 1 and x.shape[1] <= POOLED_KERNEL_MAX_CHANNELS:
+                # k x k sum pooling of a stride-1 convolution is one convolution with stride k
+                # and the kernel summed over k x k shifts of itself: the same ring values
+                return F.conv2d(x, _pooled_kernel(w, k), stride=k, padding=padding)
             y = F.conv2d(x, w, stride=stride, padding=padding)
             n, c, h, wd = y.shape
             return y.reshape(n, c, h // k, k, wd // k, k).sum(dim=(3, 5))
