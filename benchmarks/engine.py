@@ -36,7 +36,7 @@ from service.mpc.dealer import Dealer, deal_pair
 from service.mpc.inprocess import private_forward, run_two_party
 from service.mpc.network import PROTOCOLS, PrivateNetwork
 from service.mpc.ring import DEFAULT_FP
-from service.mpc.sharing import open_label, share_tensors
+from service.mpc.sharing import share_tensors
 from training.model import DigitCNN, FCNet
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
@@ -138,8 +138,7 @@ def bench_model(kind: str, comparison: str, repeats: int, n_images: int, progres
     shared = _share_images(x)
     labels = private_forward(net, weights, shared, dealer, uuid.uuid4().hex, "label")
     logits = private_forward(net, weights, shared, dealer, uuid.uuid4().hex, "logits")
-    got = open_label(labels.out0, labels.out1, net.label_sharing(labels.out0.shape[-1]))
-    agree = (got == plain.argmax(-1)).double().mean()
+    agree = (net.open_label(labels.out0, labels.out1) == plain.argmax(-1)).double().mean()
     err = (DEFAULT_FP.decode(logits.out0 + logits.out1) - plain.double()).abs().max()
     return {
         "model": kind,

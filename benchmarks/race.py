@@ -51,7 +51,7 @@ from service.mpc.beaver import WeightMasks
 from service.mpc.dealer import Dealer
 from service.mpc.network import PrivateNetwork
 from service.mpc.ring import DEFAULT_FP
-from service.mpc.sharing import open_label, share_tensors
+from service.mpc.sharing import share_tensors
 from training.model import DigitCNN
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,7 +192,7 @@ def bench_engine(
                     net, weights, _share_images(x[idx]), dealer, output, masks
                 )
                 if output == "label":
-                    got = open_label(res.out0, res.out1, net.label_sharing(res.out0.shape[-1]))
+                    got = net.open_label(res.out0, res.out1)
                 else:
                     got = DEFAULT_FP.decode(res.out0 + res.out1).argmax(-1)
                 labels.update(zip(idx, got.tolist(), strict=True))

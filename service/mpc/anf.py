@@ -39,13 +39,21 @@ from functools import cached_property
 import numpy as np
 
 
-def _anf(truth: Callable[[int], tuple[int, ...]], n: int, outputs: int) -> tuple[tuple[int, ...]]:
-    """The ANF monomials of each output of `truth` on n bits (Moebius transform of the table)."""
+def _moebius(table: np.ndarray, n: int) -> np.ndarray:
+    """The integer Moebius transform along axis 0 of a table over n-bit words: row m becomes
+    sum over submasks S of m of (-1)^|m - S| table[S], the coefficient of the monomial m of the
+    function's multilinear polynomial (mod 2: of its ANF). In place."""
     words = np.arange(1 << n)
-    table = np.array([truth(v) for v in range(1 << n)], dtype=np.uint8).reshape(-1, outputs) & 1
     for i in range(n):
         bit = (words >> i & 1).astype(bool)
-        table[bit] ^= table[words[bit] ^ (1 << i)]
+        table[bit] -= table[words[bit] ^ (1 << i)]
+    return table
+
+
+def _anf(truth: Callable[[int], tuple[int, ...]], n: int, outputs: int) -> tuple[tuple[int, ...]]:
+    """The ANF monomials of each output of `truth` on n bits (Moebius transform of the table)."""
+    table = np.array([truth(v) for v in range(1 << n)], dtype=np.int64).reshape(-1, outputs) & 1
+    table = _moebius(table, n) & 1
     return tuple(tuple(int(m) for m in np.flatnonzero(table[:, o])) for o in range(outputs))
 
 
@@ -184,13 +192,9 @@ class Arith:
     @cached_property
     def _table(self) -> np.ndarray:
         """[v, R]: the integer Moebius transform of lambda -> F(v ^ lambda), for every v."""
-        n = 1 << self.inputs
-        words = np.arange(n)
-        table = np.array(self.truth, dtype=np.int64)[words[:, None] ^ words[None, :]]
-        for i in range(self.inputs):
-            bit = (words >> i & 1).astype(bool)
-            table[:, bit] -= table[:, words[bit] ^ (1 << i)]
-        return table
+        words = np.arange(1 << self.inputs)
+        table = np.array(self.truth, dtype=np.int64)[words[None, :] ^ words[:, None]]  # [lambda, v]
+        return np.ascontiguousarray(_moebius(table, self.inputs).T)
 
     @cached_property
     def subsets(self) -> tuple[int, ...]:
@@ -229,35 +233,32 @@ def _bit(v: int, i: int) -> int:
     return v >> i & 1
 
 
-def _gp4(v: int) -> tuple[int, int]:
-    g, p = [_bit(v, i) for i in range(4)], [_bit(v, 4 + i) for i in range(4)]
-    big_g = g[3] ^ (p[3] & g[2]) ^ (p[3] & p[2] & g[1]) ^ (p[3] & p[2] & p[1] & g[0])
-    return big_g, p[0] & p[1] & p[2] & p[3]
+def _gp(n: int) -> Callable[[int], tuple[int, int]]:
+    """G and P of n groups, inputs G0..G(n-1) = bits 0..n-1 and P0..P(n-1) = bits n..2n-1 (0
+    lowest): G = XOR_i G_i P_(i+1) ... P_(n-1) (the terms exclude each other, so XOR is OR)."""
+
+    def gp(v: int) -> tuple[int, int]:
+        g, p = [_bit(v, i) for i in range(n)], [_bit(v, n + i) for i in range(n)]
+        big_g = 0
+        for i in range(n):
+            term = g[i]
+            for j in range(i + 1, n):
+                term &= p[j]
+            big_g ^= term
+        return big_g, int(all(p))
+
+    return gp
 
 
 def _g4(v: int) -> tuple[int]:
     # inputs G0..G3 = bits 0..3, P1..P3 = bits 4..6 (P0 is never needed at the top)
-    return (_gp4((v & 0xF) | ((v >> 4) << 5))[0],)
+    return (_gp(4)((v & 0xF) | ((v >> 4) << 5))[0],)
 
 
 CARRY4 = _cross("carry4", 4, 2, lambda a, b: (int(a + b >= 16), int(a ^ b == 15)))
-
-
-def _gp8(v: int) -> tuple[int, int]:
-    # inputs G0..G7 = bits 0..7, P0..P7 = bits 8..15 (0 lowest)
-    g, p = [_bit(v, i) for i in range(8)], [_bit(v, 8 + i) for i in range(8)]
-    big_g = 0
-    for i in range(8):  # G_i P_{i+1} ... P_7: the terms exclude each other, so XOR is OR
-        term = g[i]
-        for j in range(i + 1, 8):
-            term &= p[j]
-        big_g ^= term
-    return big_g, int(all(p))
-
-
-GP4 = _masked("gp4", 8, 2, _gp4)
+GP4 = _masked("gp4", 8, 2, _gp(4))
 G4 = _masked("g4", 7, 1, _g4)
-GP8 = _masked("gp8", 16, 2, _gp8)
+GP8 = _masked("gp8", 16, 2, _gp(8))
 MASKED = {f.name: f for f in (GP4, G4, GP8)}
 CROSS = {CARRY4.name: CARRY4}
 

@@ -31,7 +31,7 @@ from service.mpc import beaver, fanin, truncation
 from service.mpc.anf import ARITH
 from service.mpc.dealer import Request, pairs
 from service.mpc.party import Party
-from service.mpc.ring import PRIME, from_plane, to_plane, to_planes
+from service.mpc.ring import PRIME, from_plane, from_planes_packed, to_plane, to_planes
 
 LABEL_SHARING = "zero"  # how `argmax` hands out the label (see there)
 
@@ -170,9 +170,7 @@ def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
     fn = ARITH["lt2"]
     t = party.rand.take(Request.zmax(fn.name, (rows, n)))
     (v,) = party.open_xor(torch.stack([g[0], g[1], p[1], bit63]) ^ t["lam"])
-    count = diff.numel()
-    bits = torch.stack([from_plane(v[i], (count,)) for i in range(fn.inputs)])
-    packed = (bits << torch.arange(fn.inputs).unsqueeze(1)).sum(0)
+    packed = from_planes_packed(v, diff.numel())
     coef = torch.from_numpy(fn.coefficients % PRIME)[packed].reshape(rows, -1, len(fn.subsets))
     rho = t["rho"]
 

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 
 from service.mpc import anf, dcf
 from service.mpc.prg import PRG, SEED_BYTES, fresh_seed
-from service.mpc.ring import PRIME, from_plane, logical_shift_right, msb
+from service.mpc.ring import PRIME, from_plane, from_planes_packed, logical_shift_right, msb
 
 INSTANCE_BYTES = 16
 
@@ -242,9 +242,7 @@ def _zmax_truth(req: Request, lam: torch.Tensor, private: PRG) -> dict[str, torc
     """rho_j Lambda_R, rho_i Lambda_R per comparison (i, j) and rho per class (dealer only)."""
     fn, (rows, n) = anf.ARITH[str(req.params[0])], req.shapes[0]
     iu, ju = pairs(n)
-    count = rows * len(iu)
-    bits = torch.stack([from_plane(lam[i], (count,)) for i in range(fn.inputs)])
-    packed = (bits << torch.arange(fn.inputs).unsqueeze(1)).sum(0)  # each comparison's masks
+    packed = from_planes_packed(lam, rows * len(iu))  # each comparison's masks
     sets = torch.tensor(fn.subsets[1:])
     products = ((packed.unsqueeze(1) & sets) == sets).long().reshape(rows, len(iu), -1)
     rho = private.mod((rows, n), PRIME - 1) + 1

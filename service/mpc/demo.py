@@ -20,7 +20,6 @@ import torch
 from benchmarks.engine import _images, _setup, _share_images
 from service.mpc.dealer import Dealer
 from service.mpc.inprocess import private_forward
-from service.mpc.sharing import open_label
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         res = private_forward(net, weights, _share_images(x[i : i + 1]), dealer, uuid.uuid4().hex)
         ms = (time.perf_counter() - t) * 1e3
-        label = int(open_label(res.out0, res.out1, net.label_sharing(res.out0.shape[-1])))
+        label = int(net.open_label(res.out0, res.out1))
         print(
             f"digit {i}: private label {label}  (plaintext {int(plain[i])}, true {int(truth[i])})"
             f"  {ms:.1f} ms incl. dealer, {res.stats0.rounds} rounds,"

@@ -44,6 +44,7 @@ from service.mpc.channel import NullChannel
 from service.mpc.dealer import PlanRecorder, Request
 from service.mpc.party import Party
 from service.mpc.ring import DEFAULT_FP, FixedPoint
+from service.mpc.sharing import open_label
 
 Output = Literal["label", "logits"]
 COMPARISONS = {"a2b": comparison, "fss": fss}  # each offers relu, max_pool2d and argmax
@@ -91,6 +92,10 @@ class PrivateNetwork:
         """How the label comes out for `classes` classes: "zero" (a2b's zero test in Z_p) or
         "xor" (fss: XOR shares of one-hot)."""
         return self._cmp(classes * (classes - 1) // 2).LABEL_SHARING
+
+    def open_label(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        """The labels from both parties' label outputs (in-process runs: tests, benchmarks)."""
+        return open_label(out0, out1, self.label_sharing(out0.shape[-1]))
 
     def weight_names(self) -> list[str]:
         return [

@@ -120,6 +120,13 @@ def from_plane(plane: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torc
     return torch.from_numpy(bits.astype(np.int64)).reshape(tuple(shape))
 
 
+def from_planes_packed(planes: torch.Tensor, count: int) -> torch.Tensor:
+    """Each of `count` elements' bits from a few planes [k, words], packed into one int64 per
+    element (bit i from plane i): k small, e.g. a gate's opened inputs."""
+    bits = torch.stack([from_plane(plane, (count,)) for plane in planes])
+    return (bits << torch.arange(planes.shape[0]).unsqueeze(1)).sum(0)
+
+
 def to_plane(bits: torch.Tensor) -> torch.Tensor:
     """0/1 int64 per element (C order) packed into one bit plane (inverse of `from_plane`)."""
     flat = (bits.reshape(-1) & 1).numpy().astype(np.uint8)
