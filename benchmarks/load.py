@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="model directory (default: the bundled models/default)")
     p.add_argument(
         "--comparison",
-        choices=("a2b", "fss", "hybrid"),
+        choices=("a2b", "fss", "hybrid", "lut"),
         default="a2b",
         help="protocol of the cluster",
     )

@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent clients for throughput")
     p.add_argument("--seconds", type=float, default=10.0, help="throughput phase duration")
     p.add_argument("--model", help="model directory (default: bundled)")
-    p.add_argument("--comparison", choices=("a2b", "fss", "hybrid"), default="a2b", help="protocol")
+    p.add_argument(
+        "--comparison", choices=("a2b", "fss", "hybrid", "lut"), default="a2b", help="protocol"
+    )
     p.add_argument("--pause-ms", type=float, default=0.0, help="idle time between latency requests")
     a = p.parse_args(argv)
     import httpx

@@ -107,7 +107,7 @@ def _add_transport(p: argparse.ArgumentParser) -> None:
 def _add_comparison(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--comparison",
-        choices=("a2b", "fss", "hybrid"),
+        choices=("a2b", "fss", "hybrid", "lut"),
         default="a2b",
         help="comparison protocol of both replicas: a2b (reference, 18 rounds), fss "
         "(function secret sharing, 9 rounds, ~7 MB of dealer keys per image) or hybrid (fss "
@@ -389,7 +389,7 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--max-batches", type=int, help="protocol runs in flight (dynamic batching)")
     rep.add_argument(
         "--comparison",
-        choices=("a2b", "fss", "hybrid"),
+        choices=("a2b", "fss", "hybrid", "lut"),
         help="comparison protocol (same on both replicas)",
     )
     rep.add_argument(

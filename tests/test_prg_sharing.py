@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -70,16 +71,24 @@ def test_prg_is_the_aes_ctr_keystream_across_draws_and_chunk_boundaries():
     assert prg.bytes_drawn == 8 * pos
 
 
-def test_prg_mod_p_reduces_128_keystream_bits_per_element_and_looks_uniform():
+def test_prg_mod_p_keeps_the_draws_below_a_multiple_of_p_and_looks_uniform():
+    """Exactly uniform: 16-bit draws (32-bit above 2^16) below the largest multiple of p that
+    fits are kept, the others skipped, in stream order."""
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-    seed, p = bytes(range(32)), 65521
-    stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(48))
-    want = [int.from_bytes(stream[16 * i : 16 * i + 16], "little") % p for i in range(3)]
-    assert PRG(seed).mod((3,), p).tolist() == want
-    x = PRG(bytes(32)).mod((300_000,), p)
-    assert x.min() >= 0 and x.max() < p
-    counts = torch.bincount(x * 20 // p, minlength=20).double()  # 20 equal bins
+    seed = bytes(range(32))
+    stream = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor().update(bytes(4096))
+    for p, dtype in ((65521, "<u2"), (40_000, "<u2"), (2**20 + 7, "<u4")):
+        draws = np.frombuffer(stream, dtype=dtype)[:19]  # one pass for 3 values: 3 + 16 draws
+        limit = (1 << (8 * draws.itemsize)) // p * p
+        kept = [int(v) % p for v in draws if v < limit]
+        assert p != 40_000 or len(kept) < 19  # 39% of 16-bit draws skipped for 40,000
+        assert PRG(seed).mod((3,), p).tolist() == kept[:3], p
+    x = PRG(bytes(32)).mod((300_000,), 65521)
+    assert x.min() >= 0 and x.max() < 65521
+    counts = torch.bincount(x * 20 // 65521, minlength=20).double()  # 20 equal bins
     assert ((counts - 15_000).abs() < 600).all()  # about 5 sigma
+    big = PRG(bytes(32)).mod((100_000,), 40_000)  # many skipped draws, several passes
+    assert big.min() >= 0 and big.max() < 40_000 and len(big.unique()) > 35_000
     with pytest.raises(ValueError):
         PRG(seed).mod((1,), 2**31 - 1)

@@ -87,7 +87,7 @@ def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) ->
         data = wire.material_to_bytes(material)
         served.labels(str(party)).inc()
         served_bytes.inc(len(data))
-        return Response(data, media_type="application/octet-stream")
+        return Response(memoryview(data), media_type="application/octet-stream")
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

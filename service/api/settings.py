@@ -85,7 +85,7 @@ class ReplicaSettings(_Base):
         "interpreter lock, so a second concurrent run mostly delays the first (32 clients on 2 "
         "cores: 266 images/s with 1, 147 with 2)",
     )
-    comparison: Literal["a2b", "fss", "hybrid"] = Field(
+    comparison: Literal["a2b", "fss", "hybrid", "lut"] = Field(
         default="a2b",
         description="comparison protocol: a2b (reference; 18 rounds, small dealer material), "
         "fss (function secret sharing; 9 rounds, ~2.5 KB of dealer keys per ReLU) or hybrid "

@@ -94,11 +94,19 @@ def plan_from_json(items: Sequence[dict[str, Any]]) -> tuple[Request, ...]:
     )
 
 
-def material_to_bytes(m: PartyMaterial) -> bytes:
-    parts = [m.seed, m.dealer]
-    parts += [c.contiguous().numpy().astype("<i8", copy=False).tobytes() for c in m.corrections]
-    parts += [k.astype("<u8", copy=False).tobytes() for k in m.keys]
-    return b"".join([*parts, *m.mask_seeds])
+def material_to_bytes(m: PartyMaterial) -> bytearray:
+    """The material as one buffer, each array copied once, straight into place."""
+    arrays = [c.contiguous().numpy().astype("<i8", copy=False) for c in m.corrections]
+    arrays += [k.astype("<u8", copy=False) for k in m.keys]
+    head, tail = m.seed + m.dealer, b"".join(m.mask_seeds)
+    out = bytearray(len(head) + sum(a.nbytes for a in arrays) + len(tail))
+    out[: len(head)] = head
+    pos = len(head)
+    for a in arrays:
+        np.frombuffer(out, dtype=a.dtype, count=a.size, offset=pos)[:] = a.reshape(-1)
+        pos += a.nbytes
+    out[pos:] = tail
+    return out
 
 
 def material_from_bytes(
@@ -112,7 +120,8 @@ def material_from_bytes(
     expected = words_end + SEED_BYTES * n_masks
     if len(data) != expected:
         raise WireError(f"dealer sent {len(data)} bytes, the plan needs {expected}")
-    flat = np.frombuffer(data[:words_end], dtype="<i8", offset=head).astype(np.int64, copy=True)
+    count = (words_end - head) // 8
+    flat = np.frombuffer(data, dtype="<i8", count=count, offset=head).astype(np.int64, copy=True)
     corrections, pos = [], 0
     for s in shapes:
         n = math.prod(s)
@@ -123,17 +132,18 @@ def material_from_bytes(
         words.append(flat[pos : pos + n].view("<u8"))
         pos += n
     masks = [
-        data[words_end + i * SEED_BYTES : words_end + (i + 1) * SEED_BYTES] for i in range(n_masks)
+        bytes(data[words_end + i * SEED_BYTES : words_end + (i + 1) * SEED_BYTES])
+        for i in range(n_masks)
     ]
     return PartyMaterial(
         request_id,
         party,
-        data[:SEED_BYTES],
+        bytes(data[:SEED_BYTES]),
         plan,
         corrections,
         words,
         masks,
-        data[SEED_BYTES:head],
+        bytes(data[SEED_BYTES:head]),
     )
 
 

@@ -32,11 +32,15 @@ Functions here:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+import torch
+
+from service.mpc.ring import PRIME
 
 
 def _moebius(table: np.ndarray, n: int) -> np.ndarray:
@@ -182,29 +186,72 @@ class Cross:
 
 @dataclass(frozen=True)
 class Arith:
-    """An integer-valued function of `inputs` XOR-shared bits (its value on every input word;
-    inputs that never occur may take any value that keeps the polynomial small)."""
+    """An integer-valued function of `inputs` XOR-shared bits, as its multilinear polynomial:
+    (monomial, integer coefficient) pairs (`_poly` of its values on every input word; inputs
+    that never occur may take any value that keeps the polynomial small)."""
 
     name: str
     inputs: int
-    truth: tuple[int, ...]
+    poly: tuple[tuple[int, int], ...]
+
+    def __call__(self, bits: int) -> int:
+        """The clear value for input bits packed in an int (tests)."""
+        return sum(c for m, c in self.poly if bits & m == m)
 
     @cached_property
     def _table(self) -> np.ndarray:
-        """[v, R]: the integer Moebius transform of lambda -> F(v ^ lambda), for every v."""
+        """[v, R] for every opening v and every R inside some monomial: with u_k = v_k ^
+        lambda_k = v_k + (1 - 2 v_k) lambda_k, a monomial m is sum over R in m of
+        prod_{m - R} v_k prod_R (1 - 2 v_k) Lambda_R."""
         words = np.arange(1 << self.inputs)
-        table = np.array(self.truth, dtype=np.int64)[words[None, :] ^ words[:, None]]  # [lambda, v]
-        return np.ascontiguousarray(_moebius(table, self.inputs).T)
+        sets = sorted({r for m, _ in self.poly for r in _submasks(m)})
+        col = {r: j for j, r in enumerate(sets)}
+        table = np.zeros((len(words), len(sets)), dtype=np.int64)
+        for m, c in self.poly:
+            for r in _submasks(m):
+                public = m & ~r
+                sign = 1 - 2 * (np.bitwise_count(words & r) & 1).astype(np.int64)
+                table[:, col[r]] += c * ((words & public) == public) * sign
+        keep = table.any(axis=0)
+        return table[:, keep], tuple(r for r, k in zip(sets, keep, strict=True) if k)
 
-    @cached_property
+    @property
     def subsets(self) -> tuple[int, ...]:
         """The mask sets R whose products Lambda_R appear for some v (the empty set first)."""
-        return tuple(int(r) for r in np.flatnonzero(self._table.any(axis=0)))
+        return self._table[1]
 
-    @cached_property
+    @property
     def coefficients(self) -> np.ndarray:
         """[2^inputs, len(subsets)]: F(v ^ lambda) = sum_j coefficients[v, j] Lambda_subsets[j]."""
-        return self._table[:, list(self.subsets)]
+        return self._table[0]
+
+    @cached_property
+    def mask_products(self) -> torch.Tensor:
+        """[2^inputs, len(subsets) - 1] 0/1 (uint8): Lambda_R for every mask word lambda and every
+        nonempty R of `subsets` (the dealer's side of the gate)."""
+        words = np.arange(1 << self.inputs)[:, None]
+        sets = np.array(self.subsets[1:])[None, :]
+        return torch.from_numpy(((words & sets) == sets).astype(np.uint8))
+
+    @cached_property
+    def coefficients_mod(self) -> torch.Tensor:
+        """`coefficients` mod p (`ring.PRIME`), for the zero test in Z_p."""
+        return torch.from_numpy(self.coefficients % PRIME)
+
+
+def _submasks(m: int) -> Iterable[int]:
+    r = m
+    while True:
+        yield r
+        if not r:
+            return
+        r = (r - 1) & m
+
+
+def _poly(truth: Callable[[int], int], n: int) -> tuple[tuple[int, int], ...]:
+    """The multilinear polynomial of an integer function of n bits (Moebius transform)."""
+    table = _moebius(np.array([truth(v) for v in range(1 << n)], dtype=np.int64), n)
+    return tuple((int(m), int(table[m])) for m in np.flatnonzero(table))
 
 
 def _cross(name: str, k: int, outputs: int, truth: Callable[[int, int], tuple[int, ...]]) -> Cross:
@@ -250,28 +297,39 @@ def _gp(n: int) -> Callable[[int], tuple[int, int]]:
     return gp
 
 
-def _g4(v: int) -> tuple[int]:
-    # inputs G0..G3 = bits 0..3, P1..P3 = bits 4..6 (P0 is never needed at the top)
-    return (_gp(4)((v & 0xF) | ((v >> 4) << 5))[0],)
+def _g_top(n: int) -> Masked:
+    """G only of n groups, for the top of a tree: inputs G0..G(n-1) = bits 0..n-1 and P1..P(n-1)
+    = bits n..2n-2 (P0 is never needed); monomials G_i P_(i+1) ... P_(n-1), built directly."""
+    monos = [1 << i | sum(1 << (n + j - 1) for j in range(i + 1, n)) for i in range(n)]
+    return Masked(f"g{n}", 2 * n - 1, (tuple(sorted(monos)),))
 
 
 CARRY4 = _cross("carry4", 4, 2, lambda a, b: (int(a + b >= 16), int(a ^ b == 15)))
 GP4 = _masked("gp4", 8, 2, _gp(4))
-G4 = _masked("g4", 7, 1, _g4)
+G4 = _g_top(4)
+G9 = _g_top(9)  # the top of `lut`'s sign: 9 slices of 7 bits
 GP8 = _masked("gp8", 16, 2, _gp(8))
-MASKED = {f.name: f for f in (GP4, G4, GP8)}
+MASKED = {f.name: f for f in (GP4, G4, GP8, G9)}
 CROSS = {CARRY4.name: CARRY4}
 
 
-def _lt2(v: int) -> int:
-    """m ^ carry for (G_lo, G_hi, P_hi, m) = bits 0..3, carry = G_hi ^ P_hi G_lo, written so that
-    its integer polynomial is small: the two terms exclude each other when a group never both
-    generates and propagates (always true of the tree's values), so their XOR is their sum, and
-    m ^ c = m + c - 2 m c. Other inputs never occur."""
-    g_lo, g_hi, p_hi, m = (_bit(v, i) for i in range(4))
-    c = g_hi + p_hi * g_lo
-    return m + c - 2 * m * c
+def _lt(n: int) -> Callable[[int], int]:
+    """m ^ carry for n groups, inputs G0..G(n-1) = bits 0..n-1, P1..P(n-1) = bits n..2n-2 and m
+    (the sum's bit 63 before the carry) = bit 2n-1; carry = sum_i G_i P_(i+1) ... P_(n-1),
+    written so that its integer polynomial is small: the terms exclude each other when a group
+    never both generates and propagates (always true of the tree's values), so their XOR is
+    their sum, and m ^ c = m + c - 2 m c. Other inputs never occur."""
+
+    def lt(v: int) -> int:
+        g = [_bit(v, i) for i in range(n)]
+        p = [0] + [_bit(v, n + j) for j in range(n - 1)]  # p[0]: never used
+        m = _bit(v, 2 * n - 1)
+        c = sum(g[i] * math.prod(p[i + 1 :]) for i in range(n))
+        return m + c - 2 * m * c
+
+    return lt
 
 
-LT2 = Arith("lt2", 4, tuple(_lt2(v) for v in range(16)))
-ARITH = {LT2.name: LT2}
+LT2 = Arith("lt2", 4, _poly(_lt(2), 4))  # (G_lo, G_hi, P_hi, m): `comparison.argmax`'s top
+LT6 = Arith("lt6", 12, _poly(_lt(6), 12))  # 6 slices: `lut.argmax`'s top
+ARITH = {f.name: f for f in (LT2, LT6)}

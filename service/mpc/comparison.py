@@ -23,12 +23,13 @@ Also here: `select` ([x * b] for a shared bit b, 1 round), `relu`, `maximum` and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 
 from service.mpc import beaver, fanin, truncation
-from service.mpc.anf import ARITH
+from service.mpc.anf import ARITH, Arith
 from service.mpc.dealer import Request, pairs
 from service.mpc.party import Party
 from service.mpc.ring import PRIME, from_plane, from_planes_packed, to_plane, to_planes
@@ -96,7 +97,8 @@ def not_(party: Party, bit: torch.Tensor) -> torch.Tensor:
     return bit ^ 1 if party.index == 0 else bit
 
 
-def _not_plane(party: Party, plane: torch.Tensor) -> torch.Tensor:
+def not_plane(party: Party, plane: torch.Tensor) -> torch.Tensor:
+    """XOR shares of the complement of a bit plane (party 0 flips its share). Local."""
     return ~plane if party.index == 0 else plane
 
 
@@ -114,7 +116,7 @@ def relu(
     pending = truncation.begin(party, x, trunc_bits) if trunc_bits else None
     sign, opened = _msb(party, x, [pending.masked] if pending else [])
     y = truncation.finish(party, pending, opened[0]) if pending else x
-    return select(party, y, _not_plane(party, sign))
+    return select(party, y, not_plane(party, sign))
 
 
 def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -170,8 +172,17 @@ def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
     fn = ARITH["lt2"]
     t = party.rand.take(Request.zmax(fn.name, (rows, n)))
     (v,) = party.open_xor(torch.stack([g[0], g[1], p[1], bit63]) ^ t["lam"])
-    packed = from_planes_packed(v, diff.numel())
-    coef = torch.from_numpy(fn.coefficients % PRIME)[packed].reshape(rows, -1, len(fn.subsets))
+    return zero_test(fn, from_planes_packed(v, diff.numel()), t, x.shape)
+
+
+def zero_test(fn: Arith, packed: torch.Tensor, t: dict, shape: torch.Size) -> torch.Tensor:
+    """The label's shares in Z_p, y_k = rho_k (wins_k - (n - 1)), from the opened inputs of the
+    arithmetic top `fn` (packed per comparison, row-major over `pairs(n)`) and the dealer's rho
+    and rho-scaled mask products (`Request.zmax`, `Request.zlut`). Local."""
+    n = shape[-1]
+    rows = math.prod(shape) // n
+    iu, ju = pairs(n)
+    coef = fn.coefficients_mod[packed].reshape(rows, -1, len(fn.subsets))
     rho = t["rho"]
 
     def scaled(products: torch.Tensor, rho_side: torch.Tensor) -> torch.Tensor:
@@ -180,4 +191,4 @@ def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
 
     y = -torch.arange(n) * rho
     y = y.index_add(1, ju, scaled(t["X"], rho[:, ju])).index_add(1, iu, -scaled(t["Y"], rho[:, iu]))
-    return (y % PRIME).reshape(x.shape)
+    return (y % PRIME).reshape(shape)

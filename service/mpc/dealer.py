@@ -25,6 +25,14 @@ Kinds (each a `Request`; shapes are public, values secret):
   comparisons) and, in Z_p (p = `ring.PRIME`), shares of rho_i Lambda_R and rho_j Lambda_R for
   each comparison (i, j) and set R of `anf.ARITH[fn].subsets` (R nonempty), and of rho_k for each
   class, with rho uniform in 1..p-1 per row and class, known to no party.
+- `lut(shape, w, bits)`: for `lut`'s comparison by table lookup: a uniform mask [r]; with
+  r' = r + 2^62 when bits > 0 (the truncation's offset: party 0 adds it before the opening)
+  and r' = r otherwise, XOR shares of the step tables T_s[v] = [v < r'_s] (v in 0..2^w - 1) of
+  the S = ceil(63 / w) slices r'_s of w bits of r' mod 2^63, as [S, elements, 2^w / 64] words,
+  and of msb(r') as a bit plane; when bits > 0 also [r >>> bits] and [msb(r)] (`trunc`).
+- `zlut(fn, (rows, n), w)`: for `lut.argmax`: the same mask r and tables (offset 0) for the
+  n (n - 1) / 2 differences of each row, and `zmax`'s material for the arithmetic top `fn` whose
+  last input's mask is msb(r) (the others' masks lambda are dealt as bit planes).
 - `fss(shape, gate, bits)`: a uniform mask [r], and DCF keys for alpha = r mod 2^63 with the
   gate's payload plus its constants (see `fss.py`); gate `sign` or `relu` (bits: truncation).
 
@@ -51,6 +59,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 import torch
@@ -58,7 +67,15 @@ import torch.nn.functional as F
 
 from service.mpc import anf, dcf
 from service.mpc.prg import PRG, SEED_BYTES, fresh_seed
-from service.mpc.ring import PRIME, from_plane, from_planes_packed, logical_shift_right, msb
+from service.mpc.ring import (
+    PRIME,
+    TRUNCATION_OFFSET,
+    from_plane,
+    from_planes_packed,
+    logical_shift_right,
+    msb,
+    to_plane,
+)
 
 INSTANCE_BYTES = 16
 
@@ -120,10 +137,19 @@ class Request:
         return Request("zmax", (tuple(shape),), (fn,))
 
     @staticmethod
+    def lut(shape, slice_bits: int, trunc_bits: int = 0) -> Request:
+        return Request("lut", (tuple(shape),), (slice_bits, trunc_bits))
+
+    @staticmethod
+    def zlut(fn: str, shape, slice_bits: int) -> Request:
+        return Request("zlut", (tuple(shape),), (fn, slice_bits))
+
+    @staticmethod
     def fss(shape, gate: str, bits: int = 0) -> Request:
         return Request("fss", (tuple(shape),), (gate, bits))
 
 
+SLICE_BITS = frozenset({7, 11})  # the slice widths `lut` uses (tables of 2^w bits per slice)
 DCF_BITS = 63  # the gates compare the low 63 bits of the masked value (see fss.py)
 FSS_PAYLOAD = {"sign": 1, "relu": 3}  # DCF payload words per element, per gate
 _FSS_CONSTANTS = {"sign": ("mr",), "relu": ("mr", "rhi", "mrhi")}
@@ -184,6 +210,8 @@ _SEEDED = {
     "cross": (("x", "ring", 0), ("y", "ring", 0)),  # shapes: see `_seeded_fields`
     "mand": (("lam", "ring", 0),),
     "zmax": (("lam", "ring", 0),),  # shape: see `_seeded_fields`
+    "lut": (("r", "ring", 0),),
+    "zlut": (("r", "ring", 0), ("lam", "ring", 0)),  # shapes: see `_seeded_fields`
 }
 _DERIVED = {
     "beaver": ("c",),
@@ -195,9 +223,13 @@ _DERIVED = {
     "cross": ("z",),
     "mand": ("L",),
     "zmax": ("X", "Y", "rho"),
+    "lut": ("T", "m"),  # with truncation: r_hi, r_msb first (see `_derived`)
+    "zlut": ("T", "X", "Y", "rho"),
 }
 _XOR_KINDS = {"and", "cross", "mand"}
+_XOR_FIELDS = {"T", "m"}  # XOR-shared derived fields of the other kinds
 _MOD_KINDS = {"zmax"}  # derived values in Z_p (ring.PRIME), not Z_2^64
+_MOD_FIELDS = {("zlut", "X"), ("zlut", "Y"), ("zlut", "rho")}
 WEIGHT_MASK_KINDS = frozenset({"beaverw", "muxw"})  # requests that use a fixed weight mask
 
 
@@ -209,7 +241,49 @@ def pairs(classes: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _derived(req: Request) -> tuple[str, ...]:
     if req.kind == "fss":
         return _FSS_CONSTANTS[str(req.params[0])]
+    if req.kind == "lut" and req.params[1]:
+        return ("r_hi", "r_msb", *_DERIVED["lut"])
     return _DERIVED[req.kind]
+
+
+def _op(req: Request, name: str) -> str:
+    """How a derived field is shared: "xor", "mod" (Z_p) or "ring" (Z_2^64)."""
+    if req.kind in _XOR_KINDS or (req.kind in ("lut", "zlut") and name in _XOR_FIELDS):
+        return "xor"
+    if req.kind in _MOD_KINDS or (req.kind, name) in _MOD_FIELDS:
+        return "mod"
+    return "ring"
+
+
+def slices(slice_bits: int) -> int:
+    """How many slices of `slice_bits` bits cover 63 bits (the top one may be narrower)."""
+    return -(-63 // slice_bits)
+
+
+@cache
+def _steps(w: int) -> np.ndarray:
+    """[2^w, 2^w / 64] int64: row v is the table [u < v] over u in 0..2^w - 1, bit u of the row
+    (little-endian words)."""
+    v = np.arange(1 << w)
+    bits = (v[None, :] < v[:, None]).astype(np.uint8)
+    return np.packbits(bits, axis=1, bitorder="little").view("<i8")
+
+
+def _tables(r: torch.Tensor, w: int) -> torch.Tensor:
+    """The step tables of the slices of r mod 2^63: [S, elements, 2^w / 64] (dealer only)."""
+    low = r.reshape(-1) & ((1 << 63) - 1)
+    shifts = torch.arange(slices(w)).unsqueeze(1) * w
+    idx = ((low.unsqueeze(0) >> shifts) & ((1 << w) - 1)).numpy()
+    return torch.from_numpy(_steps(w)[idx])
+
+
+def _lut_truth(req: Request, r: torch.Tensor) -> dict[str, torch.Tensor]:
+    w, bits = int(req.params[0]), int(req.params[1])
+    shifted = r + TRUNCATION_OFFSET if bits else r
+    out = {}
+    if bits:
+        out = {"r_hi": logical_shift_right(r, bits), "r_msb": msb(r)}
+    return out | {"T": _tables(shifted, w), "m": to_plane(msb(shifted))}
 
 
 def _fss_parts(req: Request) -> tuple[int, int]:
@@ -238,17 +312,22 @@ def _fss_truth(req: Request, r: torch.Tensor):
     return clear, alpha, beta
 
 
+def _zlut_truth(req: Request, full: dict, private: PRG) -> dict[str, torch.Tensor]:
+    r = full["r"]
+    lam = torch.cat([full["lam"], to_plane(msb(r)).unsqueeze(0)])  # the top's m: masked by msb(r)
+    return {"T": _tables(r, int(req.params[1]))} | _zmax_truth(req, lam, private)
+
+
 def _zmax_truth(req: Request, lam: torch.Tensor, private: PRG) -> dict[str, torch.Tensor]:
     """rho_j Lambda_R, rho_i Lambda_R per comparison (i, j) and rho per class (dealer only)."""
     fn, (rows, n) = anf.ARITH[str(req.params[0])], req.shapes[0]
     iu, ju = pairs(n)
     packed = from_planes_packed(lam, rows * len(iu))  # each comparison's masks
-    sets = torch.tensor(fn.subsets[1:])
-    products = ((packed.unsqueeze(1) & sets) == sets).long().reshape(rows, len(iu), -1)
+    products = fn.mask_products[packed].reshape(rows, len(iu), -1)  # 0/1: times rho is mod p
     rho = private.mod((rows, n), PRIME - 1) + 1
     return {
-        "X": products * rho[:, ju].unsqueeze(-1) % PRIME,
-        "Y": products * rho[:, iu].unsqueeze(-1) % PRIME,
+        "X": products * rho[:, ju].unsqueeze(-1),
+        "Y": products * rho[:, iu].unsqueeze(-1),
         "rho": rho,
     }
 
@@ -270,6 +349,8 @@ def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             for name, v in (("rbw", rb), ("aw", full["a"]), ("arw", out["ar"])):
                 out[name] = v.unsqueeze(-1) * b
         return out
+    if req.kind == "lut":
+        return _lut_truth(req, full["r"])
     if req.kind == "mand":
         fn = anf.MASKED[str(req.params[0])]
         table = fn.mask_products(full["lam"].numpy())
@@ -299,11 +380,22 @@ def _bilinear_of(req: Request) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     return bilinear(str(req.params[0]), params)
 
 
+def _comparisons(req: Request) -> int:
+    """Elements compared by a lut request, or pairwise comparisons of a zlut / zmax request."""
+    if req.kind == "lut":
+        return math.prod(req.shapes[0])
+    rows, n = req.shapes[0]
+    return rows * n * (n - 1) // 2
+
+
 def _derived_shape(req: Request, name: str = "") -> tuple[int, ...]:
     """The shape of the derived field `name` of `req` (public: a function of the request)."""
     if req.kind == "muxw" and name not in ("r", "ar"):
         return (*req.shapes[0], req.shapes[1][1])
-    if req.kind == "zmax":
+    if req.kind in ("lut", "zlut") and name in ("T", "m"):
+        w, n = int(req.params[0 if req.kind == "lut" else 1]), _comparisons(req)
+        return (slices(w), n, (1 << w) // 64) if name == "T" else (-(-n // 64),)
+    if req.kind in ("zmax", "zlut"):
         rows, n = req.shapes[0]
         sets = len(anf.ARITH[str(req.params[0])].subsets) - 1
         return (rows, n) if name == "rho" else (rows, n * (n - 1) // 2, sets)
@@ -330,6 +422,8 @@ _ARITY = {
     "cross": 1,
     "mand": 1,
     "zmax": 1,
+    "lut": 1,
+    "zlut": 1,
 }
 _MASK_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -395,12 +489,35 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
                 raise ValueError(f"step {i}: muxw needs a mask id and a weight name")
             if len(x_shape) != 2 or len(w_shape) != 2 or x_shape[1] != w_shape[0]:
                 raise ValueError(f"step {i}: muxw needs shapes (batch, n) and (n, m)")
-        elif req.kind == "zmax":
-            shape = req.shapes[0]
-            if len(req.params) != 1 or req.params[0] not in anf.ARITH:
-                raise ValueError(f"step {i}: zmax needs one of the functions {sorted(anf.ARITH)}")
+        elif req.kind in ("zmax", "zlut"):
+            shape, wanted = req.shapes[0], 1 if req.kind == "zmax" else 2
+            if len(req.params) != wanted or req.params[0] not in anf.ARITH:
+                raise ValueError(
+                    f"step {i}: {req.kind} needs one of the functions {sorted(anf.ARITH)}"
+                    + ("" if wanted == 1 else " and a slice width")
+                )
             if len(shape) != 2 or not 2 <= shape[1] <= 10:
-                raise ValueError(f"step {i}: zmax needs a shape (rows, classes), 2 to 10 classes")
+                raise ValueError(
+                    f"step {i}: {req.kind} needs a shape (rows, classes), 2 to 10 classes"
+                )
+            if req.kind == "zlut":
+                w, fn = req.params[1], anf.ARITH[req.params[0]]
+                if w not in SLICE_BITS or fn.inputs != 2 * slices(w):
+                    raise ValueError(
+                        f"step {i}: zlut {fn.name} needs slices of {sorted(SLICE_BITS)} bits, "
+                        f"{fn.inputs // 2} of them"
+                    )
+        elif req.kind == "lut":
+            if (
+                len(req.params) != 2
+                or req.params[0] not in SLICE_BITS
+                or not isinstance(req.params[1], int)
+                or not 0 <= req.params[1] < 62
+            ):
+                raise ValueError(
+                    f"step {i}: lut needs a slice width in {sorted(SLICE_BITS)} and a shift "
+                    "in [0, 62)"
+                )
         elif req.kind in ("cross", "mand"):
             table = anf.CROSS if req.kind == "cross" else anf.MASKED
             fn = table.get(req.params[0]) if len(req.params) == 1 else None
@@ -427,11 +544,32 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
 
 
 def correction_shapes(plan: tuple[Request, ...]) -> list[tuple[int, ...]]:
-    """The shapes of party 1's corrections for `plan`, in the order the dealer sends them.
+    """The shapes of party 1's corrections for `plan`, in the order the dealer sends them: a
+    field in Z_p travels packed, four 16-bit values per word (`_pack16`).
 
     Public (a function of the plan only), so the corrections can travel as one flat buffer.
     """
-    return [_derived_shape(req, name) for req in plan for name in _derived(req)]
+    return [
+        (-(-math.prod(shape) // 4),) if _op(req, name) == "mod" else shape
+        for req in plan
+        for name in _derived(req)
+        for shape in (_derived_shape(req, name),)
+    ]
+
+
+assert PRIME < 1 << 16  # Z_p values travel as 16 bits
+
+
+def _pack16(v: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 2^16) as int64 words of four (little-endian; zero padding)."""
+    flat = np.zeros(-(-v.numel() // 4) * 4, dtype="<u2")
+    flat[: v.numel()] = v.reshape(-1).numpy()
+    return torch.from_numpy(flat.view("<i8"))
+
+
+def _unpack16(words: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    n = math.prod(shape)
+    return torch.from_numpy(words.numpy().view("<u2")[:n].astype(np.int64)).reshape(shape)
 
 
 def _seeded_fields(req: Request) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -444,8 +582,13 @@ def _seeded_fields(req: Request) -> list[tuple[str, str, tuple[int, ...]]]:
         return [("x", "ring", (len(fn.support), half, w)), ("y", "ring", (fn.width, half, w))]
     if req.kind == "zmax":
         (rows, n), inputs = req.shapes[0], anf.ARITH[str(req.params[0])].inputs
-        comparisons = rows * n * (n - 1) // 2
-        return [("lam", "ring", (inputs, -(-comparisons // 64)))]  # bit planes
+        return [("lam", "ring", (inputs, -(-_comparisons(req) // 64)))]  # bit planes
+    if req.kind == "zlut":  # the top's last input (m) is masked by msb(r), not dealt
+        (rows, n), inputs = req.shapes[0], anf.ARITH[str(req.params[0])].inputs
+        return [
+            ("r", "ring", (rows, n * (n - 1) // 2)),
+            ("lam", "ring", (inputs - 1, -(-_comparisons(req) // 64))),
+        ]
     return [
         (name, "ring", (-(-math.prod(req.shapes[idx]) // 64),))  # one bit per element
         if how == "plane"
@@ -454,9 +597,9 @@ def _seeded_fields(req: Request) -> list[tuple[str, str, tuple[int, ...]]]:
     ]
 
 
-def _share0(prg: PRG, req: Request, shape: tuple[int, ...]) -> torch.Tensor:
-    """Party 0's share of a derived value: uniform in Z_2^64, or in Z_p for the Z_p kinds."""
-    return prg.mod(shape, PRIME) if req.kind in _MOD_KINDS else prg.ring(shape)
+def _share0(prg: PRG, op: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Party 0's share of a derived value: uniform in Z_2^64, or in Z_p for "mod" fields."""
+    return prg.mod(shape, PRIME) if op == "mod" else prg.ring(shape)
 
 
 def _expand_seeded(req: Request, prg: PRG) -> dict[str, torch.Tensor]:
@@ -545,7 +688,9 @@ class Randomness:
             out["b"] = PRG(next(self._masks)).ring(req.shapes[1])
         for name in _derived(req):
             if self._m.party == 0:
-                out[name] = _share0(self._prg, req, _derived_shape(req, name))
+                out[name] = _share0(self._prg, _op(req, name), _derived_shape(req, name))
+            elif _op(req, name) == "mod":
+                out[name] = _unpack16(next(self._corr), _derived_shape(req, name))
             else:
                 out[name] = next(self._corr)
         if req.kind == "fss":
@@ -650,21 +795,26 @@ class Dealer:
                 truth = _zmax_truth(req, s0["lam"] ^ s1["lam"], private)
             else:
                 xor = req.kind in _XOR_KINDS
-                full = {n: (s0[n] ^ s1[n]) if xor or n == "rb" else s0[n] + s1[n] for n in s0}
+                full = {
+                    n: (s0[n] ^ s1[n]) if xor or n in ("rb", "lam") else s0[n] + s1[n] for n in s0
+                }
                 if req.kind in WEIGHT_MASK_KINDS:
                     full["b"] = self._mask(req)
                 if req.kind == "fss":
                     truth, alpha, beta = _fss_truth(req, full["r"])
                     roots = (s0["root"].numpy().view(np.uint64), s1["root"].numpy().view(np.uint64))
                     keys.append(dcf.gen(alpha, beta, DCF_BITS, *roots).to_words())
+                elif req.kind == "zlut":
+                    truth = _zlut_truth(req, full, private)
                 else:
                     truth = _truth(req, full)
-            for value in truth.values():
-                share0 = _share0(prg0, req, value.shape)
-                if req.kind in _XOR_KINDS:
+            for name, value in truth.items():
+                op = _op(req, name)
+                share0 = _share0(prg0, op, value.shape)
+                if op == "xor":
                     corrections.append(value ^ share0)
-                elif req.kind in _MOD_KINDS:
-                    corrections.append((value - share0) % PRIME)
+                elif op == "mod":
+                    corrections.append(_pack16((value - share0) % PRIME))
                 else:
                     corrections.append(value - share0)
         return corrections, keys

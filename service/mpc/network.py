@@ -39,7 +39,7 @@ from typing import Literal
 
 import torch
 
-from service.mpc import beaver, comparison, fss, truncation
+from service.mpc import beaver, comparison, fss, lut, truncation
 from service.mpc.channel import NullChannel
 from service.mpc.dealer import PlanRecorder, Request
 from service.mpc.party import Party
@@ -48,8 +48,9 @@ from service.mpc.sharing import open_label
 
 Output = Literal["label", "logits"]
 COMPARISONS = {"a2b": comparison, "fss": fss}  # each offers relu, max_pool2d and argmax
-PROTOCOLS = ("a2b", "fss", "hybrid")
+PROTOCOLS = ("a2b", "fss", "hybrid", "lut")
 HYBRID_FSS_MAX = 1024  # comparisons per image up to which "hybrid" uses fss
+LUT_MAX = 1024  # comparisons per image up to which "lut" uses table lookups
 FUSE_MAX_WEIGHTS = 4096  # linear layers up to this size run in an a2b ReLU's select round
 LAYER_TYPES = {"conv2d", "linear", "avgpool2d", "maxpool2d", "relu", "flatten"}
 
@@ -86,6 +87,8 @@ class PrivateNetwork:
         """The comparison module for a layer of `per_image` comparisons per image."""
         if self.comparison == "hybrid":
             return fss if per_image <= HYBRID_FSS_MAX else comparison
+        if self.comparison == "lut":
+            return lut if per_image <= LUT_MAX else comparison
         return COMPARISONS[self.comparison]
 
     def label_sharing(self, classes: int) -> str:
@@ -155,13 +158,13 @@ class PrivateNetwork:
                 x = self._cmp(x[0].numel()).max_pool2d(party, x, int(layer["kernel_size"]))
             elif kind == "relu":
                 cmp, nxt = self._cmp(x[0].numel()), self._linear_after(i, masks)
-                if cmp is comparison and nxt is not None:  # ReLU and the linear layer in one go
+                if cmp in (comparison, lut) and nxt is not None:  # the ReLU and the layer at once
                     name = self.layers[nxt]["name"]
                     w, b = weights[f"{name}.weight"], weights[f"{name}.bias"]
                     fuse = partial(
                         beaver.select_linear, w=w.t(), name=f"{name}.weight", masks=masks
                     )
-                    x = comparison.relu(party, x, pending, select=fuse) + (b << f)
+                    x = cmp.relu(party, x, pending, select=fuse) + (b << f)
                     pending, done = f, nxt
                     continue
                 x, pending = cmp.relu(party, x, pending), 0

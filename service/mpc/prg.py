@@ -51,14 +51,25 @@ class PRG:
         return torch.from_numpy(data).reshape(tuple(shape))
 
     def mod(self, shape: tuple[int, ...] | torch.Size, p: int) -> torch.Tensor:
-        """Uniform elements of Z_p (int64 in [0, p), 1 < p < 2^28): 128 bits per element reduced
-        mod p (bias below 2^-100), as four 32-bit limbs times 2^(32 i) mod p, summed in int64."""
+        """Uniform elements of Z_p (int64 in [0, p), 1 < p < 2^28), exactly: b-bit draws
+        (b = 16 for p <= 2^16, else 32) below the largest multiple of p under 2^b are kept and
+        reduced mod p, the others skipped (for p = 65521, 15 in 2^16). Deterministic in the
+        stream, so two holders of one seed draw the same elements."""
         if not 1 < p < 1 << 28:
             raise ValueError(f"p must be in (1, 2^28), got {p}")
         n = math.prod(shape)
-        limbs = np.frombuffer(self._bytes(16 * n), dtype="<u4", count=4 * n).reshape(n, 4)
-        weights = np.array([pow(2, 32 * i, p) for i in range(4)], dtype=np.int64)
-        out = (limbs.astype(np.int64) @ weights) % p
+        bits, dtype = (16, "<u2") if p <= 1 << 16 else (32, "<u4")
+        limit = (1 << bits) // p * p
+        kept: list[np.ndarray] = []
+        have = 0
+        while have < n:
+            want = n - have
+            draw = want + want // 64 + 16  # enough, nearly always, for one pass
+            v = np.frombuffer(self._bytes(draw * bits // 8), dtype=dtype, count=draw)
+            v = v[v < limit]
+            kept.append(v)
+            have += len(v)
+        out = (np.concatenate(kept)[:n].astype(np.int64)) % p
         return torch.from_numpy(out).reshape(tuple(shape))
 
 

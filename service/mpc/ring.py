@@ -14,6 +14,7 @@ import torch
 
 RING_BITS = 64
 DTYPE = torch.int64
+TRUNCATION_OFFSET = 1 << 62  # `truncation` shifts [x] by this into [0, 2^63) before its opening
 PRIME = 65521  # Z_p of the label's zero test (`comparison.argmax`); any prime above 10 classes
 
 
@@ -129,10 +130,15 @@ def from_planes_packed(planes: torch.Tensor, count: int) -> torch.Tensor:
 
 def to_plane(bits: torch.Tensor) -> torch.Tensor:
     """0/1 int64 per element (C order) packed into one bit plane (inverse of `from_plane`)."""
-    flat = (bits.reshape(-1) & 1).numpy().astype(np.uint8)
-    packed = np.packbits(flat, bitorder="little")
-    words = np.zeros(-(-flat.shape[0] // 64) * 8, dtype=np.uint8)
-    words[: packed.shape[0]] = packed
+    return to_plane_rows(bits.reshape(1, -1))[0]
+
+
+def to_plane_rows(bits: torch.Tensor) -> torch.Tensor:
+    """Each row of 0/1 int64 [k, n] packed into a bit plane: [k, ceil(n / 64)]."""
+    k, n = bits.shape
+    flat = (bits & 1).numpy().astype(np.uint8)
+    words = np.zeros((k, -(-n // 64) * 8), dtype=np.uint8)
+    words[:, : -(-n // 8)] = np.packbits(flat, axis=1, bitorder="little")
     return torch.from_numpy(words.view(np.int64))
 
 

@@ -20,9 +20,9 @@ import torch
 
 from service.mpc.dealer import Request
 from service.mpc.party import Party
-from service.mpc.ring import RING_BITS, logical_shift_right, msb
+from service.mpc.ring import RING_BITS, TRUNCATION_OFFSET, logical_shift_right, msb
 
-_OFFSET = 1 << 62
+_OFFSET = TRUNCATION_OFFSET
 
 
 @dataclass

@@ -1,0 +1,126 @@
+"""Comparison by table lookup: a 2-round sign (ReLU 3 rounds, argmax 2), paid in dealer tables.
+
+[x] is opened masked, c = x + r for a uniform dealer mask r (c reveals nothing), and, with
+x = c - r, the sign is
+    msb(x) = msb(c) ^ msb(r) ^ [c' < r']        (c', r': the low 63 bits)
+exact on the whole ring. The borrow [c' < r'] compares a public number with the dealer's: cut
+both into S slices of w bits; per slice, lt_s = [c_s < r_s] and eq_s = [c_s = r_s] are bits of
+a table the dealer deals XOR-shared, T_s[v] = [v < r_s] for every v in 0..2^w - 1 (a one-time
+truth table: Ishai, Kushilevitz, Meldgaard, Orlandi and Paskin-Cherniavsky, TCC 2013; Dessouky
+et al., NDSS 2017), so lt_s = T_s[c_s] and eq_s = T_s[c_s - 1] ^ T_s[c_s] (T_s[-1] = 1) are two
+local lookups. The borrow is then the G of the slices with lt as generate and eq as propagate,
+XOR_s lt_s eq_(s+1) ... eq_(S-1), one `fanin.masked` gate (`anf.g9`):
+  1. open c = x + r (the truncation's opening: the same c serves both)        (1 round)
+  2. lookups (local); the top over the 9 slices                                (1 round)
+Sign: 2 rounds (a2b: 3). Bytes per element and party: 8 (c, shared with the truncation) + 17/8
+(the top's masked inputs). Dealer per element, to party 1: the tables, S 2^w bits (w = 7,
+S = 9: 144 bytes), and the top's 749 mask products (about 94 bytes); party 0 expands the same
+from its seed. So this trades dealer material for rounds: `network` uses it for the small
+comparison layers and keeps a2b for the large first one.
+
+`relu`: sign, then `comparison.select_plane` (or the caller's fused select): 3 rounds.
+`argmax`: the label as `comparison.argmax`'s zero test in Z_p, in 2 rounds: all n (n - 1) / 2
+differences opened masked at once; 6 slices of 11 bits (tables of 2,048 bits: 6 is where tables
+and top cost least together); the top is the arithmetic gate `anf.lt6` over lt_s, eq_s and
+m = msb(c) ^ msb(r) (its mask msb(r) is the dealer's), scaled by the classes' rho (`Request.zlut`).
+What a party sees: c (uniform: r is), the top's inputs masked by fresh dealer bits (uniform), the
+select's openings (uniform); its output shares are uniform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from service.mpc import comparison, fanin, truncation
+from service.mpc.anf import ARITH
+from service.mpc.dealer import Request, pairs
+from service.mpc.party import Party
+from service.mpc.ring import TRUNCATION_OFFSET, from_planes_packed, msb, to_plane, to_plane_rows
+
+LABEL_SHARING = comparison.LABEL_SHARING  # the same zero test
+SIGN_SLICE_BITS = 7  # 9 slices: tables of 128 bits
+ARGMAX_SLICE_BITS = 11  # 6 slices: tables of 2,048 bits (45 comparisons per image only)
+_LOW63 = (1 << 63) - 1
+
+
+def _lookup(party: Party, c: torch.Tensor, tables: torch.Tensor, w: int) -> torch.Tensor:
+    """XOR shares of lt_s and eq_s for every slice s, as bit planes [2S - 1, words]: lt of
+    slices 0..S-1, then eq of slices 1..S-1 (the top never needs eq of slice 0)."""
+    low = c.reshape(-1) & _LOW63
+    shifts = torch.arange(tables.shape[0]).unsqueeze(1) * w
+    idx = (low.unsqueeze(0) >> shifts) & ((1 << w) - 1)  # [S, n]: c's slices
+
+    def bit(i: torch.Tensor) -> torch.Tensor:
+        word = torch.gather(tables, 2, (i >> 6).unsqueeze(-1)).squeeze(-1)
+        return (word >> (i & 63)) & 1
+
+    lt = bit(idx)
+    le = torch.where(idx == 0, int(party.index == 0), bit((idx - 1).clamp(min=0)))  # T[-1] = 1
+    return to_plane_rows(torch.cat([lt, lt[1:] ^ le[1:]]))
+
+
+def _open(party: Party, x: torch.Tensor, t: dict, offset: int = 0) -> torch.Tensor:
+    """c = x + offset + r, opened (1 round)."""
+    (c,) = party.open((x + offset if party.index == 0 else x) + t["r"])
+    return c
+
+
+def _sign(party: Party, c: torch.Tensor, t: dict) -> torch.Tensor:
+    """XOR shares of msb(c - r') as a bit plane, from the opened c and the lut material. 1 round
+    (the top)."""
+    inputs = _lookup(party, c, t["T"], SIGN_SLICE_BITS)
+    (borrow,), _ = fanin.masked(party, inputs, f"g{t['T'].shape[0]}")
+    return borrow ^ t["m"] ^ (to_plane(msb(c)) if party.index == 0 else 0)
+
+
+def msb_plane(party: Party, x: torch.Tensor) -> torch.Tensor:
+    """XOR shares of the sign bits of [x] (1 where x < 0) as one bit plane. 2 rounds."""
+    t = party.rand.take(Request.lut(x.shape, SIGN_SLICE_BITS))
+    return _sign(party, _open(party, x, t), t)
+
+
+def relu(
+    party: Party, x: torch.Tensor, trunc_bits: int = 0, select: Callable = comparison.select_plane
+) -> torch.Tensor:
+    """[max(x, 0) / 2^trunc_bits]: the truncation's opening is the sign's c. Rounds: 2 + 1
+    (select, or the caller's fused select as in `comparison.relu`). Bytes per element and
+    party: 8 + 17/8 + 8 + 1/8."""
+    t = party.rand.take(Request.lut(x.shape, SIGN_SLICE_BITS, trunc_bits))
+    c = _open(party, x, t, TRUNCATION_OFFSET if trunc_bits else 0)
+    y = x
+    if trunc_bits:
+        y = truncation.finish(party, truncation.PendingTruncation(c, t, trunc_bits), c)
+    return select(party, y, comparison.not_plane(party, _sign(party, c, t)))
+
+
+def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[max(x, y)] = y + (x - y) [x >= y]. Rounds: 3."""
+    ge = comparison.not_plane(party, msb_plane(party, x - y))
+    return y + comparison.select_plane(party, x - y, ge)
+
+
+max_pool2d = partial(comparison.max_pool2d, maximum=maximum)
+
+
+def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
+    """The label over the last axis as `comparison.argmax`'s zero test (shares in Z_p of
+    rho_k (wins_k - (n - 1)), 0 at the first maximum only). Rounds: 2 (a2b: 3). Bytes per
+    comparison and party: 8 (c) + 11/8 (the top's masked inputs). Dealer per comparison:
+    6 tables of 2,048 bits (1.5 KB) and 2 x 189 words in Z_p."""
+    n = x.shape[-1]
+    if n < 2:
+        return torch.zeros_like(x)  # the only class: y = 0 for both parties
+    if n > 10:
+        raise ValueError(f"argmax takes at most 10 classes, got {n}")
+    rows = x.reshape(-1, n).shape[0]
+    iu, ju = pairs(n)
+    diff = (x[..., iu] - x[..., ju]).reshape(rows, -1)
+    fn = ARITH["lt6"]
+    t = party.rand.take(Request.zlut(fn.name, (rows, n), ARGMAX_SLICE_BITS))
+    c = _open(party, diff, t)
+    (v,) = party.open_xor(_lookup(party, c, t["T"], ARGMAX_SLICE_BITS) ^ t["lam"])
+    packed = from_planes_packed(v, diff.numel()) | (msb(c).reshape(-1) << (fn.inputs - 1))
+    return comparison.zero_test(fn, packed, t, x.shape)
