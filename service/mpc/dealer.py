@@ -59,7 +59,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -256,25 +256,52 @@ def _op(req: Request, name: str) -> str:
 
 
 def slices(slice_bits: int) -> int:
-    """How many slices of `slice_bits` bits cover 63 bits (the top one may be narrower)."""
+    """How many slices of at most `slice_bits` bits cover 63 bits."""
     return -(-63 // slice_bits)
 
 
 @cache
+def slice_layout(slice_bits: int) -> tuple[tuple[int, int, int], ...]:
+    """(shift, width, first table word) of each slice, lowest first: 63 bits cut into
+    `slices(slice_bits)` slices as equal as can be (11 -> 11, 11, 11, 10, 10, 10), each with a
+    table of max(1, 2^width / 64) words."""
+    n = slices(slice_bits)
+    widths = [63 // n + (i < 63 % n) for i in range(n)]
+    out, shift, word = [], 0, 0
+    for width in widths:
+        out.append((shift, width, word))
+        shift, word = shift + width, word + max(1, (1 << width) // 64)
+    return tuple(out)
+
+
+def table_words(slice_bits: int) -> int:
+    """Words of all the slices' tables of one element."""
+    _, width, word = slice_layout(slice_bits)[-1]
+    return word + max(1, (1 << width) // 64)
+
+
+@cache
 def _steps(w: int) -> np.ndarray:
-    """[2^w, 2^w / 64] int64: row v is the table [u < v] over u in 0..2^w - 1, bit u of the row
-    (little-endian words)."""
+    """[2^w, max(1, 2^w / 64)] int64: row v is the table [u < v] over u in 0..2^w - 1, bit u of
+    the row (little-endian words)."""
     v = np.arange(1 << w)
-    bits = (v[None, :] < v[:, None]).astype(np.uint8)
+    bits = np.zeros((1 << w, max(64, 1 << w)), dtype=np.uint8)
+    bits[:, : 1 << w] = v[None, :] < v[:, None]
     return np.packbits(bits, axis=1, bitorder="little").view("<i8")
 
 
 def _tables(r: torch.Tensor, w: int) -> torch.Tensor:
-    """The step tables of the slices of r mod 2^63: [S, elements, 2^w / 64] (dealer only)."""
-    low = r.reshape(-1) & ((1 << 63) - 1)
-    shifts = torch.arange(slices(w)).unsqueeze(1) * w
-    idx = ((low.unsqueeze(0) >> shifts) & ((1 << w) - 1)).numpy()
-    return torch.from_numpy(_steps(w)[idx])
+    """The step tables of the slices of r mod 2^63, [elements, table_words(w)] (dealer only)."""
+    low = (r.reshape(-1) & ((1 << 63) - 1)).numpy()
+    return torch.from_numpy(
+        np.concatenate(
+            [
+                _steps(width)[(low >> shift) & ((1 << width) - 1)]
+                for shift, width, _ in slice_layout(w)
+            ],
+            axis=1,
+        )
+    )
 
 
 def _lut_truth(req: Request, r: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -388,13 +415,14 @@ def _comparisons(req: Request) -> int:
     return rows * n * (n - 1) // 2
 
 
+@lru_cache(maxsize=4096)
 def _derived_shape(req: Request, name: str = "") -> tuple[int, ...]:
     """The shape of the derived field `name` of `req` (public: a function of the request)."""
     if req.kind == "muxw" and name not in ("r", "ar"):
         return (*req.shapes[0], req.shapes[1][1])
     if req.kind in ("lut", "zlut") and name in ("T", "m"):
         w, n = int(req.params[0 if req.kind == "lut" else 1]), _comparisons(req)
-        return (slices(w), n, (1 << w) // 64) if name == "T" else (-(-n // 64),)
+        return (n, table_words(w)) if name == "T" else (-(-n // 64),)
     if req.kind in ("zmax", "zlut"):
         rows, n = req.shapes[0]
         sets = len(anf.ARITH[str(req.params[0])].subsets) - 1
@@ -437,8 +465,18 @@ def validate_plan(plan: tuple[Request, ...], max_elements: int = 50_000_000) -> 
     """Raise ValueError unless every request is a well-formed kind with sane shapes and params.
 
     Run on plans that come from outside (the dealer's web endpoint): a plan that passes can be
-    dealt without any other error.
+    dealt without any other error. Remembered for the last 256 plans (it is pure, and replicas
+    send the same few plans again and again).
     """
+    try:
+        hash(plan)
+    except TypeError:
+        raise ValueError("params are integers and names only") from None
+    _validate_plan(plan, max_elements)
+
+
+@lru_cache(maxsize=256)
+def _validate_plan(plan: tuple[Request, ...], max_elements: int) -> None:
     for i, req in enumerate(plan):
         if req.kind not in _ARITY or len(req.shapes) != _ARITY[req.kind]:
             raise ValueError(f"step {i}: unknown kind {req.kind!r} or wrong number of shapes")
@@ -810,13 +848,14 @@ class Dealer:
                     truth = _truth(req, full)
             for name, value in truth.items():
                 op = _op(req, name)
-                share0 = _share0(prg0, op, value.shape)
+                share = _share0(prg0, op, value.shape)  # party 0's, turned into party 1's here
                 if op == "xor":
-                    corrections.append(value ^ share0)
-                elif op == "mod":
-                    corrections.append(_pack16((value - share0) % PRIME))
+                    corrections.append(share.bitwise_xor_(value))
+                elif op == "mod":  # value - share in [-(p - 1), p - 1]
+                    share.neg_().add_(value)
+                    corrections.append(_pack16(share.add_(PRIME * (share < 0))))
                 else:
-                    corrections.append(value - share0)
+                    corrections.append(share.neg_().add_(value))
         return corrections, keys
 
 

@@ -36,7 +36,7 @@ import torch
 
 from service.mpc import comparison, fanin, truncation
 from service.mpc.anf import ARITH
-from service.mpc.dealer import Request, pairs
+from service.mpc.dealer import Request, pairs, slice_layout
 from service.mpc.party import Party
 from service.mpc.ring import TRUNCATION_OFFSET, from_planes_packed, msb, to_plane, to_plane_rows
 
@@ -47,14 +47,14 @@ _LOW63 = (1 << 63) - 1
 
 
 def _lookup(party: Party, c: torch.Tensor, tables: torch.Tensor, w: int) -> torch.Tensor:
-    """XOR shares of lt_s and eq_s for every slice s, as bit planes [2S - 1, words]: lt of
-    slices 0..S-1, then eq of slices 1..S-1 (the top never needs eq of slice 0)."""
-    low = c.reshape(-1) & _LOW63
-    shifts = torch.arange(tables.shape[0]).unsqueeze(1) * w
-    idx = (low.unsqueeze(0) >> shifts) & ((1 << w) - 1)  # [S, n]: c's slices
+    """XOR shares of lt_s and eq_s for every slice s (`dealer.slice_layout(w)`), as bit planes
+    [2S - 1, words]: lt of slices 0..S-1, then eq of slices 1..S-1 (the top never needs eq of
+    slice 0). `tables`: this party's shares [elements, words]."""
+    shift, width, first = torch.tensor(slice_layout(w)).t().unsqueeze(-1)  # each [S, 1]
+    idx = (c.reshape(1, -1) & _LOW63) >> shift & ((1 << width) - 1)  # [S, n]: c's slices
 
     def bit(i: torch.Tensor) -> torch.Tensor:
-        word = torch.gather(tables, 2, (i >> 6).unsqueeze(-1)).squeeze(-1)
+        word = torch.gather(tables, 1, (first + (i >> 6)).t()).t()
         return (word >> (i & 63)) & 1
 
     lt = bit(idx)
@@ -72,7 +72,7 @@ def _sign(party: Party, c: torch.Tensor, t: dict) -> torch.Tensor:
     """XOR shares of msb(c - r') as a bit plane, from the opened c and the lut material. 1 round
     (the top)."""
     inputs = _lookup(party, c, t["T"], SIGN_SLICE_BITS)
-    (borrow,), _ = fanin.masked(party, inputs, f"g{t['T'].shape[0]}")
+    (borrow,), _ = fanin.masked(party, inputs, f"g{len(slice_layout(SIGN_SLICE_BITS))}")
     return borrow ^ t["m"] ^ (to_plane(msb(c)) if party.index == 0 else 0)
 
 

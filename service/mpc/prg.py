@@ -60,16 +60,20 @@ class PRG:
         n = math.prod(shape)
         bits, dtype = (16, "<u2") if p <= 1 << 16 else (32, "<u4")
         limit = (1 << bits) // p * p
-        kept: list[np.ndarray] = []
+        out = np.empty(n, dtype=np.int64)
         have = 0
         while have < n:
             want = n - have
             draw = want + want // 64 + 16  # enough, nearly always, for one pass
             v = np.frombuffer(self._bytes(draw * bits // 8), dtype=dtype, count=draw)
-            v = v[v < limit]
-            kept.append(v)
-            have += len(v)
-        out = (np.concatenate(kept)[:n].astype(np.int64)) % p
+            skipped = np.flatnonzero(v >= limit)
+            if skipped.size:
+                v = np.delete(v, skipped)
+            take = min(want, v.size)
+            out[have : have + take] = v[:take]
+            have += take
+        if limit != p:
+            out %= p
         return torch.from_numpy(out).reshape(tuple(shape))
 
 
