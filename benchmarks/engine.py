@@ -1,6 +1,7 @@
 """Engine benchmark: the default CNN and the FC net 784-128-128-10, two parties in-process.
 
-    python -m benchmarks.engine [--json] [--repeats 30] [--images 200] [--comparison a2b,fss,hybrid]
+    python -m benchmarks.engine [--json] [--repeats 30] [--images 200]
+                                [--comparison lut,a2b,fss,hybrid]
 
 Per model and comparison protocol: rounds and bytes each party sends per image (batch 1, label
 output); online latency at batch 1 (p50), with the dealer's randomness dealt and expanded
@@ -169,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="cnn,fcnet", help="comma list of cnn, fcnet")
     parser.add_argument(
         "--comparison",
-        default="a2b,fss,hybrid",
-        help="comma list of comparison protocols: a2b, fss, hybrid",
+        default=",".join(PROTOCOLS),
+        help=f"comma list of comparison protocols: {', '.join(PROTOCOLS)} (default: all)",
     )
     args = parser.parse_args(argv)
     keep_freed_memory()  # as the service's processes do

@@ -54,6 +54,7 @@ from clients.privdigit import (
     share_image,
 )
 from service.cluster import DEFAULT_MODEL, Cluster, ClusterError, free_ports
+from service.mpc import PROTOCOLS
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
@@ -470,8 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="model directory (default: the bundled models/default)")
     p.add_argument(
         "--comparison",
-        choices=("a2b", "fss", "hybrid", "lut"),
-        default="a2b",
+        choices=PROTOCOLS,
+        default="lut",
         help="protocol of the cluster",
     )
     p.add_argument(

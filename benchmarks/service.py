@@ -1,7 +1,7 @@
 """Service benchmark: the local cluster end to end, through the real client over loopback HTTP.
 
     python -m benchmarks.service [--json] [--requests 200] [--clients 8] [--seconds 10]
-                                 [--comparison a2b|fss|hybrid] [--pause-ms 0]
+                                 [--comparison lut|a2b|fss|hybrid] [--pause-ms 0]
 
 Starts dealer and both replicas (free ports, bundled model unless --model), then measures
   latency_ms_p50 / p95   one client, one image per request, client call to label; requests
@@ -25,6 +25,7 @@ import numpy as np
 
 from clients.privdigit import PrivDigitClient
 from service.cluster import DEFAULT_MODEL, Cluster, free_ports
+from service.mpc import PROTOCOLS
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "mnist_test_1000.npz"
 
@@ -49,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent clients for throughput")
     p.add_argument("--seconds", type=float, default=10.0, help="throughput phase duration")
     p.add_argument("--model", help="model directory (default: bundled)")
-    p.add_argument(
-        "--comparison", choices=("a2b", "fss", "hybrid", "lut"), default="a2b", help="protocol"
-    )
+    p.add_argument("--comparison", choices=PROTOCOLS, default="lut", help="protocol (default: lut)")
     p.add_argument("--pause-ms", type=float, default=0.0, help="idle time between latency requests")
     a = p.parse_args(argv)
     import httpx

@@ -549,6 +549,26 @@ def test_fss_deployment_classifies_like_plaintext_in_nine_rounds(tmp_path, mnist
     assert labels == _plain_labels(plaintext, images).tolist()
 
 
+def test_lut_deployment_classifies_like_plaintext_in_fifteen_rounds(tmp_path, mnist, plaintext):
+    c = Cluster(ports=free_ports(3), log_dir=tmp_path, replica_args=("--comparison", "lut"))
+    images = mnist[0][:12] / 255.0
+    rounds, peer_bytes = "privdigit_protocol_rounds_total", "privdigit_peer_bytes_sent_total"
+    with c, privdigit.PrivDigitClient(c.replica_urls) as client:
+        labels = [p.label for p in client.predict_encoded(images)]
+        before = [_gauge(c.replica_urls[0], m) for m in (rounds, peer_bytes)]
+        client.predict_encoded(images[:1])
+        after = [_gauge(c.replica_urls[0], m) for m in (rounds, peer_bytes)]
+    assert after[0] - before[0] == 15
+    # words of 8 bytes: the input's opening (784); the first ReLU on a2b: the truncation's
+    # opening (2304), the carry tree (279 x 36 words), the select (2304 + 36); conv2 (2304);
+    # the second ReLU on lut: c (256), the top (17 x 4), the select (256 + 4); fc1 (256); the
+    # third ReLU on lut with fc2 in its select: c (100), the top (17 x 2), the select (100 + 2);
+    # the argmax on lut: c (45), the top (11 x 1)
+    words = 784 + 2304 + 279 * 36 + 2304 + 36 + 2304 + 256 + 68 + 260 + 256 + 100 + 34
+    assert after[1] - before[1] == 8 * (words + 102 + 45 + 11)
+    assert labels == _plain_labels(plaintext, images).tolist()
+
+
 def test_replicas_running_different_protocols_refuse_to_pair(tmp_path, mnist):
     c = Cluster(
         ports=free_ports(3), log_dir=tmp_path, role_args={"replica1": ("--comparison", "fss")}

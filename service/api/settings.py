@@ -86,11 +86,13 @@ class ReplicaSettings(_Base):
         "cores: 266 images/s with 1, 147 with 2)",
     )
     comparison: Literal["a2b", "fss", "hybrid", "lut"] = Field(
-        default="a2b",
-        description="comparison protocol: a2b (reference; 18 rounds, small dealer material), "
-        "fss (function secret sharing; 9 rounds, ~2.5 KB of dealer keys per ReLU) or hybrid "
-        "(fss for layers of at most 1,024 comparisons per image; 12 rounds, ~1 MB of keys per "
-        "image); both replicas must use the same",
+        default="lut",
+        description="comparison protocol: lut (default; table lookups for layers of at most "
+        "1,024 comparisons per image, a2b for larger ones: 15 rounds, ~340 KB of dealer "
+        "material per image), a2b (the reference; 18 rounds, ~180 KB), fss (function secret "
+        "sharing; 9 rounds, ~2.5 KB of dealer keys per ReLU) or hybrid (fss for layers of at "
+        "most 1,024 comparisons per image; 12 rounds, ~1 MB of keys per image); both replicas "
+        "must use the same",
     )
     prefetch: int = Field(
         default=4,

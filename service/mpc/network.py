@@ -13,7 +13,7 @@ done once, in the next ReLU, which compares on the unscaled value and truncates 
 round (see `comparison.relu`). For a label, argmax runs on the unscaled logits (it is
 scale-invariant), so the last layer needs no truncation at all.
 
-Comparisons (ReLU, max pooling, argmax) use one of two protocols, chosen per deployment:
+Comparisons (ReLU, max pooling, argmax) use one of these protocols, chosen per deployment:
   "a2b": arithmetic-to-binary conversion and a 4-ary carry tree of one-round gates
          (`comparison`), the reference: no keys, small dealer material, 3-4 rounds per
          comparison layer;
@@ -22,10 +22,15 @@ Comparisons (ReLU, max pooling, argmax) use one of two protocols, chosen per dep
          ReLU and per party.
   "hybrid": fss for layers of at most HYBRID_FSS_MAX comparisons per image (argmax, the small
          ReLU layers), a2b for the large ones: most of the rounds saved, a fraction of the keys.
-An a2b ReLU followed by a small linear layer (at most FUSE_MAX_WEIGHTS weights, fixed weight
+  "lut": table lookups (`lut`: the dealer's one-time truth tables of its mask's slices; ReLU
+         3 rounds, argmax 2) for layers of at most LUT_MAX comparisons per image, a2b for the
+         large ones, whose tables would cost too much dealer material (about 240 bytes per
+         comparison against a2b's 50). The deployments' default.
+An a2b or lut ReLU followed by a small linear layer (at most FUSE_MAX_WEIGHTS weights, fixed weight
 masks) applies that layer in its select's round (`beaver.select_linear`): one round less.
 Rounds for the default CNN (conv-pool-relu x2, fc-relu, fc, argmax), per layer:
   a2b: 1+4, 1+4, 1+4, 0, 3 = 18    fss: 1+1, 1+1, 1+1, 1, 2 = 9    hybrid: 1+4, 1+1, 1+1, 1, 2 = 12
+  lut: 1+4, 1+3, 1+3, 0, 2 = 15
 What each party sees: only openings masked by fresh dealer randomness (see each protocol).
 """
 
@@ -39,7 +44,7 @@ from typing import Literal
 
 import torch
 
-from service.mpc import beaver, comparison, fss, lut, truncation
+from service.mpc import PROTOCOLS, beaver, comparison, fss, lut, truncation
 from service.mpc.channel import NullChannel
 from service.mpc.dealer import PlanRecorder, Request
 from service.mpc.party import Party
@@ -48,7 +53,6 @@ from service.mpc.sharing import open_label
 
 Output = Literal["label", "logits"]
 COMPARISONS = {"a2b": comparison, "fss": fss}  # each offers relu, max_pool2d and argmax
-PROTOCOLS = ("a2b", "fss", "hybrid", "lut")
 HYBRID_FSS_MAX = 1024  # comparisons per image up to which "hybrid" uses fss
 LUT_MAX = 1024  # comparisons per image up to which "lut" uses table lookups
 FUSE_MAX_WEIGHTS = 4096  # linear layers up to this size run in an a2b ReLU's select round

@@ -1,0 +1,324 @@
+"""Comparison by table lookup (`lut`): exact against torch on the whole ring, rounds and bytes as
+documented, the dealer's tables and zero-test material, what a party sees, and the network."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.mpc import anf, lut
+from service.mpc.dealer import (
+    Dealer,
+    Request,
+    deal_pair,
+    pairs,
+    slice_layout,
+    table_words,
+    validate_plan,
+)
+from service.mpc.inprocess import private_forward
+from service.mpc.network import PrivateNetwork
+from service.mpc.party import Party
+from service.mpc.prg import random_ring
+from service.mpc.ring import PRIME, TRUNCATION_OFFSET, from_plane, from_planes_packed, to_plane
+from service.mpc.sharing import open_label, share, share_tensors
+from tests.conftest import FP, opened, opened_xor, run_shared
+from tests.test_comparison import _zero_test
+from tests.test_fss import _images, _model
+from tests.test_security import (
+    Z_LIMIT,
+    _fixed_share_views,
+    _max_z,
+    _max_z_over_runs,
+    _secret,
+    _view_of_party0,
+)
+
+edge = st.sampled_from([0, 1, -1, 2**63 - 1, -(2**63), -(2**63) + 1, 2**62, -(2**62), 2**16])
+ring_values = st.one_of(edge, st.integers(-(2**63), 2**63 - 1))
+
+
+def _msb(p: Party, x: torch.Tensor) -> torch.Tensor:
+    return from_plane(lut.msb_plane(p, x), x.shape)
+
+
+def test_slices_cover_63_bits_as_equal_as_can_be():
+    assert [w for _, w, _ in slice_layout(7)] == [7] * 9
+    assert [w for _, w, _ in slice_layout(11)] == [11, 11, 11, 10, 10, 10]
+    for w in (7, 11):
+        layout = slice_layout(w)
+        assert sum(width for _, width, _ in layout) == 63
+        assert all(s == sum(x for _, x, _ in layout[:i]) for i, (s, _, _) in enumerate(layout))
+    assert table_words(7) == 9 * 2 and table_words(11) == 3 * 32 + 3 * 16
+
+
+@pytest.mark.parametrize("w", [7, 11])
+def test_table_lookups_give_lt_and_eq_of_every_slice_at_its_edges(w):
+    """The two lookups per slice, against [c_s < r_s] and [c_s = r_s] in the clear, for opened
+    values c whose slices hit 0 (the T[-1] = 1 case), the top of the slice, r_s and r_s +- 1."""
+    from service.mpc.dealer import _tables
+
+    layout = slice_layout(w)
+    r = random_ring((1,)).repeat(5 * len(layout))
+    low = int(r[0]) & (2**63 - 1)
+    cs = []
+    for shift, width, _ in layout:  # one slice at an edge, the others random
+        r_s = low >> shift & (2**width - 1)
+        for v in (0, 2**width - 1, r_s, max(r_s - 1, 0), min(r_s + 1, 2**width - 1)):
+            c = int(random_ring((1,))[0]) & ~(((2**width) - 1) << shift)
+            cs.append(c | v << shift)
+    c = torch.tensor(cs, dtype=torch.int64)
+    truth = _tables(r, w)
+    share0 = random_ring(truth.shape)
+    got = [
+        lut._lookup(Party(i, None, None, FP), c, t, w)  # type: ignore[arg-type]
+        for i, t in enumerate((share0, share0 ^ truth))
+    ]
+    planes = got[0] ^ got[1]
+    n = len(cs)
+    for s, (shift, width, _) in enumerate(layout):
+        c_s = (c & (2**63 - 1)) >> shift & (2**width - 1)
+        r_s = low >> shift & (2**width - 1)
+        assert torch.equal(from_plane(planes[s], (n,)), (c_s < r_s).long()), s
+        if s:
+            eq = from_plane(planes[len(layout) + s - 1], (n,))
+            assert torch.equal(eq, (c_s == r_s).long()), s
+
+
+@given(st.lists(ring_values, min_size=1, max_size=130))
+def test_msb_is_exact_on_the_whole_ring(xs):
+    x = torch.tensor(xs, dtype=torch.int64)
+    result = run_shared(_msb, x)
+    assert torch.equal(opened_xor(result), (x < 0).long())
+    assert result.stats0.rounds == result.stats1.rounds == 2
+    # c (8 bytes per element), then the 17 masked inputs of the 9-slice top as bit planes
+    assert result.stats0.bytes_sent == 8 * len(xs) + 8 * 17 * -(-len(xs) // 64)
+
+
+def test_msb_on_a_large_random_batch():
+    x = random_ring((100_000,))
+    assert torch.equal(opened_xor(run_shared(_msb, x)), (x < 0).long())
+
+
+@given(
+    st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=1, max_size=64),
+    st.sampled_from([0, 16, 18]),
+)
+def test_relu_with_and_without_truncation(xs, extra_bits):
+    real = torch.tensor(xs, dtype=torch.float64)
+    x = FP.encode(real, frac_bits=FP.frac_bits + extra_bits)
+    result = run_shared(lambda p, a: lut.relu(p, a, extra_bits), x)
+    got = FP.decode(opened(result))
+    assert (got - real.clamp(min=0)).abs().max() <= 2 / FP.scale
+    assert result.stats0.rounds == 3
+    n, planes = len(xs), -(-len(xs) // 64)
+    assert result.stats0.bytes_sent == 8 * n + 8 * 17 * planes + 8 * n + 8 * planes
+
+
+def test_relu_edges_in_the_last_bit_and_at_the_truncation_range():
+    x = torch.tensor([0, 1, -1, 2, -2, 2**40, -(2**40), 2**62 - 1, -(2**62)], dtype=torch.int64)
+    got = opened(run_shared(lut.relu, x)).tolist()
+    assert got == [0, 1, 0, 2, 0, 2**40, 0, 2**62 - 1, 0]
+    # with truncation the range is |x| < 2^62 (`truncation`): floor or floor + 1
+    t = opened(run_shared(lambda p, a: lut.relu(p, a, 16), x))
+    want = torch.div(x.clamp(min=0), 2**16, rounding_mode="floor")
+    assert ((t - want) >= 0).all() and ((t - want) <= 1).all()
+
+
+@given(st.sampled_from([1, 3, 64]), st.sampled_from([2, 3, 10]), st.booleans())
+def test_argmax_zero_test_matches_torch_including_ties(batch, n, ties):
+    logits = torch.randint(-3, 3, (batch, n)) if ties else torch.randn(batch, n) * 100
+    result = run_shared(lut.argmax, FP.encode(logits.double()))
+    y = _zero_test(result)
+    assert torch.equal((y == 0).long(), F.one_hot(logits.argmax(-1), n))
+    assert torch.equal(open_label(result.out0, result.out1, "zero"), logits.argmax(-1))
+    assert result.stats0.rounds == result.stats1.rounds == 2
+    comparisons, planes = batch * n * (n - 1) // 2, -(-(batch * n * (n - 1) // 2) // 64)
+    assert result.stats0.bytes_sent == 8 * comparisons + 8 * 11 * planes
+
+
+def test_argmax_at_the_largest_magnitudes_and_one_or_more_classes():
+    big = 2**61
+    x = torch.tensor([[-big, big - 1, big, -1, 0]], dtype=torch.int64)
+    assert open_label(*_outs(run_shared(lut.argmax, x)), "zero").item() == 2
+    x = torch.tensor([[2**62 - 1, -(2**62)], [0, 0], [-1, 0], [1, 0]], dtype=torch.int64)
+    assert open_label(*_outs(run_shared(lut.argmax, x)), "zero").tolist() == [0, 0, 1, 0]
+    one = run_shared(lut.argmax, torch.tensor([[5], [-3]], dtype=torch.int64))
+    assert torch.equal(_zero_test(one), torch.zeros(2, 1, dtype=torch.int64))
+    with pytest.raises(ValueError):
+        run_shared(lut.argmax, torch.zeros(1, 11, dtype=torch.int64))
+
+
+def _outs(result):
+    return result.out0, result.out1
+
+
+def test_argmax_losers_see_uniform_nonzero_values_whatever_their_wins():
+    x = FP.encode(torch.arange(10, dtype=torch.float64).flip(0).unsqueeze(0).repeat(2000, 1))
+    y = _zero_test(run_shared(lut.argmax, x))  # class k wins 9 - k times
+    assert (y[:, 0] == 0).all() and (y[:, 1:] != 0).all()
+    second, last = y[:, 1].double(), y[:, 9].double()
+    grid = torch.linspace(0, PRIME, 200).double()
+    cdf = lambda v: (v.unsqueeze(0) <= grid.unsqueeze(1)).double().mean(1)  # noqa: E731
+    assert (cdf(second) - cdf(last)).abs().max() < 0.06
+
+
+@given(st.sampled_from([1, 4]), st.sampled_from([2, 3]))
+def test_max_pool_matches_torch(batch, k):
+    real = torch.randn(batch, 3, 6, 6, dtype=torch.float64) * 50
+    result = run_shared(lambda p, a: lut.max_pool2d(p, a, k), FP.encode(real))
+    assert torch.equal(FP.decode(opened(result)), FP.decode(FP.encode(F.max_pool2d(real, k))))
+
+
+# -- the dealer's material ----------------------------------------------------------------------
+
+
+def _step_bits(tables: torch.Tensor, w: int) -> list[np.ndarray]:
+    """Each slice's table as 0/1 over v = 0..2^width - 1, [elements, 2^width]."""
+    out = []
+    for _, width, first in slice_layout(w):
+        words = tables[:, first : first + max(1, 2**width // 64)].contiguous().numpy()
+        bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")
+        out.append(bits[:, : 2**width])
+    return out
+
+
+@pytest.mark.parametrize("bits", [0, 16])
+def test_lut_material_is_the_step_tables_of_the_mask_and_its_sign(bits):
+    """T_s[v] = [v < r'_s] for r' = r (+ 2^62 with truncation), m = msb(r'), and with
+    truncation the `trunc` fields of r; XOR shares, fresh per request."""
+    req = Request.lut((3, 50), 7, bits)
+    validate_plan((req,))
+    seen = []
+    for rid in ("l1", "l2"):
+        r0, r1 = deal_pair(Dealer(), rid, (req,))
+        t0, t1 = r0.take(req), r1.take(req)
+        r = t0["r"] + t1["r"]
+        shifted = r + TRUNCATION_OFFSET if bits else r
+        low = (shifted.reshape(-1) & (2**63 - 1)).numpy().astype(np.uint64)
+        tables = t0["T"] ^ t1["T"]
+        assert tables.shape == (150, table_words(7))
+        for (shift, width, _), got in zip(slice_layout(7), _step_bits(tables, 7), strict=True):
+            r_s = (low >> np.uint64(shift)) & np.uint64(2**width - 1)
+            want = np.arange(2**width)[None, :] < r_s[:, None].astype(np.int64)
+            assert np.array_equal(got, want)
+        m = from_plane(t0["m"] ^ t1["m"], (3, 50))
+        assert torch.equal(m, (shifted < 0).long())
+        if bits:
+            assert torch.equal(t0["r_msb"] + t1["r_msb"], (r < 0).long())
+            hi = t0["r_hi"] + t1["r_hi"]
+            assert torch.equal(hi, (r >> bits) & (2 ** (64 - bits) - 1))
+        seen.append(r)
+    assert not torch.equal(seen[0], seen[1])
+
+
+def test_zlut_material_masks_the_tops_sign_input_by_msb_r_and_scales_by_rho():
+    rows, n = 5, 4
+    fn = anf.ARITH["lt6"]
+    req = Request.zlut(fn.name, (rows, n), 11)
+    validate_plan((req,))
+    r0, r1 = deal_pair(Dealer(), "zl", (req,))
+    t0, t1 = r0.take(req), r1.take(req)
+    r = t0["r"] + t1["r"]
+    assert r.shape == (rows, 6) and t0["lam"].shape == (fn.inputs - 1, 1)
+    lam = torch.cat([t0["lam"] ^ t1["lam"], to_plane((r < 0).long()).unsqueeze(0)])
+    packed = from_planes_packed(lam, rows * 6).reshape(rows, 6, 1)
+    sets = torch.tensor(fn.subsets[1:])
+    products = ((packed & sets) == sets).long()
+    rho = (t0["rho"] + t1["rho"]) % PRIME
+    iu, ju = pairs(n)
+    assert torch.equal((t0["X"] + t1["X"]) % PRIME, products * rho[:, ju, None] % PRIME)
+    assert torch.equal((t0["Y"] + t1["Y"]) % PRIME, products * rho[:, iu, None] % PRIME)
+    assert (rho > 0).all()
+    low = (r.reshape(-1) & (2**63 - 1)).numpy().astype(np.uint64)
+    tables = _step_bits(t0["T"] ^ t1["T"], 11)
+    for (shift, width, _), got in zip(slice_layout(11), tables, strict=True):
+        r_s = (low >> np.uint64(shift)) & np.uint64(2**width - 1)
+        assert np.array_equal(got, np.arange(2**width)[None, :] < r_s[:, None].astype(np.int64))
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        Request("lut", ((3,),), (8, 0)),  # a slice width without tables here
+        Request("lut", ((3,),), (7,)),
+        Request("lut", ((3,),), (7, 62)),
+        Request("lut", ((3,),), (7, "16")),
+        Request("zlut", ((3, 10),), ("lt2", 11)),  # the top does not fit 6 slices
+        Request("zlut", ((3, 10),), ("lt6", 7)),
+        Request("zlut", ((3, 11),), ("lt6", 11)),
+        Request("zlut", ((30,),), ("lt6", 11)),
+        Request("zlut", ((3, 10),), ("g9", 11)),
+        Request("zlut", ((3, 10),), ("lt6",)),
+    ],
+)
+def test_bad_lut_requests_are_refused(req):
+    with pytest.raises(ValueError):
+        validate_plan((req,))
+
+
+# -- what a party sees ------------------------------------------------------------------------
+
+
+def test_relu_and_argmax_views_do_not_depend_on_the_secret():
+    relu = lambda p, x: lut.relu(p, x, 16)  # noqa: E731
+    view_pos = _view_of_party0(relu, _secret(3.25, 1) << 16)
+    view_neg = _view_of_party0(relu, _secret(-1000.5, 1) << 16)
+    assert len(view_pos) == len(view_neg) >= 3
+    assert _max_z(view_pos, view_neg) < Z_LIMIT
+    logits_a = torch.zeros(1000, 10, dtype=torch.int64)
+    logits_b = torch.zeros(1000, 10, dtype=torch.int64)
+    logits_a[:, 2], logits_b[:, 7] = 1 << 20, 1 << 30
+    view_a, view_b = _view_of_party0(lut.argmax, logits_a), _view_of_party0(lut.argmax, logits_b)
+    assert _max_z(view_a, view_b) < Z_LIMIT
+
+
+def test_with_fixed_shares_every_received_word_is_fresh():
+    relu = lambda p, x: lut.relu(p, x, 16)  # noqa: E731
+    logits = torch.zeros(3, 10, dtype=torch.int64)
+    logits[:, 4] = 1 << 20
+    for fn, secret in ((relu, _secret(-3.25, 1)[:70] << 16), (lut.argmax, logits)):
+        x0, x1 = share(secret)
+        for party in (0, 1):
+            views = _fixed_share_views(fn, x0, x1, party)
+            assert views.shape[1] > 100
+            assert _max_z_over_runs(views) < Z_LIMIT, (fn, party)
+
+
+# -- the network ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "rounds"), [("cnn", 15), ("fcnet", 10)])
+def test_network_with_lut_matches_plaintext_labels_and_logits(kind, rounds):
+    from service.mpc.beaver import WeightMasks
+
+    model = _model(kind)
+    x, _ = _images(48)
+    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), FP, "lut")
+    weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, FP)
+    images = share_tensors({"x": x.double()}, FP)
+    pair = (images[0]["x"], images[1]["x"])
+    dealer = Dealer()
+    masks = (WeightMasks("lut-net"), WeightMasks("lut-net"))
+    private_forward(net, weights, pair, dealer, "lut-warm", "label", masks)  # opens W - b
+    labels = private_forward(net, weights, pair, dealer, "lut-net-1", "label", masks)
+    logits = private_forward(net, weights, pair, dealer, "lut-net-2", "logits")
+    with torch.no_grad():
+        plain = model(x)
+    assert net.label_sharing(10) == "zero"
+    assert torch.equal(net.open_label(labels.out0, labels.out1), plain.argmax(-1))
+    assert (FP.decode(logits.out0 + logits.out1) - plain.double()).abs().max() < 0.01
+    assert labels.stats0.rounds == rounds
+
+
+def test_lut_is_the_deployments_default_and_the_protocol_lists_agree():
+    from typing import get_args
+
+    from service.api.settings import ReplicaSettings
+    from service.mpc import PROTOCOLS
+
+    field = ReplicaSettings.model_fields["comparison"]
+    assert set(get_args(field.annotation)) == set(PROTOCOLS)
+    assert field.default == PROTOCOLS[0] == "lut"
