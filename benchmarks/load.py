@@ -14,7 +14,10 @@ A warm-up of --warmup seconds at full concurrency comes first (connections, allo
 caches), then the replicas' RSS is read, the measured run goes, and RSS is read again.
 
 Prints requests, errors (by type and service error code), wrong_labels, latency_ms_p50/p99
-(client call to label, successful requests), images_per_s, and each replica's RSS before and
+(client call to label, successful requests), images_per_s, cpu_ms_per_image (CPU time of the
+dealer, each replica and this load generator over the measured run, per successful image: on a
+machine whose cores they share, where the work goes; from /proc/PID/stat, null where
+unreadable), and each replica's RSS before and
 after with memory_growth_pct, plus a dozen samples in between (memory_rss_mb_series) and
 memory_trend_pct (median of the last third of once-a-second samples against the first third:
 a plateau or a leak, less noisy than two single readings). Memory is VmRSS from
@@ -31,6 +34,7 @@ import argparse
 import http.client
 import json
 import os
+import resource
 import secrets
 import sys
 import threading
@@ -147,6 +151,23 @@ def listening_pid(port: int) -> int | None:
             except OSError:
                 continue
     return None
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User plus system CPU time of process `pid` so far (/proc/PID/stat), None if unreadable."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return me.ru_utime + me.ru_stime
 
 
 def memory(pids: dict[str, int | None]) -> dict[str, int | None]:
@@ -410,8 +431,11 @@ def measure(
     pids: dict[str, int | None],
     images: np.ndarray,
     expected: np.ndarray,
+    cpu_pids: dict[str, int | None] | None = None,
 ) -> dict:
+    """`pids`: whose memory to watch; `cpu_pids` (default `pids`): whose CPU time to count."""
     load = Load(urls, images, expected, a.client)
+    cpu_pids = pids if cpu_pids is None else cpu_pids
     progress = not a.json
     if a.warmup > 0:
         load.run(a.clients, a.warmup, desc="warm-up", progress=progress)
@@ -424,7 +448,14 @@ def measure(
             series[role].append(rss)
 
     load.reset()
+    cpu_before = {role: cpu_seconds(pid) for role, pid in cpu_pids.items()}
+    own_before = _own_cpu_seconds()
     wall = load.run(a.clients, a.seconds, desc="load", progress=progress, on_tick=sample)
+    cpu = {
+        role: None if (b := cpu_before[role]) is None or (e := cpu_seconds(pid)) is None else e - b
+        for role, pid in cpu_pids.items()
+    }
+    cpu["load_generator"] = _own_cpu_seconds() - own_before
     after = memory(pids)
     errors = sum(load.errors.values())
     ok = load.requests - errors
@@ -444,6 +475,10 @@ def measure(
         "latency_ms_p99": _ms(load.latencies, 99),
         "latency_ms_max": _ms(load.latencies, None),
         "images_per_s": round(ok / wall, 1),
+        "cpu_ms_per_image": {
+            role: None if s is None or not ok else round(1000 * s / ok, 2)
+            for role, s in cpu.items()
+        },
         "memory_rss_mb_before": {role: _mb(v) for role, v in before.items()},
         "memory_rss_mb_after": {role: _mb(v) for role, v in after.items()},
         "memory_growth_pct": growth,
@@ -512,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with cluster:
                 pids = {r: cluster.procs[r].pid for r in ("replica0", "replica1")}
-                result = measure(a, cluster.replica_urls, pids, images, expected)
+                cpu_pids = {**pids, "dealer": cluster.procs["dealer"].pid}
+                result = measure(a, cluster.replica_urls, pids, images, expected, cpu_pids)
         except ClusterError as exc:
             print(f"error: the cluster did not start: {exc}", file=sys.stderr)
             return 2

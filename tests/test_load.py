@@ -28,3 +28,5 @@ def test_short_load_run_against_running_replicas(tmp_path, capsys):
     for role in pids:
         assert out["memory_rss_mb_before"][role] > 50
         assert out["memory_growth_pct"][role] is not None
+        assert out["cpu_ms_per_image"][role] > 0  # the replicas did the work
+    assert out["cpu_ms_per_image"]["load_generator"] > 0
