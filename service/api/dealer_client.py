@@ -19,6 +19,22 @@ from service.api.errors import ApiError
 from service.mpc.dealer import PartyMaterial, Request
 
 
+def _read_all(r: http.client.HTTPResponse) -> bytes | bytearray:
+    """The body into a writable buffer of the announced length (the corrections are used in
+    place, with no copy), or as bytes when no length is announced."""
+    length = r.getheader("content-length")
+    if length is None or not length.isdigit():
+        return r.read()
+    buf = bytearray(int(length))
+    view, pos = memoryview(buf), 0
+    while pos < len(buf):
+        n = r.readinto(view[pos:])
+        if not n:
+            raise http.client.IncompleteRead(bytes(view[:pos]), len(buf) - pos)
+        pos += n
+    return buf
+
+
 class DealerClient:
     def __init__(
         self,
@@ -67,7 +83,7 @@ class DealerClient:
             try:
                 conn.request("POST", self._path, body=body, headers=headers)
                 r = conn.getresponse()
-                return r.status, r.read()
+                return r.status, _read_all(r)
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 if attempt or not isinstance(

@@ -110,8 +110,10 @@ def material_to_bytes(m: PartyMaterial) -> bytearray:
 
 
 def material_from_bytes(
-    data: bytes, request_id: str, party: int, plan: tuple[Request, ...]
+    data: bytes | bytearray, request_id: str, party: int, plan: tuple[Request, ...]
 ) -> PartyMaterial:
+    """The material from its bytes; the corrections are views of `data` when it is a
+    writable bytearray (copied from bytes)."""
     shapes = correction_shapes(plan) if party == 1 else []
     keys = key_words(plan)
     n_masks = sum(r.kind in WEIGHT_MASK_KINDS for r in plan)
@@ -121,7 +123,9 @@ def material_from_bytes(
     if len(data) != expected:
         raise WireError(f"dealer sent {len(data)} bytes, the plan needs {expected}")
     count = (words_end - head) // 8
-    flat = np.frombuffer(data, dtype="<i8", count=count, offset=head).astype(np.int64, copy=True)
+    flat = np.frombuffer(data, dtype="<i8", count=count, offset=head)
+    if not flat.flags.writeable:
+        flat = flat.copy()
     corrections, pos = [], 0
     for s in shapes:
         n = math.prod(s)

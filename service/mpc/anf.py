@@ -103,14 +103,8 @@ class Masked:
     @cached_property
     def subsets(self) -> tuple[int, ...]:
         """Input sets R (bitmasks, at least two inputs) whose mask products the dealer deals."""
-        out = set()
-        for mono in (m for o in self.monomials for m in o):
-            r = mono
-            while r:  # every submask of the monomial
-                if r & (r - 1):
-                    out.add(r)
-                r = (r - 1) & mono
-        return tuple(sorted(out))
+        monos = (m for o in self.monomials for m in o)
+        return tuple(sorted({r for m in monos for r in _submasks(m) if r & (r - 1)}))
 
     @cached_property
     def mask_products(self) -> Products:
@@ -120,16 +114,14 @@ class Masked:
     @cached_property
     def terms(self) -> tuple[tuple[int, int, int], ...]:
         """(output, public mask m - R, mask set R) for every R inside every monomial m."""
-        out = []
-        for o, monos in enumerate(self.monomials):
-            for mono in monos:
-                r = mono
-                while True:
-                    out.append((o, mono & ~r, r))
-                    if not r:
-                        break
-                    r = (r - 1) & mono
-        return tuple(sorted(out))
+        return tuple(
+            sorted(
+                (o, mono & ~r, r)
+                for o, monos in enumerate(self.monomials)
+                for mono in monos
+                for r in _submasks(mono)
+            )
+        )
 
     def __call__(self, bits: int) -> tuple[int, ...]:
         """The clear outputs for input bits packed in an int (tests)."""
@@ -240,6 +232,7 @@ class Arith:
 
 
 def _submasks(m: int) -> Iterable[int]:
+    """Every submask of m, m itself first and 0 last."""
     r = m
     while True:
         yield r
