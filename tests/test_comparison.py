@@ -1,11 +1,13 @@
-"""Comparison, ReLU, select, max and argmax against plaintext torch, exact on the ring."""
+"""Comparison, ReLU, select, max and argmax against plaintext torch, exact on the ring: a2b
+(`comparison`), and for ReLU, max and argmax also lut (`lut`, more in tests/test_lut.py)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.mpc import comparison
+from service.mpc import comparison, lut
 from service.mpc.prg import random_ring
 from service.mpc.ring import PRIME
 from service.mpc.sharing import open_label, share_xor
@@ -30,17 +32,39 @@ def test_msb_on_a_large_random_batch():
     assert torch.equal(opened_xor(run_shared(comparison.msb, x)), (x < 0).long())
 
 
+PROTOCOLS = {"a2b": comparison, "lut": lut}
+RELU_ROUNDS, ARGMAX_ROUNDS = {"a2b": 4, "lut": 3}, {"a2b": 3, "lut": 2}
+
+
+def _relu_bytes(protocol: str, n: int, truncates: bool) -> int:
+    """Bytes party 0 sends for a ReLU of n elements (planes: 64 elements per word)."""
+    planes = -(-n // 64)
+    select = 8 * n + 8 * planes  # d, and e as a bit plane
+    if protocol == "a2b":  # the truncation's c, the carry tree
+        return 8 * n * truncates + 8 * (8 * 30 + 4 * 8 + 7) * planes + select
+    return 8 * n + 8 * 17 * planes + select  # c (the truncation's too), the 9-slice top
+
+
+def _argmax_bytes(protocol: str, comparisons: int) -> int:
+    planes = -(-comparisons // 64)
+    if protocol == "a2b":  # the carry tree's slices, gp8, the top's 4 inputs
+        return 8 * (8 * 30 + 2 * 16 + 4) * planes
+    return 8 * comparisons + 8 * 11 * planes  # c, the top's 11 inputs
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @given(
     st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=1, max_size=64),
     st.sampled_from([0, 16, 18]),
 )
-def test_relu_with_and_without_truncation(xs, extra_bits):
+def test_relu_with_and_without_truncation(protocol, xs, extra_bits):
     real = torch.tensor(xs, dtype=torch.float64)
     x = FP.encode(real, frac_bits=FP.frac_bits + extra_bits)
-    result = run_shared(lambda p, a: comparison.relu(p, a, extra_bits), x)
+    result = run_shared(lambda p, a: PROTOCOLS[protocol].relu(p, a, extra_bits), x)
     got = FP.decode(opened(result))
     assert (got - real.clamp(min=0)).abs().max() <= 2 / FP.scale
-    assert result.stats0.rounds == 4
+    assert result.stats0.rounds == result.stats1.rounds == RELU_ROUNDS[protocol]
+    assert result.stats0.bytes_sent == _relu_bytes(protocol, len(xs), extra_bits > 0)
 
 
 def test_relu_edges_in_the_last_bit():
@@ -67,37 +91,44 @@ def _zero_test(result) -> torch.Tensor:
     return (result.out0 + result.out1) % PRIME
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @given(st.sampled_from([1, 3, 64]), st.sampled_from([2, 3, 10]), st.booleans())
-def test_argmax_zero_test_matches_torch_including_ties(batch, n, ties):
+def test_argmax_zero_test_matches_torch_including_ties(protocol, batch, n, ties):
     logits = torch.randint(-3, 3, (batch, n)) if ties else torch.randn(batch, n) * 100
     x = FP.encode(logits.double())
-    result = run_shared(comparison.argmax, x)
+    result = run_shared(PROTOCOLS[protocol].argmax, x)
     y = _zero_test(result)
     assert torch.equal((y == 0).long(), F.one_hot(logits.argmax(-1), n))
     assert torch.equal(open_label(result.out0, result.out1, "zero"), logits.argmax(-1))
-    assert result.stats0.rounds == result.stats1.rounds == 3
+    assert result.stats0.rounds == result.stats1.rounds == ARGMAX_ROUNDS[protocol]
+    assert result.stats0.bytes_sent == _argmax_bytes(protocol, batch * n * (n - 1) // 2)
 
 
-def test_argmax_at_the_largest_magnitudes_and_one_or_more_classes():
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_argmax_at_the_largest_magnitudes_and_one_or_more_classes(protocol):
+    argmax = PROTOCOLS[protocol].argmax
     big = 2**61
     x = torch.tensor([[-big, big - 1, big, -1, 0]], dtype=torch.int64)
-    assert open_label(*_outs(run_shared(comparison.argmax, x)), "zero").item() == 2
+    assert open_label(*_outs(run_shared(argmax, x)), "zero").item() == 2
     # the widest gap whose difference does not wrap (argmax compares differences)
     x = torch.tensor([[2**62 - 1, -(2**62)], [0, 0], [-1, 0], [1, 0]], dtype=torch.int64)
-    assert open_label(*_outs(run_shared(comparison.argmax, x)), "zero").tolist() == [0, 0, 1, 0]
-    one = run_shared(comparison.argmax, torch.tensor([[5], [-3]], dtype=torch.int64))
+    assert open_label(*_outs(run_shared(argmax, x)), "zero").tolist() == [0, 0, 1, 0]
+    one = run_shared(argmax, torch.tensor([[5], [-3]], dtype=torch.int64))
     assert torch.equal(_zero_test(one), torch.zeros(2, 1, dtype=torch.int64))
+    with pytest.raises(ValueError):
+        run_shared(argmax, torch.zeros(1, 11, dtype=torch.int64))
 
 
 def _outs(result) -> tuple[torch.Tensor, torch.Tensor]:
     return result.out0, result.out1
 
 
-def test_argmax_losers_see_uniform_nonzero_values_whatever_their_wins():
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_argmax_losers_see_uniform_nonzero_values_whatever_their_wins(protocol):
     """The client's view: 0 at the label, and elsewhere rho_k (wins_k - 9) for a fresh uniform
     rho_k, so a class that won 8 times looks like one that won none (uniform on 1..p-1)."""
     x = FP.encode(torch.arange(10, dtype=torch.float64).flip(0).unsqueeze(0).repeat(2000, 1))
-    y = _zero_test(run_shared(comparison.argmax, x))  # class k wins 9 - k times
+    y = _zero_test(run_shared(PROTOCOLS[protocol].argmax, x))  # class k wins 9 - k times
     assert (y[:, 0] == 0).all() and (y[:, 1:] != 0).all()
     second, last = y[:, 1].double(), y[:, 9].double()  # 8 wins against 0
     for v in (second, last):
@@ -109,8 +140,9 @@ def test_argmax_losers_see_uniform_nonzero_values_whatever_their_wins():
     assert (cdf(second) - cdf(last)).abs().max() < 0.06
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @given(st.sampled_from([1, 4]), st.sampled_from([2, 3]))
-def test_max_pool_matches_torch(batch, k):
+def test_max_pool_matches_torch(protocol, batch, k):
     real = torch.randn(batch, 3, 6, 6, dtype=torch.float64) * 50
-    result = run_shared(lambda p, a: comparison.max_pool2d(p, a, k), FP.encode(real))
+    result = run_shared(lambda p, a: PROTOCOLS[protocol].max_pool2d(p, a, k), FP.encode(real))
     assert torch.equal(FP.decode(opened(result)), FP.decode(FP.encode(F.max_pool2d(real, k))))

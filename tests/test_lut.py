@@ -1,10 +1,11 @@
-"""Comparison by table lookup (`lut`): exact against torch on the whole ring, rounds and bytes as
-documented, the dealer's tables and zero-test material, what a party sees, and the network."""
+"""Comparison by table lookup (`lut`): the sign exact on the whole ring, the lookups at the
+slices' edges, rounds and bytes, the dealer's tables and zero-test material, what a party sees,
+and the network. ReLU, argmax and max pooling against torch: tests/test_comparison.py, for both
+a2b and lut."""
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -23,9 +24,8 @@ from service.mpc.network import PrivateNetwork
 from service.mpc.party import Party
 from service.mpc.prg import random_ring
 from service.mpc.ring import PRIME, TRUNCATION_OFFSET, from_plane, from_planes_packed, to_plane
-from service.mpc.sharing import open_label, share, share_tensors
+from service.mpc.sharing import share, share_tensors
 from tests.conftest import FP, opened, opened_xor, run_shared
-from tests.test_comparison import _zero_test
 from tests.test_fss import _images, _model
 from tests.test_security import (
     Z_LIMIT,
@@ -102,21 +102,6 @@ def test_msb_on_a_large_random_batch():
     assert torch.equal(opened_xor(run_shared(_msb, x)), (x < 0).long())
 
 
-@given(
-    st.lists(st.floats(-1e4, 1e4, allow_nan=False), min_size=1, max_size=64),
-    st.sampled_from([0, 16, 18]),
-)
-def test_relu_with_and_without_truncation(xs, extra_bits):
-    real = torch.tensor(xs, dtype=torch.float64)
-    x = FP.encode(real, frac_bits=FP.frac_bits + extra_bits)
-    result = run_shared(lambda p, a: lut.relu(p, a, extra_bits), x)
-    got = FP.decode(opened(result))
-    assert (got - real.clamp(min=0)).abs().max() <= 2 / FP.scale
-    assert result.stats0.rounds == 3
-    n, planes = len(xs), -(-len(xs) // 64)
-    assert result.stats0.bytes_sent == 8 * n + 8 * 17 * planes + 8 * n + 8 * planes
-
-
 def test_relu_edges_in_the_last_bit_and_at_the_truncation_range():
     x = torch.tensor([0, 1, -1, 2, -2, 2**40, -(2**40), 2**62 - 1, -(2**62)], dtype=torch.int64)
     got = opened(run_shared(lut.relu, x)).tolist()
@@ -125,51 +110,6 @@ def test_relu_edges_in_the_last_bit_and_at_the_truncation_range():
     t = opened(run_shared(lambda p, a: lut.relu(p, a, 16), x))
     want = torch.div(x.clamp(min=0), 2**16, rounding_mode="floor")
     assert ((t - want) >= 0).all() and ((t - want) <= 1).all()
-
-
-@given(st.sampled_from([1, 3, 64]), st.sampled_from([2, 3, 10]), st.booleans())
-def test_argmax_zero_test_matches_torch_including_ties(batch, n, ties):
-    logits = torch.randint(-3, 3, (batch, n)) if ties else torch.randn(batch, n) * 100
-    result = run_shared(lut.argmax, FP.encode(logits.double()))
-    y = _zero_test(result)
-    assert torch.equal((y == 0).long(), F.one_hot(logits.argmax(-1), n))
-    assert torch.equal(open_label(result.out0, result.out1, "zero"), logits.argmax(-1))
-    assert result.stats0.rounds == result.stats1.rounds == 2
-    comparisons, planes = batch * n * (n - 1) // 2, -(-(batch * n * (n - 1) // 2) // 64)
-    assert result.stats0.bytes_sent == 8 * comparisons + 8 * 11 * planes
-
-
-def test_argmax_at_the_largest_magnitudes_and_one_or_more_classes():
-    big = 2**61
-    x = torch.tensor([[-big, big - 1, big, -1, 0]], dtype=torch.int64)
-    assert open_label(*_outs(run_shared(lut.argmax, x)), "zero").item() == 2
-    x = torch.tensor([[2**62 - 1, -(2**62)], [0, 0], [-1, 0], [1, 0]], dtype=torch.int64)
-    assert open_label(*_outs(run_shared(lut.argmax, x)), "zero").tolist() == [0, 0, 1, 0]
-    one = run_shared(lut.argmax, torch.tensor([[5], [-3]], dtype=torch.int64))
-    assert torch.equal(_zero_test(one), torch.zeros(2, 1, dtype=torch.int64))
-    with pytest.raises(ValueError):
-        run_shared(lut.argmax, torch.zeros(1, 11, dtype=torch.int64))
-
-
-def _outs(result):
-    return result.out0, result.out1
-
-
-def test_argmax_losers_see_uniform_nonzero_values_whatever_their_wins():
-    x = FP.encode(torch.arange(10, dtype=torch.float64).flip(0).unsqueeze(0).repeat(2000, 1))
-    y = _zero_test(run_shared(lut.argmax, x))  # class k wins 9 - k times
-    assert (y[:, 0] == 0).all() and (y[:, 1:] != 0).all()
-    second, last = y[:, 1].double(), y[:, 9].double()
-    grid = torch.linspace(0, PRIME, 200).double()
-    cdf = lambda v: (v.unsqueeze(0) <= grid.unsqueeze(1)).double().mean(1)  # noqa: E731
-    assert (cdf(second) - cdf(last)).abs().max() < 0.06
-
-
-@given(st.sampled_from([1, 4]), st.sampled_from([2, 3]))
-def test_max_pool_matches_torch(batch, k):
-    real = torch.randn(batch, 3, 6, 6, dtype=torch.float64) * 50
-    result = run_shared(lambda p, a: lut.max_pool2d(p, a, k), FP.encode(real))
-    assert torch.equal(FP.decode(opened(result)), FP.decode(FP.encode(F.max_pool2d(real, k))))
 
 
 # -- the dealer's material ----------------------------------------------------------------------

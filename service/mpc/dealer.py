@@ -27,9 +27,10 @@ Kinds (each a `Request`; shapes are public, values secret):
   class, with rho uniform in 1..p-1 per row and class, known to no party.
 - `lut(shape, w, bits)`: for `lut`'s comparison by table lookup: a uniform mask [r]; with
   r' = r + 2^62 when bits > 0 (the truncation's offset: party 0 adds it before the opening)
-  and r' = r otherwise, XOR shares of the step tables T_s[v] = [v < r'_s] (v in 0..2^w - 1) of
-  the S = ceil(63 / w) slices r'_s of w bits of r' mod 2^63, as [S, elements, 2^w / 64] words,
-  and of msb(r') as a bit plane; when bits > 0 also [r >>> bits] and [msb(r)] (`trunc`).
+  and r' = r otherwise, XOR shares of the step tables T_s[v] = [v < r'_s] (v in 0..2^width - 1)
+  of the S = ceil(63 / w) slices r'_s of r' mod 2^63 (at most w bits each, as equal as can be:
+  `slice_layout`), as [elements, table_words(w)] words, and of msb(r') as a bit plane; when
+  bits > 0 also [r >>> bits] and [msb(r)] (`trunc`).
 - `zlut(fn, (rows, n), w)`: for `lut.argmax`: the same mask r and tables (offset 0) for the
   n (n - 1) / 2 differences of each row, and `zmax`'s material for the arithmetic top `fn` whose
   last input's mask is msb(r) (the others' masks lambda are dealt as bit planes).
@@ -350,7 +351,7 @@ def _zmax_truth(req: Request, lam: torch.Tensor, private: PRG) -> dict[str, torc
     fn, (rows, n) = anf.ARITH[str(req.params[0])], req.shapes[0]
     iu, ju = pairs(n)
     packed = from_planes_packed(lam, rows * len(iu))  # each comparison's masks
-    products = fn.mask_products[packed].reshape(rows, len(iu), -1)  # 0/1: times rho is mod p
+    products = fn.mask_products[packed].reshape(rows, len(iu), -1)  # 0/1: times rho, below p
     rho = private.mod((rows, n), PRIME - 1) + 1
     return {
         "X": products * rho[:, ju].unsqueeze(-1),

@@ -3,12 +3,14 @@
 [x] is opened masked, c = x + r for a uniform dealer mask r (c reveals nothing), and, with
 x = c - r, the sign is
     msb(x) = msb(c) ^ msb(r) ^ [c' < r']        (c', r': the low 63 bits)
-exact on the whole ring. The borrow [c' < r'] compares a public number with the dealer's: cut
-both into S slices of w bits; per slice, lt_s = [c_s < r_s] and eq_s = [c_s = r_s] are bits of
-a table the dealer deals XOR-shared, T_s[v] = [v < r_s] for every v in 0..2^w - 1 (a one-time
-truth table: Ishai, Kushilevitz, Meldgaard, Orlandi and Paskin-Cherniavsky, TCC 2013; Dessouky
-et al., NDSS 2017), so lt_s = T_s[c_s] and eq_s = T_s[c_s - 1] ^ T_s[c_s] (T_s[-1] = 1) are two
-local lookups. The borrow is then the G of the slices with lt as generate and eq as propagate,
+exact on the whole ring (with the truncation's offset, r stands for r + 2^62 here). The borrow
+[c' < r'] compares a public number with the dealer's: cut both into S slices
+(`dealer.slice_layout`: 9 of 7 bits for signs); per slice, lt_s = [c_s < r_s] and
+eq_s = [c_s = r_s] are bits of a table the dealer deals XOR-shared, T_s[v] = [v < r_s] for
+every v in 0..2^w - 1 (a one-time truth table: Ishai, Kushilevitz, Meldgaard, Orlandi and
+Paskin-Cherniavsky, TCC 2013; Dessouky et al., NDSS 2017), so lt_s = T_s[c_s] and
+eq_s = T_s[c_s - 1] ^ T_s[c_s] (T_s[-1] = 1) are two local lookups. The borrow is then the G of
+the slices with lt as generate and eq as propagate,
 XOR_s lt_s eq_(s+1) ... eq_(S-1), one `fanin.masked` gate (`anf.g9`):
   1. open c = x + r (the truncation's opening: the same c serves both)        (1 round)
   2. lookups (local); the top over the 9 slices                                (1 round)
@@ -20,9 +22,10 @@ comparison layers and keeps a2b for the large first one.
 
 `relu`: sign, then `comparison.select_plane` (or the caller's fused select): 3 rounds.
 `argmax`: the label as `comparison.argmax`'s zero test in Z_p, in 2 rounds: all n (n - 1) / 2
-differences opened masked at once; 6 slices of 11 bits (tables of 2,048 bits: 6 is where tables
-and top cost least together); the top is the arithmetic gate `anf.lt6` over lt_s, eq_s and
-m = msb(c) ^ msb(r) (its mask msb(r) is the dealer's), scaled by the classes' rho (`Request.zlut`).
+differences opened masked at once; 6 slices of 11, 11, 11, 10, 10, 10 bits (tables of 1,152
+bytes: 6 is where tables and top cost least together); the top is the arithmetic gate
+`anf.lt6` over lt_s, eq_s and m = msb(c) ^ msb(r) (its mask msb(r) is the dealer's), scaled by
+the classes' rho (`Request.zlut`).
 What a party sees: c (uniform: r is), the top's inputs masked by fresh dealer bits (uniform), the
 select's openings (uniform); its output shares are uniform.
 """
@@ -109,7 +112,7 @@ def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
     """The label over the last axis as `comparison.argmax`'s zero test (shares in Z_p of
     rho_k (wins_k - (n - 1)), 0 at the first maximum only). Rounds: 2 (a2b: 3). Bytes per
     comparison and party: 8 (c) + 11/8 (the top's masked inputs). Dealer per comparison:
-    6 tables of 2,048 bits (1.5 KB) and 2 x 189 words in Z_p."""
+    6 tables (1,152 bytes) and 2 x 189 values in Z_p (16 bits each on the wire)."""
     n = x.shape[-1]
     if n < 2:
         return torch.zeros_like(x)  # the only class: y = 0 for both parties
