@@ -24,17 +24,9 @@ from service.mpc.network import PrivateNetwork
 from service.mpc.party import Party
 from service.mpc.prg import random_ring
 from service.mpc.ring import PRIME, TRUNCATION_OFFSET, from_plane, from_planes_packed, to_plane
-from service.mpc.sharing import share, share_tensors
+from service.mpc.sharing import share_tensors
 from tests.conftest import FP, opened, opened_xor, run_shared
 from tests.test_fss import _images, _model
-from tests.test_security import (
-    Z_LIMIT,
-    _fixed_share_views,
-    _max_z,
-    _max_z_over_runs,
-    _secret,
-    _view_of_party0,
-)
 
 edge = st.sampled_from([0, 1, -1, 2**63 - 1, -(2**63), -(2**63) + 1, 2**62, -(2**62), 2**16])
 ring_values = st.one_of(edge, st.integers(-(2**63), 2**63 - 1))
@@ -197,34 +189,6 @@ def test_zlut_material_masks_the_tops_sign_input_by_msb_r_and_scales_by_rho():
 def test_bad_lut_requests_are_refused(req):
     with pytest.raises(ValueError):
         validate_plan((req,))
-
-
-# -- what a party sees ------------------------------------------------------------------------
-
-
-def test_relu_and_argmax_views_do_not_depend_on_the_secret():
-    relu = lambda p, x: lut.relu(p, x, 16)  # noqa: E731
-    view_pos = _view_of_party0(relu, _secret(3.25, 1) << 16)
-    view_neg = _view_of_party0(relu, _secret(-1000.5, 1) << 16)
-    assert len(view_pos) == len(view_neg) >= 3
-    assert _max_z(view_pos, view_neg) < Z_LIMIT
-    logits_a = torch.zeros(1000, 10, dtype=torch.int64)
-    logits_b = torch.zeros(1000, 10, dtype=torch.int64)
-    logits_a[:, 2], logits_b[:, 7] = 1 << 20, 1 << 30
-    view_a, view_b = _view_of_party0(lut.argmax, logits_a), _view_of_party0(lut.argmax, logits_b)
-    assert _max_z(view_a, view_b) < Z_LIMIT
-
-
-def test_with_fixed_shares_every_received_word_is_fresh():
-    relu = lambda p, x: lut.relu(p, x, 16)  # noqa: E731
-    logits = torch.zeros(3, 10, dtype=torch.int64)
-    logits[:, 4] = 1 << 20
-    for fn, secret in ((relu, _secret(-3.25, 1)[:70] << 16), (lut.argmax, logits)):
-        x0, x1 = share(secret)
-        for party in (0, 1):
-            views = _fixed_share_views(fn, x0, x1, party)
-            assert views.shape[1] > 100
-            assert _max_z_over_runs(views) < Z_LIMIT, (fn, party)
 
 
 # -- the network ---------------------------------------------------------------------------------
