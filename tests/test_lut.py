@@ -3,6 +3,8 @@ slices' edges, rounds and bytes, the dealer's tables and zero-test material, wha
 and the network. ReLU, argmax and max pooling against torch: tests/test_comparison.py, for both
 a2b and lut."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -226,3 +228,5 @@ def test_lut_is_the_deployments_default_and_the_protocol_lists_agree():
     field = ReplicaSettings.model_fields["comparison"]
     assert set(get_args(field.annotation)) == set(PROTOCOLS)
     assert field.default == PROTOCOLS[0] == "lut"
+    compose = (Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text()
+    assert compose.count("PRIVDIGIT_COMPARISON: ${PRIVDIGIT_COMPARISON:-lut}") == 2
