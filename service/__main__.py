@@ -111,7 +111,7 @@ def _add_comparison(p: argparse.ArgumentParser) -> None:
         choices=PROTOCOLS,
         default="lut",
         help="comparison protocol of both replicas: lut (default: table lookups for the small "
-        "layers, a2b for the first: 15 rounds, ~340 KB of dealer material per image), a2b "
+        "layers, a2b for the first: 15 rounds, ~320 KB of dealer material per image), a2b "
         "(the reference, 18 rounds, ~180 KB), fss (function secret sharing, 9 rounds, ~7 MB "
         "of dealer keys per image) or hybrid (fss for the small layers: 12 rounds, ~1 MB)",
     )

@@ -25,7 +25,7 @@ from service.mpc.inprocess import private_forward
 from service.mpc.network import PrivateNetwork
 from service.mpc.party import Party
 from service.mpc.prg import random_ring
-from service.mpc.ring import PRIME, TRUNCATION_OFFSET, from_plane, from_planes_packed, to_plane
+from service.mpc.ring import PRIME, TRUNCATION_OFFSET, from_plane, from_planes_packed
 from service.mpc.sharing import share_tensors
 from tests.conftest import FP, opened, opened_xor, run_shared
 from tests.test_fss import _images, _model
@@ -148,24 +148,27 @@ def test_lut_material_is_the_step_tables_of_the_mask_and_its_sign(bits):
     assert not torch.equal(seen[0], seen[1])
 
 
-def test_zlut_material_masks_the_tops_sign_input_by_msb_r_and_scales_by_rho():
+def test_zlut_material_scales_the_carrys_mask_products_by_rho_signed_by_msb_r():
+    """Per comparison and side rho (rho_j: X, rho_i: Y): rho (1 - 2 msb(r)) Lambda_R for every
+    set R of the carry `c6` (the empty one first), then rho msb(r); rho fresh in 1..p-1."""
     rows, n = 5, 4
-    fn = anf.ARITH["lt6"]
+    fn = anf.ARITH["c6"]
     req = Request.zlut(fn.name, (rows, n), 11)
     validate_plan((req,))
     r0, r1 = deal_pair(Dealer(), "zl", (req,))
     t0, t1 = r0.take(req), r1.take(req)
     r = t0["r"] + t1["r"]
-    assert r.shape == (rows, 6) and t0["lam"].shape == (fn.inputs - 1, 1)
-    lam = torch.cat([t0["lam"] ^ t1["lam"], to_plane((r < 0).long()).unsqueeze(0)])
-    packed = from_planes_packed(lam, rows * 6).reshape(rows, 6, 1)
-    sets = torch.tensor(fn.subsets[1:])
+    assert r.shape == (rows, 6) and t0["lam"].shape == (fn.inputs, 1)
+    packed = from_planes_packed(t0["lam"] ^ t1["lam"], rows * 6).reshape(rows, 6, 1)
+    sets = torch.tensor(fn.subsets)
     products = ((packed & sets) == sets).long()
+    lam_m = (r < 0).long().unsqueeze(-1)
     rho = (t0["rho"] + t1["rho"]) % PRIME
-    iu, ju = pairs(n)
-    assert torch.equal((t0["X"] + t1["X"]) % PRIME, products * rho[:, ju, None] % PRIME)
-    assert torch.equal((t0["Y"] + t1["Y"]) % PRIME, products * rho[:, iu, None] % PRIME)
     assert (rho > 0).all()
+    iu, ju = pairs(n)
+    for key, side in (("X", rho[:, ju, None]), ("Y", rho[:, iu, None])):
+        want = torch.cat([products * (1 - 2 * lam_m) * side, lam_m * side], -1) % PRIME
+        assert torch.equal((t0[key] + t1[key]) % PRIME, want), key
     low = (r.reshape(-1) & (2**63 - 1)).numpy().astype(np.uint64)
     tables = _step_bits(t0["T"] ^ t1["T"], 11)
     for (shift, width, _), got in zip(slice_layout(11), tables, strict=True):
@@ -181,11 +184,11 @@ def test_zlut_material_masks_the_tops_sign_input_by_msb_r_and_scales_by_rho():
         Request("lut", ((3,),), (7, 62)),
         Request("lut", ((3,),), (7, "16")),
         Request("zlut", ((3, 10),), ("lt2", 11)),  # the top does not fit 6 slices
-        Request("zlut", ((3, 10),), ("lt6", 7)),
-        Request("zlut", ((3, 11),), ("lt6", 11)),
-        Request("zlut", ((30,),), ("lt6", 11)),
+        Request("zlut", ((3, 10),), ("c6", 7)),
+        Request("zlut", ((3, 11),), ("c6", 11)),
+        Request("zlut", ((30,),), ("c6", 11)),
         Request("zlut", ((3, 10),), ("g9", 11)),
-        Request("zlut", ((3, 10),), ("lt6",)),
+        Request("zlut", ((3, 10),), ("c6",)),
     ],
 )
 def test_bad_lut_requests_are_refused(req):

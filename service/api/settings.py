@@ -88,7 +88,7 @@ class ReplicaSettings(_Base):
     comparison: Literal["a2b", "fss", "hybrid", "lut"] = Field(
         default="lut",
         description="comparison protocol: lut (default; table lookups for layers of at most "
-        "1,024 comparisons per image, a2b for larger ones: 15 rounds, ~340 KB of dealer "
+        "1,024 comparisons per image, a2b for larger ones: 15 rounds, ~320 KB of dealer "
         "material per image), a2b (the reference; 18 rounds, ~180 KB), fss (function secret "
         "sharing; 9 rounds, ~2.5 KB of dealer keys per ReLU) or hybrid (fss for layers of at "
         "most 1,024 comparisons per image; 12 rounds, ~1 MB of keys per image); both replicas "

@@ -28,6 +28,7 @@ Functions here:
 - `gp8` (masked, 16 bits G0..G7, P0..P7): G and P of eight groups at once, as `gp4`.
 - `lt2` (arithmetic, 4 bits G_lo, G_hi, P_hi and the sum's bit 63 before the carry): the sign
   bit = bit ^ (G_hi ^ P_hi G_lo) as an integer, for the argmax's zero test.
+- `c6` (arithmetic, 11 bits G0..G5, P1..P5): the carry of 6 slices as an integer, for `lut`'s.
 """
 
 from __future__ import annotations
@@ -324,5 +325,7 @@ def _lt(n: int) -> Callable[[int], int]:
 
 
 LT2 = Arith("lt2", 4, _poly(_lt(2), 4))  # (G_lo, G_hi, P_hi, m): `comparison.argmax`'s top
-LT6 = Arith("lt6", 12, _poly(_lt(6), 12))  # 6 slices: `lut.argmax`'s top
-ARITH = {f.name: f for f in (LT2, LT6)}
+# the carry of 6 slices alone (`_lt` without its m input, which is then 0): `lut.argmax`'s top,
+# which handles m itself (one mask product per set instead of two)
+C6 = Arith("c6", 11, _poly(_lt(6), 11))
+ARITH = {f.name: f for f in (LT2, C6)}

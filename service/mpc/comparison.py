@@ -175,19 +175,32 @@ def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
     return zero_test(fn, from_planes_packed(v, diff.numel()), t, x.shape)
 
 
-def zero_test(fn: Arith, packed: torch.Tensor, t: dict, shape: torch.Size) -> torch.Tensor:
+def zero_test(
+    fn: Arith, packed: torch.Tensor, t: dict, shape: torch.Size, sign: torch.Tensor | None = None
+) -> torch.Tensor:
     """The label's shares in Z_p, y_k = rho_k (wins_k - (n - 1)), from the opened inputs of the
     arithmetic top `fn` (packed per comparison, row-major over `pairs(n)`) and the dealer's rho
-    and rho-scaled mask products (`Request.zmax`, `Request.zlut`). Local."""
+    and rho-scaled mask products (`Request.zmax`, `Request.zlut`). Local.
+
+    `sign`: None when `fn` is the whole comparison bit lt (`lt2`). Otherwise `fn` is the carry c
+    alone and lt = m ^ c for a bit m whose opening v_m is `sign` (0/1 per comparison) and whose
+    mask lambda_m the dealer knows: with s = 1 - 2 v_m, rho lt = v_m rho + s (rho lambda_m +
+    sum_R coef_R rho (1 - 2 lambda_m) Lambda_R), so the dealer deals one product per set R (the
+    last column: rho lambda_m) instead of one for R and one for R with m.
+    """
     n = shape[-1]
     rows = math.prod(shape) // n
     iu, ju = pairs(n)
     coef = fn.coefficients_mod[packed].reshape(rows, -1, len(fn.subsets))
     rho = t["rho"]
+    v = None if sign is None else sign.reshape(rows, -1)
 
     def scaled(products: torch.Tensor, rho_side: torch.Tensor) -> torch.Tensor:
         """Shares of rho_side * lt per comparison: the constant term takes [rho] itself."""
-        return (coef[..., 0] * rho_side + (coef[..., 1:] * products).sum(-1)) % PRIME
+        if v is None:
+            return (coef[..., 0] * rho_side + (coef[..., 1:] * products).sum(-1)) % PRIME
+        c = (coef * products[..., :-1]).sum(-1) + products[..., -1]
+        return (v * rho_side + (1 - 2 * v) * c) % PRIME
 
     y = -torch.arange(n) * rho
     y = y.index_add(1, ju, scaled(t["X"], rho[:, ju])).index_add(1, iu, -scaled(t["Y"], rho[:, iu]))

@@ -32,8 +32,10 @@ Kinds (each a `Request`; shapes are public, values secret):
   `slice_layout`), as [elements, table_words(w)] words, and of msb(r') as a bit plane; when
   bits > 0 also [r >>> bits] and [msb(r)] (`trunc`).
 - `zlut(fn, (rows, n), w)`: for `lut.argmax`: the same mask r and tables (offset 0) for the
-  n (n - 1) / 2 differences of each row, and `zmax`'s material for the arithmetic top `fn` whose
-  last input's mask is msb(r) (the others' masks lambda are dealt as bit planes).
+  n (n - 1) / 2 differences of each row, XOR-shared masks lambda of the carry `fn`'s inputs (bit
+  planes), and in Z_p, per comparison (i, j) and rho in (rho_j, rho_i): rho (1 - 2 msb(r))
+  Lambda_R for every set R of `fn` (the empty one first) and rho msb(r), and rho_k per class
+  (`comparison.zero_test` with a sign: the comparison bit is msb(c) ^ msb(r) ^ carry).
 - `fss(shape, gate, bits)`: a uniform mask [r], and DCF keys for alpha = r mod 2^63 with the
   gate's payload plus its constants (see `fss.py`); gate `sign` or `relu` (bits: truncation).
 
@@ -341,9 +343,23 @@ def _fss_truth(req: Request, r: torch.Tensor):
 
 
 def _zlut_truth(req: Request, full: dict, private: PRG) -> dict[str, torch.Tensor]:
-    r = full["r"]
-    lam = torch.cat([full["lam"], to_plane(msb(r)).unsqueeze(0)])  # the top's m: masked by msb(r)
-    return {"T": _tables(r, int(req.params[1]))} | _zmax_truth(req, lam, private)
+    """Tables of r, and per comparison (i, j) and side rho = rho_j (X) or rho_i (Y):
+    rho (1 - 2 lambda_m) Lambda_R for every R of the carry's sets (the empty one first), then
+    rho lambda_m, with lambda_m = msb(r) (`comparison.zero_test` with a sign)."""
+    fn, (rows, n), r = anf.ARITH[str(req.params[0])], req.shapes[0], full["r"]
+    iu, ju = pairs(n)
+    packed = from_planes_packed(full["lam"], rows * len(iu))
+    products = fn.mask_products[packed].reshape(rows, len(iu), -1)
+    products = torch.cat([torch.ones_like(products[..., :1]), products], -1)
+    lam_m = msb(r)
+    rho = private.mod((rows, n), PRIME - 1) + 1
+
+    def side(rho_side: torch.Tensor) -> torch.Tensor:
+        signed = torch.where(lam_m == 1, PRIME - rho_side, rho_side)
+        return torch.cat([products * signed.unsqueeze(-1), (lam_m * rho_side).unsqueeze(-1)], -1)
+
+    out = {"T": _tables(r, int(req.params[1]))}
+    return out | {"X": side(rho[:, ju]), "Y": side(rho[:, iu]), "rho": rho}
 
 
 def _zmax_truth(req: Request, lam: torch.Tensor, private: PRG) -> dict[str, torch.Tensor]:
@@ -426,7 +442,8 @@ def _derived_shape(req: Request, name: str = "") -> tuple[int, ...]:
         return (n, table_words(w)) if name == "T" else (-(-n // 64),)
     if req.kind in ("zmax", "zlut"):
         rows, n = req.shapes[0]
-        sets = len(anf.ARITH[str(req.params[0])].subsets) - 1
+        sets = len(anf.ARITH[str(req.params[0])].subsets)  # zmax: the nonempty ones
+        sets += -1 if req.kind == "zmax" else 1  # zlut: all, and rho lambda_m
         return (rows, n) if name == "rho" else (rows, n * (n - 1) // 2, sets)
     if req.kind == "cross":
         return (anf.CROSS[str(req.params[0])].outputs, *req.shapes[0])
@@ -541,10 +558,10 @@ def _validate_plan(plan: tuple[Request, ...], max_elements: int) -> None:
                 )
             if req.kind == "zlut":
                 w, fn = req.params[1], anf.ARITH[req.params[0]]
-                if w not in SLICE_BITS or fn.inputs != 2 * slices(w):
+                if w not in SLICE_BITS or fn.inputs != 2 * slices(w) - 1:
                     raise ValueError(
                         f"step {i}: zlut {fn.name} needs slices of {sorted(SLICE_BITS)} bits, "
-                        f"{fn.inputs // 2} of them"
+                        f"{(fn.inputs + 1) // 2} of them"
                     )
         elif req.kind == "lut":
             if (
@@ -622,11 +639,11 @@ def _seeded_fields(req: Request) -> list[tuple[str, str, tuple[int, ...]]]:
     if req.kind == "zmax":
         (rows, n), inputs = req.shapes[0], anf.ARITH[str(req.params[0])].inputs
         return [("lam", "ring", (inputs, -(-_comparisons(req) // 64)))]  # bit planes
-    if req.kind == "zlut":  # the top's last input (m) is masked by msb(r), not dealt
+    if req.kind == "zlut":  # the sign input m is masked by msb(r), not dealt
         (rows, n), inputs = req.shapes[0], anf.ARITH[str(req.params[0])].inputs
         return [
             ("r", "ring", (rows, n * (n - 1) // 2)),
-            ("lam", "ring", (inputs - 1, -(-_comparisons(req) // 64))),
+            ("lam", "ring", (inputs, -(-_comparisons(req) // 64))),
         ]
     return [
         (name, "ring", (-(-math.prod(req.shapes[idx]) // 64),))  # one bit per element

@@ -24,8 +24,8 @@ comparison layers and keeps a2b for the large first one.
 `argmax`: the label as `comparison.argmax`'s zero test in Z_p, in 2 rounds: all n (n - 1) / 2
 differences opened masked at once; 6 slices of 11, 11, 11, 10, 10, 10 bits (tables of 1,152
 bytes: 6 is where tables and top cost least together); the top is the arithmetic gate
-`anf.lt6` over lt_s, eq_s and m = msb(c) ^ msb(r) (its mask msb(r) is the dealer's), scaled by
-the classes' rho (`Request.zlut`).
+`anf.c6` over lt_s and eq_s, with m = msb(c) ^ msb(r) (its mask msb(r) is the dealer's) joined
+as `comparison.zero_test` says, scaled by the classes' rho (`Request.zlut`).
 What a party sees: c (uniform: r is), the top's inputs masked by fresh dealer bits (uniform), the
 select's openings (uniform); its output shares are uniform.
 """
@@ -112,7 +112,7 @@ def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
     """The label over the last axis as `comparison.argmax`'s zero test (shares in Z_p of
     rho_k (wins_k - (n - 1)), 0 at the first maximum only). Rounds: 2 (a2b: 3). Bytes per
     comparison and party: 8 (c) + 11/8 (the top's masked inputs). Dealer per comparison:
-    6 tables (1,152 bytes) and 2 x 189 values in Z_p (16 bits each on the wire)."""
+    6 tables (1,152 bytes) and 2 x 96 values in Z_p (16 bits each on the wire)."""
     n = x.shape[-1]
     if n < 2:
         return torch.zeros_like(x)  # the only class: y = 0 for both parties
@@ -121,9 +121,9 @@ def argmax(party: Party, x: torch.Tensor) -> torch.Tensor:
     rows = x.reshape(-1, n).shape[0]
     iu, ju = pairs(n)
     diff = (x[..., iu] - x[..., ju]).reshape(rows, -1)
-    fn = ARITH["lt6"]
+    fn = ARITH["c6"]
     t = party.rand.take(Request.zlut(fn.name, (rows, n), ARGMAX_SLICE_BITS))
     c = _open(party, diff, t)
     (v,) = party.open_xor(_lookup(party, c, t["T"], ARGMAX_SLICE_BITS) ^ t["lam"])
-    packed = from_planes_packed(v, diff.numel()) | (msb(c).reshape(-1) << (fn.inputs - 1))
-    return comparison.zero_test(fn, packed, t, x.shape)
+    packed = from_planes_packed(v, diff.numel())
+    return comparison.zero_test(fn, packed, t, x.shape, sign=msb(c))
