@@ -43,8 +43,9 @@ class DealerClient:
         party: int,
         *,
         timeout: float,
-        verify: bool | ssl.SSLContext = True,
+        context: ssl.SSLContext,
     ) -> None:
+        """`context`: how to verify an https dealer (the replica's, with its CA)."""
         self.url = url.rstrip("/")
         self._secret, self.party, self._timeout = secret, party, timeout
         parts = urlsplit(self.url)
@@ -52,11 +53,7 @@ class DealerClient:
             raise ValueError(f"dealer URL must be http(s)://host[:port], got {url!r}")
         self._https, self._host, self._port = parts.scheme == "https", parts.hostname, parts.port
         self._path = f"{parts.path}/v1/randomness"
-        if verify is True:
-            verify = ssl.create_default_context()
-        elif verify is False:
-            verify = ssl._create_unverified_context()  # as httpx verify=False
-        self._ssl = verify
+        self._ssl = context
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -75,7 +72,7 @@ class DealerClient:
                 self._all.append(conn)
         return conn
 
-    def _post(self, body: bytes, headers: dict) -> tuple[int, bytes]:
+    def _post(self, body: bytes, headers: dict) -> tuple[int, bytes | bytearray]:
         """One POST on this thread's connection; a keep-alive connection the dealer closed in
         the meantime is dialled again once."""
         for attempt in (0, 1):

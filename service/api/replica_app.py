@@ -133,7 +133,7 @@ class Replica:
         )
         self.ssl = ssl.create_default_context(cafile=str(s.tls_ca) if s.tls_ca else None)
         self.dealer = DealerClient(
-            s.dealer_url, self.secret, s.party, timeout=s.dealer_timeout_s, verify=self.ssl
+            s.dealer_url, self.secret, s.party, timeout=s.dealer_timeout_s, context=self.ssl
         )
         self._api_keys = [hashlib.sha256(k.encode()).digest() for k in s.api_keys]
         self.draining = False

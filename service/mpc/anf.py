@@ -220,10 +220,10 @@ class Arith:
 
     @cached_property
     def mask_products(self) -> torch.Tensor:
-        """[2^inputs, len(subsets) - 1] 0/1 (uint8): Lambda_R for every mask word lambda and every
-        nonempty R of `subsets` (the dealer's side of the gate)."""
+        """[2^inputs, len(subsets)] 0/1 (uint8): Lambda_R for every mask word lambda and every R of
+        `subsets` (the empty one: 1), the dealer's side of the gate."""
         words = np.arange(1 << self.inputs)[:, None]
-        sets = np.array(self.subsets[1:])[None, :]
+        sets = np.array(self.subsets)[None, :]
         return torch.from_numpy(((words & sets) == sets).astype(np.uint8))
 
     @cached_property

@@ -342,38 +342,33 @@ def _fss_truth(req: Request, r: torch.Tensor):
     return clear, alpha, beta
 
 
-def _zlut_truth(req: Request, full: dict, private: PRG) -> dict[str, torch.Tensor]:
-    """Tables of r, and per comparison (i, j) and side rho = rho_j (X) or rho_i (Y):
-    rho (1 - 2 lambda_m) Lambda_R for every R of the carry's sets (the empty one first), then
-    rho lambda_m, with lambda_m = msb(r) (`comparison.zero_test` with a sign)."""
-    fn, (rows, n), r = anf.ARITH[str(req.params[0])], req.shapes[0], full["r"]
-    iu, ju = pairs(n)
-    packed = from_planes_packed(full["lam"], rows * len(iu))
-    products = fn.mask_products[packed].reshape(rows, len(iu), -1)
-    products = torch.cat([torch.ones_like(products[..., :1]), products], -1)
-    lam_m = msb(r)
-    rho = private.mod((rows, n), PRIME - 1) + 1
-
-    def side(rho_side: torch.Tensor) -> torch.Tensor:
-        signed = torch.where(lam_m == 1, PRIME - rho_side, rho_side)
-        return torch.cat([products * signed.unsqueeze(-1), (lam_m * rho_side).unsqueeze(-1)], -1)
-
-    out = {"T": _tables(r, int(req.params[1]))}
-    return out | {"X": side(rho[:, ju]), "Y": side(rho[:, iu]), "rho": rho}
-
-
-def _zmax_truth(req: Request, lam: torch.Tensor, private: PRG) -> dict[str, torch.Tensor]:
-    """rho_j Lambda_R, rho_i Lambda_R per comparison (i, j) and rho per class (dealer only)."""
+def _zero_test_truth(req: Request, full: dict, private: PRG) -> dict[str, torch.Tensor]:
+    """The zero test's material (dealer only), per comparison (i, j) and side rho = rho_j (X) or
+    rho_i (Y): zmax: rho Lambda_R for every nonempty set R of the top; zlut: the tables of r, and
+    rho (1 - 2 lambda_m) Lambda_R for every set R of the carry (the empty one first), then
+    rho lambda_m, with lambda_m = msb(r) (`comparison.zero_test` with a sign); rho per class."""
     fn, (rows, n) = anf.ARITH[str(req.params[0])], req.shapes[0]
     iu, ju = pairs(n)
-    packed = from_planes_packed(lam, rows * len(iu))  # each comparison's masks
+    packed = from_planes_packed(full["lam"], rows * len(iu))  # each comparison's masks
     products = fn.mask_products[packed].reshape(rows, len(iu), -1)  # 0/1: times rho, below p
     rho = private.mod((rows, n), PRIME - 1) + 1
-    return {
-        "X": products * rho[:, ju].unsqueeze(-1),
-        "Y": products * rho[:, iu].unsqueeze(-1),
-        "rho": rho,
-    }
+    out = {}
+    if req.kind == "zmax":
+
+        def side(rho_side: torch.Tensor) -> torch.Tensor:
+            return products[..., 1:] * rho_side.unsqueeze(-1)
+
+    else:
+        lam_m = msb(full["r"])
+        out["T"] = _tables(full["r"], int(req.params[1]))
+
+        def side(rho_side: torch.Tensor) -> torch.Tensor:
+            signed = torch.where(lam_m == 1, PRIME - rho_side, rho_side)
+            return torch.cat(
+                [products * signed.unsqueeze(-1), (lam_m * rho_side).unsqueeze(-1)], -1
+            )
+
+    return out | {"X": side(rho[:, ju]), "Y": side(rho[:, iu]), "rho": rho}
 
 
 def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -847,8 +842,6 @@ class Dealer:
             s0, s1 = _expand_seeded(req, prg0), _expand_seeded(req, prg1)
             if req.kind == "cross":  # each half's x and y come from one party's seed only
                 truth = _cross_truth(req, s0, s1)
-            elif req.kind == "zmax":
-                truth = _zmax_truth(req, s0["lam"] ^ s1["lam"], private)
             else:
                 xor = req.kind in _XOR_KINDS
                 full = {
@@ -860,8 +853,8 @@ class Dealer:
                     truth, alpha, beta = _fss_truth(req, full["r"])
                     roots = (s0["root"].numpy().view(np.uint64), s1["root"].numpy().view(np.uint64))
                     keys.append(dcf.gen(alpha, beta, DCF_BITS, *roots).to_words())
-                elif req.kind == "zlut":
-                    truth = _zlut_truth(req, full, private)
+                elif req.kind in ("zmax", "zlut"):
+                    truth = _zero_test_truth(req, full, private)
                 else:
                     truth = _truth(req, full)
             for name, value in truth.items():

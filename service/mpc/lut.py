@@ -41,7 +41,7 @@ from service.mpc import comparison, fanin, truncation
 from service.mpc.anf import ARITH
 from service.mpc.dealer import Request, pairs, slice_layout
 from service.mpc.party import Party
-from service.mpc.ring import TRUNCATION_OFFSET, from_planes_packed, msb, to_plane, to_plane_rows
+from service.mpc.ring import from_planes_packed, msb, to_plane, to_plane_rows
 
 LABEL_SHARING = comparison.LABEL_SHARING  # the same zero test
 SIGN_SLICE_BITS = 7  # 9 slices: tables of 128 bits
@@ -65,9 +65,9 @@ def _lookup(party: Party, c: torch.Tensor, tables: torch.Tensor, w: int) -> torc
     return to_plane_rows(torch.cat([lt, lt[1:] ^ le[1:]]))
 
 
-def _open(party: Party, x: torch.Tensor, t: dict, offset: int = 0) -> torch.Tensor:
-    """c = x + offset + r, opened (1 round)."""
-    (c,) = party.open((x + offset if party.index == 0 else x) + t["r"])
+def _open(party: Party, x: torch.Tensor, t: dict) -> torch.Tensor:
+    """c = x + r, opened (1 round)."""
+    (c,) = party.open(x + t["r"])
     return c
 
 
@@ -92,10 +92,12 @@ def relu(
     (select, or the caller's fused select as in `comparison.relu`). Bytes per element and
     party: 8 + 17/8 + 8 + 1/8."""
     t = party.rand.take(Request.lut(x.shape, SIGN_SLICE_BITS, trunc_bits))
-    c = _open(party, x, t, TRUNCATION_OFFSET if trunc_bits else 0)
-    y = x
-    if trunc_bits:
-        y = truncation.finish(party, truncation.PendingTruncation(c, t, trunc_bits), c)
+    if not trunc_bits:
+        c, y = _open(party, x, t), x
+    else:  # the truncation's opening: c = x + 2^62 + r
+        pending = truncation.begin_with(party, x, t, trunc_bits)
+        (c,) = party.open(pending.masked)
+        y = truncation.finish(party, pending, c)
     return select(party, y, comparison.not_plane(party, _sign(party, c, t)))
 
 

@@ -55,7 +55,7 @@ Output = Literal["label", "logits"]
 COMPARISONS = {"a2b": comparison, "fss": fss}  # each offers relu, max_pool2d and argmax
 HYBRID_FSS_MAX = 1024  # comparisons per image up to which "hybrid" uses fss
 LUT_MAX = 1024  # comparisons per image up to which "lut" uses table lookups
-FUSE_MAX_WEIGHTS = 4096  # linear layers up to this size run in an a2b ReLU's select round
+FUSE_MAX_WEIGHTS = 4096  # linear layers up to this size run in an a2b or lut ReLU's select round
 LAYER_TYPES = {"conv2d", "linear", "avgpool2d", "maxpool2d", "relu", "flatten"}
 
 
@@ -96,8 +96,8 @@ class PrivateNetwork:
         return COMPARISONS[self.comparison]
 
     def label_sharing(self, classes: int) -> str:
-        """How the label comes out for `classes` classes: "zero" (a2b's zero test in Z_p) or
-        "xor" (fss: XOR shares of one-hot)."""
+        """How the label comes out for `classes` classes: "zero" (a2b's and lut's zero test in
+        Z_p) or "xor" (fss: XOR shares of one-hot)."""
         return self._cmp(classes * (classes - 1) // 2).LABEL_SHARING
 
     def open_label(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
@@ -183,7 +183,7 @@ class PrivateNetwork:
 
     def _linear_after(self, i: int, masks: beaver.WeightMasks | None) -> int | None:
         """The index of a linear layer right after layer i (flattens between are free) that an
-        a2b ReLU at i can apply in its select round, else None."""
+        a2b or lut ReLU at i can apply in its select round, else None."""
         if masks is None:
             return None
         j = i + 1

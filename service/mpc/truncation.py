@@ -22,8 +22,6 @@ from service.mpc.dealer import Request
 from service.mpc.party import Party
 from service.mpc.ring import RING_BITS, TRUNCATION_OFFSET, logical_shift_right, msb
 
-_OFFSET = TRUNCATION_OFFSET
-
 
 @dataclass
 class PendingTruncation:
@@ -38,8 +36,13 @@ def begin(party: Party, x: torch.Tensor, bits: int) -> PendingTruncation:
     """Step 1 without the exchange: the masked share of c this party will send."""
     if not 0 < bits < RING_BITS - 2:
         raise ValueError(f"truncation bits must be in (0, 62), got {bits}")
-    t = party.rand.take(Request.trunc(x.shape, bits))
-    y = x + _OFFSET if party.index == 0 else x
+    return begin_with(party, x, party.rand.take(Request.trunc(x.shape, bits)), bits)
+
+
+def begin_with(party: Party, x: torch.Tensor, t: dict, bits: int) -> PendingTruncation:
+    """`begin` on dealer material `t` taken by the caller, with the fields of `Request.trunc`
+    (r, r_hi, r_msb; `lut` takes them with its own)."""
+    y = x + TRUNCATION_OFFSET if party.index == 0 else x
     return PendingTruncation(y + t["r"], t, bits)
 
 
@@ -49,7 +52,7 @@ def finish(party: Party, pending: PendingTruncation, c: torch.Tensor) -> torch.T
     wrap = t["r_msb"] * (1 - msb(c))
     z = (wrap << (RING_BITS - bits)) - t["r_hi"]
     if party.index == 0:
-        z = z + logical_shift_right(c, bits) - (_OFFSET >> bits)
+        z = z + logical_shift_right(c, bits) - (TRUNCATION_OFFSET >> bits)
     return z
 
 
