@@ -1,7 +1,8 @@
 # One image for all three roles; the command picks the role:
 #   docker run IMAGE replica   (PRIVDIGIT_PARTY, PRIVDIGIT_MODEL, PRIVDIGIT_PEER_URL, ...)
 #   docker run IMAGE dealer
-# Every role needs PRIVDIGIT_SECRET (the per-deployment secret). See docker-compose.yml.
+# Every role needs its own credentials folder (PRIVDIGIT_CREDENTIALS; `python -m service certs`),
+# mounted from outside, never baked in. See docker-compose.yml.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

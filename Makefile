@@ -61,11 +61,12 @@ clean:
 openapi: $(STAMP)
 	$(BIN)/python -m service openapi --write
 
-# Copy a model's manifest and each party's share into its own directory (docker-compose volumes).
+# Copy a model's manifest and each party's share into its own directory, and make each party's
+# credentials and certificate in a folder of its own (docker-compose volumes).
 MODEL ?= models/default
 deploy-shares: $(STAMP)
 	@test -f $(MODEL)/manifest.json || { echo "error: $(MODEL)/manifest.json not found"; exit 1; }
 	mkdir -p deploy/share-0 deploy/share-1
 	cp $(MODEL)/manifest.json $(MODEL)/share-0.safetensors deploy/share-0/
 	cp $(MODEL)/manifest.json $(MODEL)/share-1.safetensors deploy/share-1/
-	$(BIN)/python -m service certs deploy/certs --host replica-0 --host replica-1 --host dealer
+	$(BIN)/python -m service certs deploy/credentials --force --host replica-0 --host replica-1 --host dealer

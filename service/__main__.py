@@ -9,8 +9,9 @@
     python -m service openapi [--check]       # print (or check) openapi.yaml from the app
     python -m service reload URL              # ask a replica to load its model directory now
 
-Replica and dealer also read `PRIVDIGIT_*` environment variables (flags win); both need the
-deployment secret `PRIVDIGIT_SECRET` (`up` makes a fresh one).
+Replica and dealer also read `PRIVDIGIT_*` environment variables (flags win). Each party needs
+its own credentials: one key per pair of parties, in the role's folder that `certs` writes
+(`--credentials DIR/replica-0`; `up` makes a fresh set).
 """
 
 from __future__ import annotations
@@ -45,17 +46,33 @@ def _settings(cls, given: dict):
         raise SystemExit(_fail(f"{where}: {first['msg']}")) from None
 
 
-def _serve(app, host: str, port: int, log_level: str, tls_cert=None, tls_key=None) -> None:
-    """Run `app` under uvicorn; on SIGTERM/SIGINT drain first where the app can (replicas)."""
+def _serve(
+    app, host: str, port: int, log_level: str, tls_cert=None, tls_key=None, tls_ca=None
+) -> None:
+    """Run `app` under uvicorn; on SIGTERM/SIGINT drain first where the app can (replicas).
+
+    With `tls_ca`, clients may present a certificate from that CA (verified; optional, since
+    end users and probes have none), and the app sees its role (`service.identity`)."""
     import asyncio
+    import ssl
 
     import uvicorn
+    from uvicorn.config import HTTP_PROTOCOLS, WS_PROTOCOLS
+    from uvicorn.importer import import_from_string
 
     from service.api.peer import MAX_FRAME
+    from service.identity import with_client_role
 
-    tls = {}
+    tls: dict = {}
     if tls_cert is not None:
         tls = {"ssl_certfile": str(tls_cert), "ssl_keyfile": str(tls_key)}
+    if tls_cert is not None and tls_ca is not None:
+        tls |= {
+            "ssl_ca_certs": str(tls_ca),
+            "ssl_cert_reqs": ssl.CERT_OPTIONAL,
+            "http": with_client_role(import_from_string(HTTP_PROTOCOLS["auto"])),
+            "ws": with_client_role(import_from_string(WS_PROTOCOLS["auto"])),
+        }
     config = uvicorn.Config(
         app,
         host=host,
@@ -142,6 +159,7 @@ def cmd_replica(a: argparse.Namespace) -> int:
             "scores_enabled": True if a.scores else None,
             "reload_poll_s": a.reload_poll,
             "secret": a.secret,
+            "credentials": a.credentials,
             "peer_timeout_s": a.peer_timeout,
             "cors_origins": a.cors_origin,
             "api_keys": a.api_key,
@@ -157,7 +175,7 @@ def cmd_replica(a: argparse.Namespace) -> int:
     except StoreError as exc:
         return _fail(str(exc))
     setup_logging(s.log_level)
-    _serve(create_replica_app(s), s.host, s.port, s.log_level, s.tls_cert, s.tls_key)
+    _serve(create_replica_app(s), s.host, s.port, s.log_level, s.tls_cert, s.tls_key, s.tls_ca)
     return 0
 
 
@@ -166,13 +184,12 @@ def cmd_dealer(a: argparse.Namespace) -> int:
     from service.api.observability import setup_logging
     from service.api.settings import DealerSettings
 
-    s = _settings(
-        DealerSettings, {"host": a.host, "port": a.port, "secret": a.secret, **_transport(a)}
-    )
+    given = {"host": a.host, "port": a.port, "secret": a.secret, "credentials": a.credentials}
+    s = _settings(DealerSettings, {**given, **_transport(a)})
     if problem := s.transport_problem():
         return _fail(problem)
     setup_logging(s.log_level)
-    _serve(create_dealer_app(s), s.host, s.port, s.log_level, s.tls_cert, s.tls_key)
+    _serve(create_dealer_app(s), s.host, s.port, s.log_level, s.tls_cert, s.tls_key, s.tls_ca)
     return 0
 
 
@@ -192,11 +209,19 @@ def cmd_web(a: argparse.Namespace) -> int:
 
 def cmd_certs(a: argparse.Namespace) -> int:
     from service.devcerts import make_dev_certs
+    from service.identity import make_credentials
 
-    out = make_dev_certs(Path(a.directory), tuple(a.host or ()), days=a.days)
+    out = Path(a.directory)
+    if out.exists() and any(out.iterdir()) and not a.force:
+        return _fail(f"{out} is not empty; pick a new folder or pass --force to replace it")
+    make_dev_certs(out, tuple(a.host or ()), days=a.days)
+    make_credentials(out)
     print(
-        f"wrote {out}/ca.pem (clients: --cacert), cert.pem + key.pem (servers: --tls-cert, "
-        f"--tls-key; replicas also --tls-ca {out}/ca.pem)"
+        f"wrote one folder per role under {out}: replica-0, replica-1, dealer (each: cert.pem, "
+        f"key.pem, ca.pem and its own pairwise keys; run each party with --credentials "
+        f"{out}/ROLE, plus --tls-cert/--tls-key/--tls-ca from that folder for TLS), web (the "
+        f"page's certificate); {out}/ca.pem for clients (--cacert). Keep {out}/ca-key.pem "
+        "away from every party."
     )
     return 0
 
@@ -319,7 +344,9 @@ def openapi_text() -> str:
         return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
     Dumper.add_representer(str, text)
-    app = create_replica_app(ReplicaSettings(party=0, model=Path("."), secret="x" * 32))
+    app = create_replica_app(
+        ReplicaSettings(party=0, model=Path("."), peer_secret="p" * 32, dealer_secret="d" * 32)
+    )
     return yaml.dump(app.openapi(), Dumper=Dumper, sort_keys=False, allow_unicode=True, width=100)
 
 
@@ -339,19 +366,31 @@ def cmd_openapi(a: argparse.Namespace) -> int:
 
 
 def cmd_reload(a: argparse.Namespace) -> int:
+    import ssl
+
     import httpx
 
     from service.api import auth
 
-    secret = a.secret or os.environ.get("PRIVDIGIT_SECRET", "")
+    secret = os.environ.get("PRIVDIGIT_ADMIN_SECRET", "")
+    if a.credentials:
+        path = Path(a.credentials) / "admin.key"
+        if not path.is_file():
+            return _fail(f"{path} not found: pass the replica's folder from `service certs`")
+        secret = path.read_text().strip()
     if len(secret) < 32:
-        return _fail("set PRIVDIGIT_SECRET (or --secret) to the deployment secret")
+        return _fail(
+            "pass --credentials with the replica's folder (its admin.key), or set "
+            "PRIVDIGIT_ADMIN_SECRET to the replica's admin key"
+        )
+    verify = ssl.create_default_context(cafile=a.cacert) if a.cacert else True
     try:
-        party = httpx.get(f"{a.url}/v1/health", timeout=5).json()["party"]
+        party = httpx.get(f"{a.url}/v1/health", timeout=5, verify=verify).json()["party"]
         r = httpx.post(
             f"{a.url}/v1/admin/reload",
-            headers={auth.AUTH_HEADER: auth.mac(secret.encode(), "reload", str(party))},
+            headers={auth.AUTH_HEADER: auth.admin_tag(secret.encode(), int(party))},
             timeout=30,
+            verify=verify,
         )
     except (httpx.HTTPError, KeyError, ValueError) as exc:
         return _fail(f"cannot reach the replica at {a.url}: {exc}")
@@ -407,7 +446,12 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--peer-timeout", type=float)
     rep.add_argument("--reload-poll", type=float, help="seconds between model checks; 0 = off")
     rep.add_argument("--scores", action="store_true", help="let clients ask for scores")
-    rep.add_argument("--secret", help="deployment secret (better: PRIVDIGIT_SECRET)")
+    rep.add_argument("--secret", help=argparse.SUPPRESS)  # refused with a message saying why
+    rep.add_argument(
+        "--credentials",
+        help="this replica's folder from `python -m service certs DIR` (DIR/replica-0 or "
+        "DIR/replica-1): its peer, dealer and admin keys",
+    )
     rep.add_argument(
         "--cors-origin", action="append", help="a web page origin allowed by CORS (repeatable)"
     )
@@ -429,8 +473,12 @@ def parser() -> argparse.ArgumentParser:
     web.add_argument("--tls-key", help="PEM private key of --tls-cert")
     web.set_defaults(fn=cmd_web)
 
-    certs = sub.add_parser("certs", help="create development TLS certificates (a CA + a server)")
-    certs.add_argument("directory", help="where to write ca.pem, cert.pem, key.pem")
+    certs = sub.add_parser(
+        "certs",
+        help="create each party's credentials and development TLS certificates (one per role)",
+    )
+    certs.add_argument("directory", help="where to write one folder per role and ca.pem")
+    certs.add_argument("--force", action="store_true", help="write into a non-empty folder")
     certs.add_argument("--host", action="append", help="another DNS name or IP (repeatable)")
     certs.add_argument("--days", type=int, default=30, help="validity in days")
     certs.set_defaults(fn=cmd_certs)
@@ -438,7 +486,12 @@ def parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("dealer", help="run the dealer of correlated randomness")
     dl.add_argument("--host")
     dl.add_argument("--port", type=int)
-    dl.add_argument("--secret", help="deployment secret (better: PRIVDIGIT_SECRET)")
+    dl.add_argument("--secret", help=argparse.SUPPRESS)  # refused with a message saying why
+    dl.add_argument(
+        "--credentials",
+        help="the dealer's folder from `python -m service certs DIR` (DIR/dealer): the key of "
+        "each replica",
+    )
     _add_transport(dl)
     dl.set_defaults(fn=cmd_dealer)
 
@@ -455,7 +508,12 @@ def parser() -> argparse.ArgumentParser:
 
     rl = sub.add_parser("reload", help="ask a replica to load its model directory now")
     rl.add_argument("url", help="the replica's base URL, e.g. http://127.0.0.1:8000")
-    rl.add_argument("--secret", help="deployment secret (better: PRIVDIGIT_SECRET)")
+    rl.add_argument(
+        "--credentials",
+        help="the replica's folder from `python -m service certs DIR` (its admin.key; or set "
+        "PRIVDIGIT_ADMIN_SECRET)",
+    )
+    rl.add_argument("--cacert", help="CA certificate that verifies an https replica")
     rl.set_defaults(fn=cmd_reload)
     return p
 

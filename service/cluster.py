@@ -1,6 +1,7 @@
 """The local cluster: dealer and both replicas as three processes on one machine.
 
-`Cluster` starts them with a fresh deployment secret, waits until both replicas are ready and
+`Cluster` starts them with fresh credentials (one key per pair of parties and, with TLS, one
+certificate per role: `service.identity`), waits until both replicas are ready and
 stops them all on exit; `python -m service up` wraps it for people, tests and benchmarks use it
 directly (with free ports). Each process logs (JSON) into its own file under `log_dir`.
 """
@@ -8,7 +9,6 @@ directly (with free ports). Each process logs (JSON) into its own file under `lo
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import socket
 import ssl
@@ -54,7 +54,6 @@ class Cluster:
     web_port: int | None = None  # also serve the web page (its own origin) on this port
     tls: bool = False  # HTTPS/WSS everywhere with fresh development certificates
     api_keys: tuple[str, ...] = ()
-    secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -73,25 +72,38 @@ class Cluster:
         return None if self.web_port is None else f"{self.scheme}://{self.host}:{self.web_port}"
 
     @property
+    def credentials(self) -> Path:
+        """The folder of one folder per role (`python -m service certs`); made by `start`."""
+        assert self.log_dir is not None, "start the cluster first"
+        return self.log_dir / "credentials"
+
+    def key(self, role: str, name: str) -> bytes:
+        """One of `role`'s credentials, e.g. `key("replica-0", "admin.key")` (for tests)."""
+        return (self.credentials / role / name).read_text().strip().encode()
+
+    @property
     def ca(self) -> Path | None:
-        """The development CA that signs every server's certificate (TLS only)."""
-        return (self.log_dir / "certs" / "ca.pem") if self.tls and self.log_dir else None
+        """The development CA that signs every party's certificate (TLS only)."""
+        return (self.credentials / "ca.pem") if self.tls and self.log_dir else None
 
     @property
     def verify(self) -> bool | ssl.SSLContext:
         """What an HTTP client should pass as `verify` to trust this cluster."""
         return ssl.create_default_context(cafile=str(self.ca)) if self.ca else True
 
-    def _serve_tls_args(self) -> list[str]:
-        """What every server needs to serve this cluster's transport."""
+    def _serve_tls_args(self, role: str) -> list[str]:
+        """What `role` (replica-0, replica-1, dealer, web) needs to serve this transport."""
         if not self.tls:
             return ["--allow-http"]
-        certs = self.log_dir / "certs"  # type: ignore[operator]
-        return ["--tls-cert", str(certs / "cert.pem"), "--tls-key", str(certs / "key.pem")]
+        folder = self.credentials / role
+        return ["--tls-cert", str(folder / "cert.pem"), "--tls-key", str(folder / "key.pem")]
 
-    def _transport_args(self) -> list[str]:
-        """Serving args plus, with TLS, the CA that verifies the peer and the dealer."""
-        return [*self._serve_tls_args(), *(["--tls-ca", str(self.ca)] if self.ca else [])]
+    def _transport_args(self, role: str) -> list[str]:
+        """Serving args plus, with TLS, the CA that verifies the other parties; and the role's
+        own credentials."""
+        ca = ["--tls-ca", str(self.credentials / role / "ca.pem")] if self.tls else []
+        creds = ["--credentials", str(self.credentials / role)]
+        return [*self._serve_tls_args(role), *ca, *creds]
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -102,7 +114,8 @@ class Cluster:
         return f"{self.scheme}://{self.host}:{self.ports[2]}"
 
     def _env(self) -> dict[str, str]:
-        env = {**os.environ, "PRIVDIGIT_SECRET": self.secret}
+        # each process takes its credentials from its own folder, never from this environment
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_SECRET")}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
         return env
 
@@ -114,9 +127,10 @@ class Cluster:
         base = [sys.executable, "-m", "service"]
         if role == "dealer":
             port = str(self.ports[2])
-            return [*base, "dealer", "--host", self.host, "--port", port, *self._transport_args()]
+            return [*base, "dealer", "--host", self.host, "--port", port,
+                    *self._transport_args("dealer")]  # fmt: skip
         if role == "web":
-            tls = self._serve_tls_args() if self.tls else []
+            tls = self._serve_tls_args("web") if self.tls else []
             urls = ",".join(self.replica_urls)
             return [*base, "web", "--host", self.host, "--port", str(self.web_port),
                     "--replicas", urls, *tls]  # fmt: skip
@@ -137,7 +151,7 @@ class Cluster:
             self.dealer_url,
             "--peer-url",
             f"{'wss' if self.tls else 'ws'}://{self.host}:{self.ports[1]}/v1/peer",
-            *self._transport_args(),
+            *self._transport_args(f"replica-{party}"),
             *self.replica_args,
         ]
         for key in self.api_keys:
@@ -166,14 +180,23 @@ class Cluster:
             proc.kill()
             proc.wait(5)
 
-    def start(self, *, timeout: float = 60.0) -> Cluster:
+    def prepare(self) -> Cluster:
+        """The log folder and every role's credentials (and certificates, with TLS)."""
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="privdigit-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        if self.tls and not (self.log_dir / "certs" / "ca.pem").exists():
+        if not (self.credentials / "dealer" / "party-0.key").exists():
+            from service.identity import make_credentials
+
+            make_credentials(self.credentials)
+        if self.tls and not (self.credentials / "ca.pem").exists():
             from service.devcerts import make_dev_certs
 
-            make_dev_certs(self.log_dir / "certs", days=2)
+            make_dev_certs(self.credentials, days=2)
+        return self
+
+    def start(self, *, timeout: float = 60.0) -> Cluster:
+        self.prepare()
         for role in self.roles:
             self.start_process(role)
         try:

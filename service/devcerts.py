@@ -1,18 +1,20 @@
-"""Development TLS certificates with `cryptography`: a private CA and one server certificate.
+"""Development TLS certificates with `cryptography`: a private CA and one certificate per role.
 
     python -m service certs DIR [--host replica-0 --host replica-1 --host dealer ...]
 
-Writes DIR/ca.pem (give it to clients: `--cacert`), DIR/cert.pem and DIR/key.pem (for every
-server: `--tls-cert`, `--tls-key`), DIR/ca-key.pem. The server certificate names 127.0.0.1,
-::1, localhost and each --host. For development and tests only: production deployments use
-certificates from their own CA.
+Writes DIR/ca.pem (give it to clients: `--cacert`), DIR/ca-key.pem (the CA's private key: keep
+it with whoever issues certificates, never in a role's folder) and, for each role (`replica-0`,
+`replica-1`, `dealer`, `web`), DIR/ROLE/cert.pem, key.pem and ca.pem. A certificate's subject
+names its role (`CN=replica-0`): the dealer and the replicas map it to a party
+(`service.identity`). Each certificate serves and dials (server and client use), and names
+127.0.0.1, ::1, localhost and each --host. For development and tests only: production
+deployments use certificates from their own CA, with the role as the subject's common name.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -20,9 +22,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from service.identity import ROLES, write_private
+
 
 def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "privdigit"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
@@ -31,13 +40,13 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    write_private(path, data)
 
 
-def make_dev_certs(directory: Path | str, hosts: tuple[str, ...] = (), days: int = 30) -> Path:
-    """Create a CA and a server certificate for localhost + `hosts`; returns the directory."""
+def make_dev_certs(
+    directory: Path | str, hosts: tuple[str, ...] = (), days: int = 30, roles=ROLES
+) -> Path:
+    """Create a CA and one certificate per role for localhost + `hosts`; returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
@@ -57,7 +66,6 @@ def make_dev_certs(directory: Path | str, hosts: tuple[str, ...] = (), days: int
         )
         .sign(ca_key, hashes.SHA256())
     )
-    key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [
         x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
         x509.IPAddress(ipaddress.ip_address("::1")),
@@ -68,26 +76,32 @@ def make_dev_certs(directory: Path | str, hosts: tuple[str, ...] = (), days: int
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name("privdigit server"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    (directory / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+    (directory / "ca.pem").write_bytes(ca_pem)
     _write_key(directory / "ca-key.pem", ca_key)
-    _write_key(directory / "key.pem", key)
+    for role in roles:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(role))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        folder = directory / role
+        folder.mkdir(exist_ok=True)
+        (folder / "ca.pem").write_bytes(ca_pem)
+        (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        _write_key(folder / "key.pem", key)
     return directory

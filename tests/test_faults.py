@@ -178,7 +178,7 @@ def test_a_peer_with_a_certificate_from_another_ca_is_refused(tmp_path):
     stranger = make_dev_certs(tmp_path / "other-ca", days=1) / "ca.pem"
     c = Cluster(ports=free_ports(3), log_dir=tmp_path, tls=True,
                 role_args={"replica0": ("--tls-ca", str(stranger))})  # fmt: skip
-    make_dev_certs(tmp_path / "certs", days=1)
+    c.prepare()
     for role in c.roles:
         c.start_process(role)
     try:

@@ -507,7 +507,9 @@ def test_garbage_on_the_dealer(cluster, content, signed, status, code):
     if isinstance(signed, bytes):  # a raw header value
         headers[auth.AUTH_HEADER] = signed
     elif signed:
-        secret = cluster.secret.encode() if signed is True else b"w" * 32
+        party = json.loads(raw)["party"]
+        own = cluster.key(f"replica-{party}", "dealer.key") if party in (0, 1) else b"x" * 32
+        secret = own if signed is True else b"w" * 32
         headers[auth.AUTH_HEADER] = auth.dealer_tag(secret, json.loads(raw)["party"], raw)
     r = httpx.post(f"{cluster.dealer_url}/v1/randomness", content=raw, headers=headers, timeout=30)
     _assert_error(r, status, code)

@@ -39,7 +39,7 @@ def pair():
     """Party 1 listening, party 0 dialling two lanes; both stopped afterwards."""
     made = []
 
-    def make(*, secret0=SECRET, count=2, timeout=5.0, tls=None):
+    def make(*, secret0=SECRET, count=2, timeout=5.0, tls=None, check_role=False):
         failures = []
         p1 = Lanes(
             1, SECRET, count=count, timeout=timeout, on_auth_failure=lambda: failures.append(1)
@@ -48,7 +48,7 @@ def pair():
         server_tls, client_tls = tls or (None, None)
         port = p1.listen("127.0.0.1", 0, server_tls)
         threading.Thread(target=p0.dial_forever, daemon=True).start()
-        p0.connect_to("127.0.0.1", port, client_tls)
+        p0.connect_to("127.0.0.1", port, client_tls, check_role=check_role)
         made.extend([p0, p1])
         return p0, p1, port, failures
 
@@ -218,7 +218,9 @@ def test_losing_the_peer_drops_every_lane(pair):
 def test_lanes_over_tls_and_a_plain_dialler_is_refused(pair, tmp_path):
     certs = make_dev_certs(tmp_path)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(str(certs / "cert.pem"), str(certs / "key.pem"))
+    server.load_cert_chain(
+        str(certs / "replica-1" / "cert.pem"), str(certs / "replica-1" / "key.pem")
+    )
     client = ssl.create_default_context(cafile=str(certs / "ca.pem"))
     p0, p1, port, _ = pair(count=1, tls=(server, client))
     _up(p0, p1, 1)
@@ -261,3 +263,49 @@ def test_the_same_dealer_instance_passes_and_is_not_counted(pair):
     )
     assert all(torch.equal(g[0], x[0]) for g in (*got0, *got1))
     assert ch0.stats.bytes_sent == ch1.stats.bytes_sent == 48 and ch0.stats.rounds == 2
+
+
+def _role_contexts(certs, server_role: str, client_role: str | None):
+    from service.identity import client_context, server_context
+
+    def files(role):
+        return certs / role / "cert.pem", certs / role / "key.pem"
+
+    server = server_context(*files(server_role), certs / "ca.pem")
+    client = client_context(
+        certs / "ca.pem", *(files(client_role) if client_role else (None, None))
+    )
+    return server, client
+
+
+def test_mutual_tls_lanes_between_the_two_replicas_connect(pair, tmp_path):
+    certs = make_dev_certs(tmp_path)
+    p0, p1, _, failures = pair(
+        count=1, tls=_role_contexts(certs, "replica-1", "replica-0"), check_role=True
+    )
+    _up(p0, p1, 1)
+    assert failures == []
+
+
+@pytest.mark.parametrize("client_role", ["replica-1", "dealer", "web", None])
+def test_party_1_refuses_a_lane_from_any_certificate_but_replica_0s(
+    pair, tmp_path, client_role, caplog
+):
+    certs = make_dev_certs(tmp_path)
+    p0, p1, _, failures = pair(count=1, tls=_role_contexts(certs, "replica-1", client_role))
+    _wait(lambda: "lane refused" in caplog.text)  # again and again as party 0 redials
+    if client_role is not None:  # a valid certificate of the wrong role: counted as well
+        _wait(lambda: failures)
+    assert p1.indices() == [] and p0.indices() == []
+
+
+@pytest.mark.parametrize("server_role", ["replica-0", "dealer", "web"])
+def test_party_0_refuses_a_lane_server_that_is_not_replica_1(pair, tmp_path, server_role, caplog):
+    """Party 0 checks the certificate of the lane port it was told about: an impostor that
+    took party 1's address (or port) gets no lane, whatever key it holds."""
+    certs = make_dev_certs(tmp_path)
+    p0, p1, _, _ = pair(
+        count=1, tls=_role_contexts(certs, server_role, "replica-0"), check_role=True
+    )
+    _wait(lambda: "IdentityError" in caplog.text)
+    assert p0.indices() == []

@@ -9,9 +9,12 @@ control shows the test catches a leak as small as one bit.
 
 from __future__ import annotations
 
+import json
 import math
+import secrets
 from functools import partial
 
+import httpx
 import pytest
 import torch
 
@@ -184,3 +187,93 @@ def test_the_fixed_share_statistic_catches_an_unmasked_share():
 
     x0, x1 = share(_secret(-3.25, 1)[:70])
     assert _max_z_over_runs(_fixed_share_views(leaky, x0, x1, 0)) > Z_LIMIT
+
+
+# -- identity: the dealer serves party p's material to party p only -----------------------------
+
+
+def _served_or_refused(url: str, key: bytes, party: int, plan) -> httpx.Response:
+    from service.api import auth, wire
+
+    body = json.dumps(
+        {"request_id": secrets.token_urlsafe(18), "party": party, "plan": wire.plan_to_json(plan)}
+    ).encode()
+    headers = {auth.AUTH_HEADER: auth.dealer_tag(key, party, body)}
+    return httpx.post(f"{url}/v1/randomness", content=body, headers=headers, timeout=60)
+
+
+def _weight_plan():
+    from service.cluster import DEFAULT_MODEL
+    from service.store import load_share
+
+    model = load_share(DEFAULT_MODEL, 0, "lut")
+    plan = model.network.plan(1, "label", model.weight_shapes, model.mask_id)
+    return model, plan
+
+
+def test_the_peers_weight_mask_seeds_would_give_away_the_weights():
+    """Why the dealer must refuse: the positive control of the attack below, in process.
+
+    A weight's fixed mask b does not depend on the run id, so party 1's mask seeds from any
+    fresh run id, added to party 0's own, give b; the replicas open E = W - b once per model,
+    and W = E + b."""
+    from service.cluster import DEFAULT_MODEL
+    from service.mpc.dealer import WEIGHT_MASK_KINDS
+    from service.mpc.prg import PRG
+    from service.store import load_share
+
+    model0, plan = _weight_plan()
+    model1 = load_share(DEFAULT_MODEL, 1, "lut")
+    dealer = Dealer()
+    own = dealer.deal("an-honest-run-id-00", 0, plan)
+    stolen = dealer.deal("a-fresh-run-id-0001", 1, plan)  # what the dealer must never serve
+    masked = [r for r in plan if r.kind in WEIGHT_MASK_KINDS]
+    assert masked and len(own.mask_seeds) == len(masked)
+    for req, s0, s1 in zip(masked, own.mask_seeds, stolen.mask_seeds, strict=True):
+        name, shape = str(req.params[-1]), req.shapes[1]
+        b0, b1 = PRG(s0).ring(shape), PRG(s1).ring(shape)
+        w0, w1 = model0.weights[name].reshape(shape), model1.weights[name].reshape(shape)
+        opened = (w0 - b0) + (w1 - b1)  # E, public to both replicas
+        assert torch.equal(opened + b0 + b1, w0 + w1)  # the whole weight, in replica 0's hands
+
+
+def test_replica_cannot_obtain_peer_material(tmp_path):
+    """Replica 0, with every credential it holds, asks a real dealer process for party 1's
+    material (weight masks included) under fresh run ids: refused, 403 and counted."""
+    from service.cluster import Cluster, free_ports
+    from service.mpc.dealer import WEIGHT_MASK_KINDS
+
+    _, plan = _weight_plan()
+    masks_only = tuple(r for r in plan if r.kind in WEIGHT_MASK_KINDS)
+    c = Cluster(ports=free_ports(3), log_dir=tmp_path).prepare()
+    c.start_process("dealer")
+    try:
+        _wait_healthy(c)
+        own = c.key("replica-0", "dealer.key")
+        assert _served_or_refused(c.dealer_url, own, 0, plan).status_code == 200  # its own: yes
+        for wanted in (plan, masks_only):
+            r = _served_or_refused(c.dealer_url, own, 1, wanted)
+            assert r.status_code == 403 and r.json()["error"]["code"] == "wrong_party", r.text
+            for name in ("peer.key", "admin.key"):  # its other keys are no key to the dealer
+                r = _served_or_refused(c.dealer_url, c.key("replica-0", name), 1, wanted)
+                assert r.status_code == 401, r.text
+        metrics = httpx.get(f"{c.dealer_url}/metrics", timeout=10).text
+        assert 'privdigit_dealer_refused_total{code="wrong_party"} 2.0' in metrics
+        assert 'privdigit_dealer_served_total{party="1"}' not in metrics
+    finally:
+        c.stop()
+
+
+def _wait_healthy(c) -> None:
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{c.dealer_url}/v1/health", timeout=2, verify=c.verify).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        assert c.procs["dealer"].poll() is None, c.tail("dealer")
+        assert time.monotonic() < deadline, c.tail("dealer")
+        time.sleep(0.1)

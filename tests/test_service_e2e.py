@@ -252,13 +252,40 @@ def test_batch_and_body_limits(cluster):
     _assert_error(httpx.get(url), 405, "method_not_allowed")
 
 
-def test_reload_needs_the_deployment_secret(cluster):
+def test_reload_needs_the_replicas_own_admin_key_once_and_fresh(cluster):
+    import time
+
     url = f"{cluster.replica_urls[0]}/v1/admin/reload"
+    admin = cluster.key("replica-0", "admin.key")
     _assert_error(httpx.post(url), 401, "unauthenticated")
     _assert_error(httpx.post(url, headers={auth.AUTH_HEADER: "00" * 32}), 401, "unauthenticated")
-    tag = auth.mac(cluster.secret.encode(), "reload", "0")
+    # the other replica's admin key, and this replica's other keys, are not its admin key
+    for role, name in [("replica-1", "admin.key"), ("replica-0", "peer.key"),
+                       ("replica-0", "dealer.key")]:  # fmt: skip
+        tag = auth.admin_tag(cluster.key(role, name), 0)
+        _assert_error(httpx.post(url, headers={auth.AUTH_HEADER: tag}), 401, "unauthenticated")
+    tag = auth.admin_tag(admin, 0)
     r = httpx.post(url, headers={auth.AUTH_HEADER: tag})
     assert r.status_code == 200 and r.json()["changed"] is False
+    # a recorded call is refused when replayed, and an old or future one is refused outright
+    _assert_error(httpx.post(url, headers={auth.AUTH_HEADER: tag}), 401, "unauthenticated")
+    for skew in (-auth.ADMIN_WINDOW_S - 5, auth.ADMIN_WINDOW_S + 5):
+        old = auth.admin_tag(admin, 0, now=time.time() + skew)
+        _assert_error(httpx.post(url, headers={auth.AUTH_HEADER: old}), 401, "unauthenticated")
+    # a call made for party 1 does not work on party 0
+    other = {auth.AUTH_HEADER: auth.admin_tag(admin, 1)}
+    _assert_error(httpx.post(url, headers=other), 401, "unauthenticated")
+
+
+def test_reload_cli_uses_the_replicas_folder(cluster, capsys):
+    from service.__main__ import main
+
+    folder = str(cluster.credentials / "replica-1")
+    assert main(["reload", cluster.replica_urls[1], "--credentials", folder]) == 0
+    assert '"changed": false' in capsys.readouterr().out
+    wrong = str(cluster.credentials / "replica-0")
+    assert main(["reload", cluster.replica_urls[1], "--credentials", wrong]) == 1
+    assert "unauthenticated" in capsys.readouterr().out
 
 
 def test_dealer_refuses_strangers_and_replays(cluster):
@@ -275,7 +302,7 @@ def test_dealer_refuses_strangers_and_replays(cluster):
     _assert_error(
         httpx.post(url, content=body, headers={auth.AUTH_HEADER: wrong}), 401, "unauthenticated"
     )
-    good = {auth.AUTH_HEADER: auth.dealer_tag(cluster.secret.encode(), 0, body)}
+    good = {auth.AUTH_HEADER: auth.dealer_tag(cluster.key("replica-0", "dealer.key"), 0, body)}
     assert httpx.post(url, content=body, headers=good).status_code == 200
     _assert_error(httpx.post(url, content=body, headers=good), 409, "replayed_request")
 
@@ -480,7 +507,8 @@ def test_tls_everywhere_and_client_api_keys(tmp_path, mnist, plaintext):
 def test_servers_refuse_plain_http_unless_allowed(monkeypatch, capsys):
     from service.__main__ import main
 
-    monkeypatch.setenv("PRIVDIGIT_SECRET", "s" * 32)
+    monkeypatch.setenv("PRIVDIGIT_PARTY0_SECRET", "0" * 32)
+    monkeypatch.setenv("PRIVDIGIT_PARTY1_SECRET", "1" * 32)
     code = main(["dealer", "--port", str(free_ports(1)[0])])
     assert code == 2 and "--allow-http" in capsys.readouterr().err
 

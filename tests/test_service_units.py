@@ -198,21 +198,38 @@ def _run_cli(args, monkeypatch, capsys, env):
     return code, out.out, out.err
 
 
+REPLICA_KEYS = {"PRIVDIGIT_PEER_SECRET": "p" * 32, "PRIVDIGIT_DEALER_SECRET": "d" * 32}
+DEALER_KEYS = {"PRIVDIGIT_PARTY0_SECRET": "0" * 32, "PRIVDIGIT_PARTY1_SECRET": "1" * 32}
+
+
 @pytest.mark.parametrize(
     ("args", "env", "needle"),
     [
-        (("replica", "--party", "0", "--model", "models/default"), {}, "secret"),
+        (("replica", "--party", "0", "--model", "models/default"), {}, "peer_secret missing"),
         (
             ("replica", "--party", "0", "--model", "/nonexistent", "--allow-http"),
-            {"PRIVDIGIT_SECRET": "k" * 32},
+            REPLICA_KEYS,
             "manifest.json not found",
         ),
-        (("replica", "--model", "models/default"), {"PRIVDIGIT_SECRET": "k" * 32}, "party"),
-        (("dealer",), {"PRIVDIGIT_SECRET": "short"}, "at least 32"),
+        (("replica", "--model", "models/default"), REPLICA_KEYS, "party"),
+        (("dealer",), {**DEALER_KEYS, "PRIVDIGIT_PARTY1_SECRET": "short"}, "at least 32"),
+        (("dealer",), {"PRIVDIGIT_PARTY0_SECRET": "0" * 32}, "party1_secret missing"),
+        # one value for two credentials brings back the one-secret hole: refused
+        (("dealer",), {**DEALER_KEYS, "PRIVDIGIT_PARTY1_SECRET": "0" * 32}, "its own credential"),
+        (
+            ("replica", "--party", "1", "--model", "models/default"),
+            {**REPLICA_KEYS, "PRIVDIGIT_DEALER_SECRET": "p" * 32},
+            "its own credential",
+        ),
+        # the old shared deployment secret is refused with a message saying what to do instead
+        (("dealer",), {**DEALER_KEYS, "PRIVDIGIT_SECRET": "k" * 32}, "service certs"),
+        (("replica", "--party", "0", "--model", "m", "--secret", "k" * 32), {}, "no longer"),
+        (("dealer", "--credentials", "/nonexistent"), {}, "not found"),
         (("up", "--ports", "1,2"), {}, "three"),
         (("up", "--model", "/nonexistent"), {}, "python -m training"),
-        (("dealer",), {"PRIVDIGIT_SECRET": "k" * 32}, "--allow-http"),
-        (("dealer", "--tls-cert", "/nonexistent"), {"PRIVDIGIT_SECRET": "k" * 32}, "together"),
+        (("dealer",), DEALER_KEYS, "--allow-http"),
+        (("dealer", "--tls-cert", "/nonexistent"), DEALER_KEYS, "together"),
+        (("reload", "http://127.0.0.1:9"), {}, "admin key"),
     ],
 )
 def test_cli_errors_are_one_line_with_nonzero_exit(args, env, needle, monkeypatch, capsys):
@@ -227,19 +244,27 @@ def test_cli_help(cmd, monkeypatch, capsys):
     assert code == 0 and "usage" in out
 
 
-def test_dev_certs_keep_private_keys_private(tmp_path):
+def test_dev_certs_keep_private_keys_private_and_name_each_role(tmp_path):
     import stat
 
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     from service.devcerts import make_dev_certs
+    from service.identity import ROLES, make_credentials
 
     d = make_dev_certs(tmp_path / "certs", ("replica-1",))
-    for key in ("key.pem", "ca-key.pem"):
-        assert stat.S_IMODE((d / key).stat().st_mode) == 0o600
-    from cryptography import x509
-
-    cert = x509.load_pem_x509_certificate((d / "cert.pem").read_bytes())
-    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert "replica-1" in names.get_values_for_type(x509.DNSName)
+    make_credentials(d)
+    private = [d / "ca-key.pem", *d.glob("*/key.pem"), *d.glob("*/*.key")]
+    assert len(private) == 1 + 4 + 8
+    for path in private:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for role in ROLES:
+        cert = x509.load_pem_x509_certificate((d / role / "cert.pem").read_bytes())
+        cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        assert cn == role
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert "replica-1" in names.get_values_for_type(x509.DNSName)
 
 
 def test_replay_guard_refuses_seen_ids_and_stays_bounded():
@@ -259,8 +284,9 @@ def test_replay_guard_refuses_seen_ids_and_stays_bounded():
 def test_settings_never_print_secrets():
     from service.api.settings import ReplicaSettings
 
-    s = ReplicaSettings(party=0, model=Path("."), secret="s" * 40, api_keys=["key-xyz"])
-    assert "s" * 40 not in repr(s) and "key-xyz" not in repr(s)
+    keys = {"peer_secret": "p" * 40, "dealer_secret": "d" * 40, "admin_secret": "a" * 40}
+    s = ReplicaSettings(party=0, model=Path("."), api_keys=["key-xyz"], **keys)
+    assert not any(v in repr(s) for v in keys.values()) and "key-xyz" not in repr(s)
     assert s.cors_origins == []  # no browser origin is allowed unless configured
 
 

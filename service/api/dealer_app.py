@@ -2,12 +2,17 @@
 
 The body names the request id, the party and the public plan (kinds and shapes); the answer is
 the party's seed, plus for party 1 the corrections (see `wire.py`). Each (request id, party) is
-served once (409 `replayed_request` after), only to a caller that proves the deployment secret
-(401 `unauthenticated` otherwise). The dealer sees no shares and no data, only shapes.
+served once (409 `replayed_request` after). Party p's material goes to party p only
+(`service.identity`): the body's MAC must be made with party p's own credential, which only
+replica p and the dealer hold (401 `unauthenticated` otherwise; 403 `wrong_party`, counted,
+when it is the other replica's), and with TLS the client certificate must name replica p
+(403 `wrong_party` for the other replica's, 401 for none). The dealer sees no shares and no
+data, only shapes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -17,6 +22,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
+from service import identity
 from service.api import auth, wire
 from service.api.errors import ApiError, RequestGuard, install_error_handlers
 from service.api.schemas import REQUEST_ID_PATTERN, ErrorBody, Health
@@ -28,7 +34,8 @@ _RID = re.compile(REQUEST_ID_PATTERN)
 
 
 def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) -> FastAPI:
-    secret = auth.parse_secret(settings.secret)
+    keys = settings.party_secrets()
+    mutual_tls = settings.tls_cert is not None and settings.tls_ca is not None
     dealer = dealer or Dealer()
     registry = CollectorRegistry()
     served = Counter("privdigit_dealer_served", "materials served", ["party"], registry=registry)
@@ -56,7 +63,7 @@ def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) ->
         response_class=Response,
         responses={
             200: {"content": {"application/octet-stream": {}}},
-            **{s: {"model": ErrorBody} for s in (400, 401, 409, 413)},
+            **{s: {"model": ErrorBody} for s in (400, 401, 403, 409, 413)},
         },
     )
     async def randomness(request: Request) -> Response:
@@ -68,12 +75,30 @@ def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) ->
         except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             msg = f"body is not a randomness request ({type(exc).__name__})"
             raise refuse("invalid_request", msg) from None
-        try:
-            auth.verify(secret, request.headers.get(auth.AUTH_HEADER), "dealer", str(party), body)
-        except auth.AuthError as exc:
-            raise refuse("unauthenticated", str(exc)) from None
         if not _RID.match(rid) or party not in (0, 1):
             raise refuse("invalid_request", "request_id or party is malformed")
+        tag = request.headers.get(auth.AUTH_HEADER)
+        try:
+            auth.verify(keys[party], tag, "dealer", str(party), body)
+        except auth.AuthError as exc:
+            with contextlib.suppress(auth.AuthError):
+                auth.verify(keys[1 - party], tag, "dealer", str(party), body)
+                raise refuse(
+                    "wrong_party",
+                    f"this is replica {1 - party}'s credential: the dealer serves party "
+                    f"{party}'s material to party {party} only",
+                ) from None
+            raise refuse("unauthenticated", str(exc)) from None
+        if mutual_tls:
+            role = identity.scope_role(request.scope)
+            if role is None:
+                raise refuse("unauthenticated", "a replica's client certificate is required")
+            if role != identity.replica_role(party):
+                raise refuse(
+                    "wrong_party",
+                    f"the client certificate names {role}: the dealer serves party {party}'s "
+                    f"material to {identity.replica_role(party)} only",
+                )
         try:
             validate_plan(plan, settings.max_plan_elements)
         except PlanTooLarge as exc:

@@ -14,6 +14,7 @@ import ssl
 import threading
 from urllib.parse import urlsplit
 
+from service import identity
 from service.api import auth, wire
 from service.api.errors import ApiError
 from service.mpc.dealer import PartyMaterial, Request
@@ -35,6 +36,23 @@ def _read_all(r: http.client.HTTPResponse) -> bytes | bytearray:
     return buf
 
 
+class _RoleCheckingHTTPS(http.client.HTTPSConnection):
+    """An HTTPS connection that refuses a server whose certificate does not name `expect_role`."""
+
+    def __init__(self, *args, expect_role: str | None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._expect_role = expect_role
+
+    def connect(self) -> None:
+        super().connect()
+        if self._expect_role is not None:
+            try:
+                identity.expect_role(self.sock, self._expect_role)
+            except identity.IdentityError:
+                self.close()
+                raise
+
+
 class DealerClient:
     def __init__(
         self,
@@ -44,8 +62,11 @@ class DealerClient:
         *,
         timeout: float,
         context: ssl.SSLContext,
+        expect_role: str | None = None,
     ) -> None:
-        """`context`: how to verify an https dealer (the replica's, with its CA)."""
+        """`secret`: the key only this replica and the dealer hold (`service.identity`).
+        `context`: how to verify an https dealer (the replica's, with its CA and its own
+        certificate); `expect_role`: the role the dealer's certificate must name."""
         self.url = url.rstrip("/")
         self._secret, self.party, self._timeout = secret, party, timeout
         parts = urlsplit(self.url)
@@ -54,6 +75,7 @@ class DealerClient:
         self._https, self._host, self._port = parts.scheme == "https", parts.hostname, parts.port
         self._path = f"{parts.path}/v1/randomness"
         self._ssl = context
+        self._expect_role = expect_role
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
@@ -62,8 +84,12 @@ class DealerClient:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             if self._https:
-                conn = http.client.HTTPSConnection(
-                    self._host, self._port, timeout=self._timeout, context=self._ssl
+                conn = _RoleCheckingHTTPS(
+                    self._host,
+                    self._port,
+                    timeout=self._timeout,
+                    context=self._ssl,
+                    expect_role=self._expect_role,
                 )
             else:
                 conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)

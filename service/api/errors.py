@@ -23,6 +23,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "share_mismatch": (400, "the two replicas received shares of different shapes or outputs"),
     "unauthenticated": (401, "missing or wrong deployment credentials"),
     "scores_disabled": (403, "the operator has not enabled score outputs"),
+    "wrong_party": (403, "a party asked for what belongs to another party"),
     "not_found": (404, "no such route"),
     "method_not_allowed": (405, "wrong HTTP method"),
     "replayed_request": (409, "this request id was already used"),

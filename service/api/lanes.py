@@ -38,6 +38,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from service import identity
 from service.api import auth, wire
 from service.api.peer import MAX_FRAME, FramedChannel, PeerLost
 
@@ -164,7 +165,10 @@ class Lanes:
         timeout: float,
         on_auth_failure: Callable[[], None] = lambda: None,
     ) -> None:
+        """`secret`: the key the two replicas share (`service.identity`). With TLS, each side
+        also checks that the other's certificate names the other replica."""
         self.party, self._secret, self.count, self.timeout = party, secret, count, timeout
+        self._peer_role = identity.replica_role(1 - party)
         self._on_auth_failure = on_auth_failure
         self._lanes: dict[int, Lane] = {}
         self._lock = threading.Lock()
@@ -176,6 +180,7 @@ class Lanes:
         # party 0
         self._target: tuple[str, int] | None = None
         self._client_tls: ssl.SSLContext | None = None
+        self._expect_server_role = False
         self._wake = threading.Event()
 
     # -- both ----------------------------------------------------------------------------------
@@ -251,6 +256,8 @@ class Lanes:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._server_tls is not None:
                 conn = self._server_tls.wrap_socket(conn, server_side=True)
+                if self._server_tls.verify_mode == ssl.CERT_REQUIRED:
+                    identity.expect_role(conn, self._peer_role)
             ns = auth.nonce()
             _send_json(conn, {"hello": HELLO, "party": 1, "nonce": ns})
             msg = _recv_json(conn)
@@ -263,7 +270,16 @@ class Lanes:
             _send_json(conn, {"mac": auth.mac(self._secret, "lane", "1", ns, nc, str(index))})
             log.info("lane connected", extra={"fields": {"lane": index}})
         except Exception as exc:  # wrong MAC, garbage, silence, TLS failure: refused
-            if isinstance(exc, (auth.AuthError, ValueError, KeyError)):
+            if isinstance(
+                exc,
+                (
+                    auth.AuthError,
+                    identity.IdentityError,
+                    ssl.SSLCertVerificationError,
+                    ValueError,
+                    KeyError,
+                ),
+            ):
                 self._on_auth_failure()
             log.warning("lane refused: %s", type(exc).__name__)
             with contextlib.suppress(OSError):
@@ -273,10 +289,14 @@ class Lanes:
 
     # -- party 0: dial -------------------------------------------------------------------------
 
-    def connect_to(self, host: str, port: int, tls: ssl.SSLContext | None) -> None:
-        """Party 0: (re)dial every lane to party 1's lane port (announced in LANES)."""
+    def connect_to(
+        self, host: str, port: int, tls: ssl.SSLContext | None, *, check_role: bool = False
+    ) -> None:
+        """Party 0: (re)dial every lane to party 1's lane port (announced in LANES); with
+        `check_role`, refuse a lane whose certificate does not name replica 1."""
         self.close_all()
         self._target, self._client_tls = (host, port), tls
+        self._expect_server_role = check_role
         self._wake.set()
 
     def forget_target(self) -> None:
@@ -316,6 +336,8 @@ class Lanes:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._client_tls is not None:
                 sock = self._client_tls.wrap_socket(sock, server_hostname=host)
+                if self._expect_server_role:
+                    identity.expect_role(sock, self._peer_role)
             hello = _recv_json(sock)
             if hello.get("hello") != HELLO or hello.get("party") != 1:
                 raise auth.AuthError("the other end is not a party-1 privdigit lane")

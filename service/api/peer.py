@@ -167,9 +167,13 @@ class PeerLink:
             while True:
                 await conn.send(await outbox.get())
 
-    async def dial_forever(self, url: str, *, ssl: Any = None) -> None:
-        """Party 0: keep a stream to party 1 open, redialling with backoff when it drops."""
+    async def dial_forever(self, url: str, *, ssl: Any = None, expect: str | None = None) -> None:
+        """Party 0: keep a stream to party 1 open, redialling with backoff when it drops.
+
+        `expect`: the role party 1's TLS certificate must name (`service.identity`)."""
         from websockets.asyncio.client import connect
+
+        from service import identity
 
         delay = 0.1
         while True:
@@ -177,11 +181,15 @@ class PeerLink:
                 async with connect(
                     url, max_size=MAX_FRAME, ssl=ssl, open_timeout=self.timeout, compression=None
                 ) as ws:
+                    if expect is not None:
+                        identity.expect_role(ws.transport.get_extra_info("ssl_object"), expect)
                     delay = 0.1
                     await self.run(ws, initiator=True)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if isinstance(exc, identity.IdentityError):
+                    self._on_auth_failure()
                 self.last_error = f"cannot reach peer at {url}: {type(exc).__name__}: {exc}"
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)

@@ -1,7 +1,7 @@
 """A replica's web app: it holds one share of the model and runs the network with its peer.
 
 Routes (the contract is `openapi.yaml`): `GET /v1/health`, `GET /v1/ready`, `GET /v1/model`,
-`POST /v1/predict`, `POST /v1/admin/reload` (deployment secret), `GET /metrics`, and the
+`POST /v1/predict`, `POST /v1/admin/reload` (the operator's admin key), `GET /metrics`, and the
 WebSocket `/v1/peer` (party 1 accepts party 0 there; protocol rounds run on the direct lanes
 of `lanes.py` when they are up). One predict request:
   1. validate the body and the share's shape; refuse a request id seen before (409);
@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -35,6 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service import identity
 from service.api import auth, wire
 from service.api.batching import Batcher, Run
 from service.api.dealer_client import DealerClient
@@ -119,28 +119,38 @@ class Replica:
     def __init__(self, settings: ReplicaSettings) -> None:
         self.settings = s = settings
         self.party = s.party
-        self.secret = auth.parse_secret(s.secret)
         self.metrics = ReplicaMetrics()
+        peer_key, dealer_key = s.peer_secret.encode(), s.dealer_secret.encode()
+        self.admin = auth.AdminGuard(s.admin_secret.encode(), s.party)
+        # With TLS and a CA: this replica shows its own certificate when it dials, and expects
+        # the other replica's (peer stream, lanes) or the dealer's.
+        self.mutual_tls = s.tls_cert is not None and s.tls_ca is not None
+        self.peer_role = identity.replica_role(1 - s.party)
         self.registry = ModelRegistry(s.model, s.party, comparison=s.comparison)
         # The comparison protocol travels with the held versions (authenticated by the
         # handshake), so replicas that would run different protocols never pair up.
         self.protocol_tag = f"{PROTOCOL_TAG}{s.comparison}"
         self.peer = PeerLink(
-            self.secret,
+            peer_key,
             lambda: [*self.registry.versions(), self.protocol_tag],
             timeout=s.peer_timeout_s,
             on_auth_failure=lambda: self.metrics.auth_failures.labels("peer").inc(),
         )
-        self.ssl = ssl.create_default_context(cafile=str(s.tls_ca) if s.tls_ca else None)
+        self.ssl = identity.client_context(s.tls_ca, s.tls_cert, s.tls_key)
         self.dealer = DealerClient(
-            s.dealer_url, self.secret, s.party, timeout=s.dealer_timeout_s, context=self.ssl
+            s.dealer_url,
+            dealer_key,
+            s.party,
+            timeout=s.dealer_timeout_s,
+            context=self.ssl,
+            expect_role=identity.DEALER_ROLE if self.mutual_tls else None,
         )
         self._api_keys = [hashlib.sha256(k.encode()).digest() for k in s.api_keys]
         self.draining = False
         self.replay = ReplayGuard()
         self.lanes = Lanes(
             s.party,
-            self.secret,
+            peer_key,
             count=s.max_batches if s.lanes else 0,
             timeout=s.peer_timeout_s,
             on_auth_failure=lambda: self.metrics.auth_failures.labels("lane").inc(),
@@ -186,7 +196,8 @@ class Replica:
         if self.party == 0 and self.settings.lanes and isinstance(port, int) and 0 < port < 65536:
             url = urlsplit(self.settings.peer_url)
             tls = self.ssl if url.scheme == "wss" else None
-            self.lanes.connect_to(url.hostname or "127.0.0.1", port, tls)
+            check = tls is not None and self.mutual_tls
+            self.lanes.connect_to(url.hostname or "127.0.0.1", port, tls, check_role=check)
 
     def _on_disconnect(self, reason: str) -> None:
         self.weight_masks.clear()
@@ -204,8 +215,7 @@ class Replica:
         if self.party == 1:
             tls = None
             if s.tls_cert is not None and s.tls_key is not None:
-                tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                tls.load_cert_chain(str(s.tls_cert), str(s.tls_key))
+                tls = identity.server_context(s.tls_cert, s.tls_key, s.tls_ca)
             self.lane_port = self.lanes.listen(s.host, s.lane_port, tls)
             log.info("lanes listening", extra={"fields": {"port": self.lane_port}})
         else:
@@ -542,7 +552,8 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         if settings.party == 0:
             url = settings.peer_url
             tls = rep.ssl if url.startswith("wss://") else None
-            tasks.append(asyncio.create_task(rep.peer.dial_forever(url, ssl=tls)))
+            role = rep.peer_role if tls is not None and rep.mutual_tls else None
+            tasks.append(asyncio.create_task(rep.peer.dial_forever(url, ssl=tls, expect=role)))
         yield
         await rep.batcher.stop()
         for t in tasks:
@@ -679,11 +690,15 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         responses=_errors("unauthenticated", "not_ready"),
     )
     async def reload(
-        x_privdigit_auth: str | None = Header(default=None, description="HMAC of 'reload'"),
+        x_privdigit_auth: str | None = Header(
+            default=None,
+            description="`time:nonce:mac` from the replica's admin key (`service.api.auth."
+            "admin_tag`), usable once within a minute",
+        ),
     ) -> ReloadResult:
         """Load the model directory's current model now (also done by the directory watch)."""
         try:
-            auth.verify(rep.secret, x_privdigit_auth, "reload", str(rep.party))
+            rep.admin.check(x_privdigit_auth)
         except auth.AuthError as exc:
             rep.metrics.auth_failures.labels("admin").inc()
             raise ApiError("unauthenticated", str(exc)) from None
@@ -711,6 +726,11 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         if rep.party != 1:
             rep.metrics.auth_failures.labels("peer").inc()
             await ws.close(4403, "party 0 does not accept peer connections")
+            return
+        if rep.mutual_tls and identity.scope_role(ws.scope) != rep.peer_role:
+            rep.metrics.auth_failures.labels("peer").inc()
+            role = identity.scope_role(ws.scope) or "no certificate"
+            await ws.close(4403, f"only {rep.peer_role} may dial here, not {role}")
             return
         await rep.peer.run(_StarletteConn(ws), initiator=False)
 

@@ -1,16 +1,21 @@
 """Settings for replica and dealer, from flags or environment (pydantic-settings).
 
 Environment variables use the prefix `PRIVDIGIT_` (e.g. `PRIVDIGIT_PARTY=1`,
-`PRIVDIGIT_MODEL=/models/current`, `PRIVDIGIT_SECRET=...`). Command-line flags win.
+`PRIVDIGIT_MODEL=/models/current`, `PRIVDIGIT_PEER_SECRET=...`). Command-line flags win.
+Credentials (`service.identity`) come from their own variables or from files in the role's
+folder (`--credentials DIR/replica-0`, `PRIVDIGIT_CREDENTIALS`; `python -m service certs DIR`
+makes the folders), so that Kubernetes or compose can mount them as secret files.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service import identity
 
 FSS_MAX_BATCH = 8  # default batch cap with fss: dealer keys grow by ~7 MB per image and party
 
@@ -21,8 +26,14 @@ class _Base(BaseSettings):
     host: str = "127.0.0.1"
     secret: str = Field(
         default="",
-        description="per-deployment secret shared by both replicas and the dealer (>= 32 chars)",
+        description="no longer accepted: one secret shared by all parties lets any of them "
+        "speak as another (use per-pair credentials)",
         repr=False,
+    )
+    credentials: Path | None = Field(
+        default=None,
+        description="this role's folder from `python -m service certs DIR` (e.g. "
+        "DIR/replica-0): credential files for the settings not given otherwise",
     )
     log_level: str = "info"
     tls_cert: Path | None = Field(default=None, description="PEM certificate to serve HTTPS")
@@ -36,13 +47,36 @@ class _Base(BaseSettings):
 
     @field_validator("secret")
     @classmethod
-    def _secret_long_enough(cls, v: str) -> str:
-        if len(v) < 32:
+    def _no_shared_secret(cls, v: str) -> str:
+        if v:
             raise ValueError(
-                "PRIVDIGIT_SECRET (or --secret) must be at least 32 characters; create one "
-                "with: python -c 'import secrets; print(secrets.token_hex(32))'"
+                "PRIVDIGIT_SECRET (one secret for all three parties) is no longer accepted: it "
+                "lets any party speak as another. Make one credential per pair of parties with "
+                "`python -m service certs DIR` and pass --credentials DIR/<role>"
             )
         return v
+
+    # credential file -> setting, in this role's folder
+    _credential_files: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _credentials_from_files(cls, data: Any) -> Any:
+        folder = data.get("credentials") if isinstance(data, dict) else None
+        if folder is None:
+            return data
+        if not Path(folder).is_dir():
+            raise ValueError(f"credentials folder {folder} not found")
+        found = identity.read_credentials(Path(folder), cls._credential_files)
+        return {**found, **{k: v for k, v in data.items() if v not in (None, "")}}
+
+    def _require(self, *names: str) -> None:
+        for name in names:
+            if not getattr(self, name):
+                raise ValueError(
+                    f"{name} missing: set PRIVDIGIT_{name.upper()} or pass --credentials with "
+                    "this role's folder from `python -m service certs DIR`"
+                )
 
     def transport_problem(self) -> str | None:
         """Why this configuration must not start, or None."""
@@ -60,7 +94,19 @@ class _Base(BaseSettings):
 
 
 class ReplicaSettings(_Base):
+    _credential_files: ClassVar[dict[str, str]] = identity.REPLICA_KEYS
     party: int = Field(ge=0, le=1)
+    peer_secret: str = Field(
+        default="", repr=False, description="credential shared with the other replica only"
+    )
+    dealer_secret: str = Field(
+        default="", repr=False, description="credential shared with the dealer only"
+    )
+    admin_secret: str = Field(
+        default="",
+        repr=False,
+        description="this replica's operator credential for /v1/admin/reload (unset: refused)",
+    )
     model: Path = Field(description="model directory written by `python -m training`")
     port: int = 8000
     peer_url: str = Field(
@@ -138,9 +184,29 @@ class ReplicaSettings(_Base):
             self.max_batch = FSS_MAX_BATCH
         return self
 
+    @model_validator(mode="after")
+    def _own_credentials(self) -> ReplicaSettings:
+        self._require("peer_secret", "dealer_secret")
+        identity.check_distinct(
+            {n: getattr(self, n) for n in ("peer_secret", "dealer_secret", "admin_secret")}
+        )
+        return self
+
 
 class DealerSettings(_Base):
+    _credential_files: ClassVar[dict[str, str]] = identity.DEALER_KEYS
     port: int = 8002
+    party0_secret: str = Field(default="", repr=False, description="credential of replica 0")
+    party1_secret: str = Field(default="", repr=False, description="credential of replica 1")
     max_plan_elements: int = Field(
         default=50_000_000, description="refuse plans asking for more ring elements than this"
     )
+
+    @model_validator(mode="after")
+    def _own_credentials(self) -> DealerSettings:
+        self._require("party0_secret", "party1_secret")
+        identity.check_distinct({n: getattr(self, n) for n in ("party0_secret", "party1_secret")})
+        return self
+
+    def party_secrets(self) -> tuple[bytes, bytes]:
+        return self.party0_secret.encode(), self.party1_secret.encode()
