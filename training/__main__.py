@@ -2,6 +2,7 @@
 
     python -m training --rounds 20 --clients 100 --fraction 0.1 --out models/latest
     python -m training resplit models/latest      # fresh shares (new version), same model
+    python -m training evaluate models/latest --private   # 10,000 test images, privately
 
 A run shows a progress bar and writes, atomically into --out: the plaintext model, the two
 replica share files and the public manifest.json, metrics.json (per round) and curves.png.
@@ -311,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["resplit"]:
         return run_resplit(argv[1:])
+    if argv[:1] == ["evaluate"]:
+        from training.evaluate import main as run_evaluate
+
+        return run_evaluate(argv[1:])
     return run_train(train_parser().parse_args(argv))
 
 
