@@ -236,6 +236,26 @@ def _ports(text: str) -> tuple[int, int, int]:
     return ports  # type: ignore[return-value]
 
 
+def model_summary(directory: Path) -> str:
+    """One line on the served model: its version and how it was made (manifest provenance)."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return f"{directory} (no readable manifest)"
+    line = f"version {manifest.get('model_version')}"
+    origin = manifest.get("provenance")
+    if not isinstance(origin, dict):
+        note = manifest.get("note") or "no provenance recorded"
+        return f"{line}; {note}"
+    line += f", made by `{origin.get('command')}`"
+    acc, private = origin.get("plaintext_test_accuracy"), origin.get("private_test_accuracy")
+    if isinstance(acc, float):
+        line += f"; test accuracy {100 * acc:.2f}%"
+    if isinstance(private, float):
+        line += f", privately {100 * private:.2f}% on {origin.get('test_images')} images"
+    return line
+
+
 def cmd_up(a: argparse.Namespace) -> int:
     from service.cluster import DEFAULT_MODEL, REPO, Cluster, ClusterError
     from service.store import StoreError, load_share
@@ -268,6 +288,7 @@ def cmd_up(a: argparse.Namespace) -> int:
     if cluster.web_url:
         print(f"web page:  {cluster.web_url}/   (open it in a browser)")
     print(f"logs:      {cluster.log_dir}")
+    print(f"model:     {model_summary(model)}")
     cacert = f" --cacert {cluster.ca}" if cluster.ca else ""
     print(f"try:       python clients/predict.py digit.png --replicas {r0},{r1}{cacert}")
     if not a.tls:

@@ -66,6 +66,7 @@ class LoadedModel:
             "architecture": m["architecture"],
             "fixed_point": m["fixed_point"],
             "shares": m["shares"],
+            "provenance": m.get("provenance"),
         }
 
 

@@ -304,7 +304,7 @@ def test_party_0_refuses_a_lane_server_that_is_not_replica_1(pair, tmp_path, ser
     """Party 0 checks the certificate of the lane port it was told about: an impostor that
     took party 1's address (or port) gets no lane, whatever key it holds."""
     certs = make_dev_certs(tmp_path)
-    p0, p1, _, _ = pair(
+    p0, _, _, _ = pair(
         count=1, tls=_role_contexts(certs, server_role, "replica-0"), check_role=True
     )
     _wait(lambda: "IdentityError" in caplog.text)

@@ -49,7 +49,9 @@ def test_help_lists_every_flag(small_mnist):
         "--secure-agg",
         "--out",
         "--force",
+        "--private-eval",
         "resplit",
+        "evaluate",
     ):
         assert flag in out.stdout
 
@@ -108,6 +110,19 @@ def test_a_small_run_writes_model_shares_metrics_and_curves(small_mnist, tmp_pat
     assert (out_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["model_version"] == summary["model_version"]
+    # provenance: the exact command, the code, the setting, and the private test accuracy of
+    # the very shares it wrote (the test split here: 200 images), equal to the plaintext's
+    origin = manifest["provenance"]
+    assert origin["command"] == "python -m training " + " ".join(args)
+    assert origin["package_version"] == "0.1.0" and origin["git_commit"]
+    assert (origin["rounds"], origin["clients"], origin["fraction"]) == (3, 4, 1.0)
+    assert (origin["local_epochs"], origin["partition"]) == (3, "iid")
+    assert origin["server_optimizer"] == "fedavg" and origin["dp"] is None
+    assert origin["secure_aggregation"] is False and origin["test_images"] == 200
+    assert origin["plaintext_test_accuracy"] == summary["final_test_accuracy"]
+    assert origin["private_label_agreement"] == 1.0
+    assert origin["private_test_accuracy"] == origin["plaintext_test_accuracy"]
+    assert summary["private_test_accuracy"] == origin["private_test_accuracy"]
     # refuses to overwrite, then --force replaces, then resplit renews the version
     again = _cli(*args, data_dir=small_mnist)
     assert again.returncode != 0 and "--force" in again.stderr

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,14 +125,22 @@ def export_model(
     force: bool = False,
     extra_files: dict[str, bytes] | None = None,
     extra_manifest: dict[str, Any] | None = None,
+    amend: Callable[[Path, dict[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Export `state` (a plaintext state dict) into `out`; returns the manifest."""
+    """Export `state` (a plaintext state dict) into `out`; returns the manifest.
+
+    `amend(directory, manifest)`: runs on the written model before it is published (e.g. to
+    evaluate the shares privately) and returns what to add to the manifest."""
     fp = fp or FixedPoint(16)
 
     def write(tmp: Path) -> dict[str, Any]:
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        return _write_split(tmp, state, layers, input_shape, fp, extra_manifest or {})
+        manifest = _write_split(tmp, state, layers, input_shape, fp, extra_manifest or {})
+        if amend is not None:
+            manifest = {**manifest, **amend(tmp, manifest)}
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        return manifest
 
     return publish(out, write, force=force)
 

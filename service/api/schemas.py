@@ -120,6 +120,11 @@ class ModelInfo(BaseModel):
     architecture: dict[str, Any]
     fixed_point: dict[str, int]
     shares: list[dict[str, Any]]
+    provenance: dict[str, Any] | None = Field(
+        default=None,
+        description="how the model was made (`python -m training`): the command, code version, "
+        "federated setting, DP, secure aggregation, plaintext and private test accuracy",
+    )
     scores_enabled: bool
     max_batch: int
 
