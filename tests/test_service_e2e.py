@@ -7,6 +7,7 @@ JSON error; the peer and dealer refuse strangers; versions that disagree keep re
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -379,6 +380,14 @@ def test_readiness_refuses_mismatched_model_versions(tmp_path, mnist):
         c.stop()
 
 
+def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
+    """Wait for a condition, not for time: generous, so that a loaded machine only slows it."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 def test_model_refresh_switches_both_replicas_without_dropping_requests(tmp_path, mnist, plaintext):
     """Re-split the served model while a client keeps predicting: no request fails, both
     replicas end on the new version together; a half-written model is refused, old one kept."""
@@ -412,15 +421,17 @@ def test_model_refresh_switches_both_replicas_without_dropping_requests(tmp_path
 
         worker = threading.Thread(target=keep_predicting)
         worker.start()
-        time.sleep(1.0)
+        _wait_for(lambda: results, "a first prediction on the old version")
         new = resplit(d)["model_version"]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def both_serve_new() -> bool:
+            nonlocal ready
             ready = [httpx.get(f"{u}/v1/ready").json() for u in c.replica_urls]
-            if all(r["serving_version"] == new for r in ready):
-                break
-            time.sleep(0.1)
-        time.sleep(1.0)
+            return all(r["serving_version"] == new for r in ready)
+
+        ready: list = []
+        _wait_for(both_serve_new, "both replicas serving the new version")
+        _wait_for(lambda: results[-1][1] == new, "a prediction on the new version")
         stop.set()
         worker.join(30)
         assert not errors, errors[:3]
@@ -432,7 +443,10 @@ def test_model_refresh_switches_both_replicas_without_dropping_requests(tmp_path
         # a half-written share: refused, the good version keeps serving
         share = d / "share-0.safetensors"
         share.write_bytes(share.read_bytes()[:5000])
-        time.sleep(1.0)
+        _wait_for(
+            lambda: httpx.get(f"{c.replica_urls[0]}/v1/ready").json()["last_reload_error"],
+            "replica 0 refusing the half-written share",
+        )
         ready0 = httpx.get(f"{c.replica_urls[0]}/v1/ready").json()
         assert ready0["ready"] and ready0["serving_version"] == new
         assert "commitment" in ready0["last_reload_error"] or ready0["last_reload_error"]
@@ -655,3 +669,69 @@ def test_batches_of_the_usual_size_run_on_material_fetched_ahead(cluster, mnist,
             labels = [p.label for p in client.predict_encoded(images)]
             assert labels == _plain_labels(plaintext, images).tolist()
     assert all(_gauge(u, hits) >= b + 2 for u, b in zip(cluster.replica_urls, before, strict=True))
+
+
+def test_retraining_into_the_served_directory_switches_the_service_up(small_mnist, tmp_path, mnist):
+    """The refresh loop through the real commands: `python -m service up --model DIR` serves,
+    `python -m training --out DIR --force` retrains into DIR, and a client that keeps asking sees
+    the new version with zero failed requests and the new model's labels."""
+    import threading
+
+    from training.evaluate import plaintext_labels
+
+    d = tmp_path / "model"
+    env = {**os.environ, "PRIVDIGIT_DATA_DIR": str(small_mnist)}
+    train = [sys.executable, "-m", "training", "--rounds", "1", "--clients", "4", "--fraction",
+             "1", "--local-epochs", "1", "--out", str(d), "--force", "--json"]  # fmt: skip
+    first = subprocess.run([*train, "--seed", "1"], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    images, _ = mnist
+    x = images[:8]
+    old_labels = list(plaintext_labels(d, x))
+    ports = free_ports(3)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "service", "up", "--model", str(d), "--no-web",
+         "--ports", ",".join(map(str, ports)), "--log-dir", str(tmp_path / "logs")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    urls = [f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}"]
+    try:
+        banner = []
+        for line in up.stdout:  # type: ignore[union-attr]
+            banner.append(line)
+            if line.startswith("ready."):
+                break
+        assert any("made by `python -m training" in b for b in banner), "".join(banner)
+        old = httpx.get(f"{urls[0]}/v1/model").json()
+        assert old["provenance"]["rounds"] == 1
+        stop, results, errors = threading.Event(), [], []
+
+        def keep_predicting() -> None:
+            with privdigit.PrivDigitClient(urls) as client:
+                while not stop.is_set():
+                    try:
+                        preds = client.predict_encoded(x)
+                        results.append(([p.label for p in preds], preds[0].model_version))
+                    except privdigit.PrivDigitError as exc:
+                        errors.append(exc)
+
+        worker = threading.Thread(target=keep_predicting)
+        worker.start()
+        try:
+            _wait_for(lambda: results, "a first prediction")
+            again = subprocess.run([*train, "--seed", "2"], env=env, capture_output=True, text=True)
+            assert again.returncode == 0, again.stderr
+            new = json.loads(again.stdout.strip().splitlines()[-1])["model_version"]
+            _wait_for(lambda: results[-1][1] == new, "the client seeing the new version")
+        finally:
+            stop.set()
+            worker.join(60)
+        assert not errors, errors[:3]
+        new_labels = list(plaintext_labels(d, x))
+        assert {v for _, v in results} == {old["model_version"], new}
+        for labels, version in results:
+            assert labels == (new_labels if version == new else old_labels), version
+        assert httpx.get(f"{urls[1]}/v1/model").json()["model_version"] == new
+    finally:
+        up.terminate()
+        up.wait(60)
