@@ -306,7 +306,7 @@ def aggregate(results: Sequence[ClientResult]) -> list[torch.Tensor]:
 def combine(
     results: Sequence[ClientResult],
     cfg: FedConfig,
-    noise_generator: torch.Generator | None = None,
+    noise_generator: privacy.NoiseSource | None = None,
 ) -> list[torch.Tensor]:
     """The server's update direction for one round, following ``cfg`` (plain, secure, DP)."""
     dtype = results[0].delta[0].dtype

@@ -6,18 +6,22 @@ coordinate of the SUM, and divides by the expected cohort size. The accountant t
 as a Poisson-subsampled Gaussian mechanism with rate ``sample_rate`` (fixed-size sampling
 without replacement is the usual approximation of it).
 
-Noise comes from a ``torch.Generator`` seeded from ``os.urandom`` unless a caller passes a
-generator (tests do, for reproducibility).
+Noise comes from a cryptographic source: AES-256-CTR (``service.mpc.prg.PRG``) keyed by 32
+fresh bytes of ``os.urandom``, turned into Gaussians by Box-Muller on 53-bit uniforms. Tests may
+key it with a fixed seed, for reproducibility. (A seeded ``torch.Generator`` has a 64-bit state
+an observer of enough noise could recover; AES keyed by 256 random bits has no such shortcut.)
+Floating-point attacks on the Gaussian's low-order bits (Mironov 2012) are not addressed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
-import os
 from collections.abc import Sequence
 
 import dp_accounting
+import numpy as np
 import torch
 from dp_accounting.rdp import RdpAccountant
 
@@ -37,18 +41,42 @@ def clip_update(update: Sequence[torch.Tensor], clip: float) -> tuple[list[torch
     return [t * scale for t in update], scale
 
 
-def secure_generator(seed: int | None = None) -> torch.Generator:
-    """A CPU generator seeded from 64 bits of ``os.urandom`` (or ``seed``, for tests only)."""
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(os.urandom(8), "little") if seed is None else seed)
-    return g
+class NoiseSource:
+    """Gaussian noise from AES-256-CTR keyed by a fresh 32-byte ``os.urandom`` seed."""
+
+    def __init__(self, seed: bytes | None = None) -> None:
+        from service.mpc.prg import PRG, fresh_seed
+
+        self._prg = PRG(fresh_seed() if seed is None else seed)
+
+    def uniform(self, n: int) -> np.ndarray:
+        """n uniforms in [0, 1) with 53 random bits each (float64)."""
+        words = self._prg.ring((n,)).numpy().view(np.uint64) >> np.uint64(11)
+        return words.astype(np.float64) * 2.0**-53
+
+    def normal(self, shape: Sequence[int] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """Standard normal samples (Box-Muller: two uniforms make two normals)."""
+        n = math.prod(shape)
+        half = (n + 1) // 2
+        u = self.uniform(2 * half)
+        radius = np.sqrt(-2.0 * np.log1p(-u[:half]))  # 1 - u in (0, 1]: never log(0)
+        angle = 2.0 * math.pi * u[half:]
+        z = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:n]
+        return torch.from_numpy(z).to(dtype).reshape(tuple(shape))
+
+
+def secure_generator(seed: int | None = None) -> NoiseSource:
+    """The noise source: keyed by ``os.urandom``, or by ``seed`` (tests only, reproducible)."""
+    if seed is None:
+        return NoiseSource()
+    return NoiseSource(hashlib.sha256(b"privdigit/dp-test-seed/" + str(seed).encode()).digest())
 
 
 def add_noise(
     sum_update: Sequence[torch.Tensor],
     noise_multiplier: float,
     clip: float,
-    generator: torch.Generator | None = None,
+    generator: NoiseSource | None = None,
 ) -> list[torch.Tensor]:
     """Add Gaussian noise with std ``noise_multiplier * clip`` to each coordinate of the sum."""
     if noise_multiplier < 0:
@@ -57,7 +85,7 @@ def add_noise(
     if std == 0:
         return [t.clone() for t in sum_update]
     gen = generator if generator is not None else secure_generator()
-    return [t + torch.randn(t.shape, generator=gen, dtype=t.dtype) * std for t in sum_update]
+    return [t + gen.normal(t.shape, t.dtype) * std for t in sum_update]
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
