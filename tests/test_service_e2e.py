@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from clients import privdigit
 from service.api import auth
 from service.cluster import DEFAULT_MODEL, Cluster, free_ports
+from service.mpc.dealer import new_run_id
 from training.model import DigitCNN
 
 REPO = Path(__file__).resolve().parent.parent
@@ -264,7 +265,7 @@ def test_reload_needs_the_deployment_secret(cluster):
 def test_dealer_refuses_strangers_and_replays(cluster):
     body = json.dumps(
         {
-            "request_id": secrets.token_urlsafe(18),
+            "request_id": new_run_id(),
             "party": 0,
             "plan": [{"kind": "and", "shapes": [[4]], "params": []}],
         }

@@ -5,7 +5,8 @@ request arrived (ARRIVED: shape, output, wanted version); party 0 pairs it with 
 checks that both describe the same job (else both answer 400 `share_mismatch`), and queues it.
 Party 0's batcher takes queued requests of the same output and model version, up to
 `max_batch` images, whenever one of its `max_batches` slots is free, and announces the batch
-(BATCH: a fresh batch id, the version, the request ids in order, the slot and whether the run
+(BATCH: a fresh batch id (`dealer.new_run_id`: it carries its minting time, which the dealer
+checks against its window), the version, the request ids in order, the slot and whether the run
 uses the slot's lane (`lanes.py`), else the peer stream, whether this run opens the
 model's masked weights, yes until a run has done so on the current peer connection, see
 `beaver.linear`, and the dealer material to use: a prefetched entry's id when one fits, see
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,6 +42,7 @@ from service.api.errors import ApiError
 from service.api.lanes import MAX_LANES, Lanes
 from service.api.peer import PeerLink, PeerLost
 from service.api.prefetch import PREFETCH_BATCH, PREFETCH_OUTPUT, MaterialPool
+from service.mpc.dealer import new_run_id
 from service.store import LoadedModel, ModelRegistry
 
 IDLE_S = 0.05  # party 0 refills prefetched material after this long without a run
@@ -278,7 +279,7 @@ class Batcher:
         if size < 2:
             return
         for _ in range(self.pool.ahead(model, size, self._ahead)):
-            material_id = secrets.token_urlsafe(18)
+            material_id = new_run_id()
             self._send(wire.PREFETCH, material_id, {"version": model.version, "batch": size})
             self.pool.add(material_id, model, size, PREFETCH_OUTPUT)
 
@@ -305,7 +306,7 @@ class Batcher:
                     continue
                 for job in jobs:
                     job.batched = True
-                batch_id = secrets.token_urlsafe(18)
+                batch_id = new_run_id()
                 images = sum(j.x.shape[0] for j in jobs)
                 ready = self.pool.claim(model, images, jobs[0].output)
                 if jobs[0].output == PREFETCH_OUTPUT:
@@ -356,7 +357,7 @@ class Batcher:
         if model is None:
             return
         for _ in range(self.pool.missing(model)):
-            material_id = secrets.token_urlsafe(18)
+            material_id = new_run_id()
             self._send(wire.PREFETCH, material_id, {"version": model.version})
             self.pool.add(material_id, model, PREFETCH_BATCH, PREFETCH_OUTPUT)
 

@@ -3,7 +3,10 @@
 The body names the request id, the party and the public plan (kinds and shapes); the answer is
 the party's seed, plus for party 1 the corrections (see `wire.py`). Each (request id, party) is
 served once (409 `replayed_request` after), only to a caller that proves the deployment secret
-(401 `unauthenticated` otherwise). The dealer sees no shares and no data, only shapes.
+(401 `unauthenticated` otherwise). The request id must be a run id (`dealer.new_run_id`: its
+minting time, "-", random characters) within `run_id_window_s` of the dealer's clock (422
+`run_id_out_of_window` otherwise), so the served-once rule forgets ids as they age out and its
+memory stays bounded. The dealer sees no shares and no data, only shapes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,13 @@ from service.api import auth, wire
 from service.api.errors import ApiError, RequestGuard, install_error_handlers
 from service.api.schemas import REQUEST_ID_PATTERN, ErrorBody, Health
 from service.api.settings import DealerSettings
-from service.mpc.dealer import Dealer, PlanTooLarge, RandomnessReused, validate_plan
+from service.mpc.dealer import (
+    Dealer,
+    PlanTooLarge,
+    RandomnessReused,
+    RunIdOutOfWindow,
+    validate_plan,
+)
 
 log = logging.getLogger("privdigit.dealer")
 _RID = re.compile(REQUEST_ID_PATTERN)
@@ -29,7 +38,7 @@ _RID = re.compile(REQUEST_ID_PATTERN)
 
 def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) -> FastAPI:
     secret = auth.parse_secret(settings.secret)
-    dealer = dealer or Dealer()
+    dealer = dealer or Dealer(window_s=settings.run_id_window_s)
     registry = CollectorRegistry()
     served = Counter("privdigit_dealer_served", "materials served", ["party"], registry=registry)
     refused = Counter("privdigit_dealer_refused", "requests refused", ["code"], registry=registry)
@@ -56,7 +65,7 @@ def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) ->
         response_class=Response,
         responses={
             200: {"content": {"application/octet-stream": {}}},
-            **{s: {"model": ErrorBody} for s in (400, 401, 409, 413)},
+            **{s: {"model": ErrorBody} for s in (400, 401, 409, 413, 422)},
         },
     )
     async def randomness(request: Request) -> Response:
@@ -84,6 +93,8 @@ def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) ->
             material = await run_in_threadpool(dealer.deal, rid, party, plan)
         except RandomnessReused as exc:
             raise refuse("replayed_request", str(exc)) from None
+        except RunIdOutOfWindow as exc:
+            raise refuse("run_id_out_of_window", str(exc)) from None
         data = wire.material_to_bytes(material)
         served.labels(str(party)).inc()
         served_bytes.inc(len(data))

@@ -24,6 +24,7 @@ import ssl
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -77,18 +78,39 @@ _PEER_FAULTS = {"internal", "peer_timeout"}
 
 
 class ReplayGuard:
-    """Request ids this replica has accepted; a second use is refused (bounded, oldest out)."""
+    """Request ids this replica has accepted; a second use within the window is refused (409).
 
-    def __init__(self, capacity: int = 1_000_000) -> None:
-        self._seen: OrderedDict[str, None] = OrderedDict()
-        self._capacity = capacity
+    Client request ids carry no time, so the guard times them itself: it remembers each id for
+    `window_s` seconds after claiming it, and at most `capacity` ids (when more arrive within a
+    window, the oldest go early). Memory is bounded by min(capacity, claim rate x window). An id
+    forgotten can run again; that reuses no randomness (every run has a fresh run id, so fresh
+    dealer material), see docs/security.md, section 4.3.
+    """
+
+    def __init__(
+        self,
+        capacity: int = 1_000_000,
+        window_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()  # id -> claim time, oldest first
+        self._capacity, self._window, self._clock = capacity, window_s, clock
 
     def claim(self, request_id: str) -> None:
+        now = self._clock()
+        while self._seen:
+            rid, claimed = next(iter(self._seen.items()))
+            if claimed > now - self._window:
+                break
+            del self._seen[rid]
         if request_id in self._seen:
             raise ApiError("replayed_request", f"request id {request_id!r} was already used")
-        self._seen[request_id] = None
+        self._seen[request_id] = now
         if len(self._seen) > self._capacity:
             self._seen.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 class _StarletteConn:
@@ -137,7 +159,7 @@ class Replica:
         )
         self._api_keys = [hashlib.sha256(k.encode()).digest() for k in s.api_keys]
         self.draining = False
-        self.replay = ReplayGuard()
+        self.replay = ReplayGuard(window_s=s.replay_window_s)
         self.lanes = Lanes(
             s.party,
             self.secret,

@@ -131,6 +131,11 @@ class ReplicaSettings(_Base):
         description="page origins allowed to call this replica from a browser (exact match); "
         "none by default",
     )
+    replay_window_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a request id is refused (409) for this many seconds after its first use",
+    )
 
     @model_validator(mode="after")
     def _fss_batch(self) -> ReplicaSettings:
@@ -143,4 +148,10 @@ class DealerSettings(_Base):
     port: int = 8002
     max_plan_elements: int = Field(
         default=50_000_000, description="refuse plans asking for more ring elements than this"
+    )
+    run_id_window_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="serve only run ids minted within this many seconds of the dealer's clock, "
+        "and forget served ones as they leave it (bounded memory; the clocks must agree)",
     )
