@@ -516,6 +516,65 @@ def test_more_lone_shares_than_slots_get_busy_then_everything_is_freed(cluster):
     assert _metric(cluster.replica_urls[0], "privdigit_inflight") == 0
 
 
+def test_one_clients_lone_shares_do_not_starve_the_others(cluster, mnist):
+    """A client at 127.0.0.2 posts 40 lone shares to replica 0 (32 hold every place, 8 get 429)
+    and never sends their twins. Another client (127.0.0.1) retries on 429 and gets its label
+    while those shares still wait: once one has waited `pair_grace_s` (1 s) it gives up its
+    place (504) to the newcomer. Before the fix the newcomer got 429 until the lone shares
+    timed out (the peer timeout, 3 s here; 10 s by default)."""
+    images, labels = mnist
+    url0 = f"{cluster.replica_urls[0]}/v1/predict"
+    ended: list[tuple[float, int, str]] = []  # the lone shares' answers: when, status, message
+
+    bodies = [_body() for _ in range(40)]
+    transport = httpx.HTTPTransport(
+        local_address="127.0.0.2", limits=httpx.Limits(max_connections=40)
+    )
+
+    def lone(body: dict[str, Any]) -> None:
+        r = stranger.post(url0, json=body)
+        ended.append((time.monotonic(), r.status_code, r.json()["error"]["message"]))
+
+    with (
+        httpx.Client(transport=transport, timeout=30) as stranger,
+        ThreadPoolExecutor(48) as ex,
+    ):
+        attack = [ex.submit(lone, b) for b in bodies]
+        deadline = time.monotonic() + 20
+        while _metric(cluster.replica_urls[0], "privdigit_inflight") < 32 or len(ended) < 8:
+            assert time.monotonic() < deadline, "the lone shares never filled the replica"
+            time.sleep(0.01)
+        assert all(status == 429 for _, status, _ in ended)
+        s0, s1 = _share(images=images[:1])
+        while True:  # a client that retries on 429 busy after its Retry-After
+            rid = _rid()
+            f0, f1 = (
+                ex.submit(httpx.post, f"{u}/v1/predict", json=_enc(s, rid), timeout=30)
+                for u, s in zip(cluster.replica_urls, (s0, s1), strict=True)
+            )
+            r0 = f0.result()
+            if r0.status_code != 429:
+                r1 = f1.result()
+                break
+            # its other share waits at replica 1 until the peer timeout (replica 0 refused it)
+            assert time.monotonic() < deadline, "the other client never got in"
+            time.sleep(float(r0.headers["retry-after"]))
+        served = time.monotonic()
+        for f in attack:
+            f.result()
+    assert r0.status_code == r1.status_code == 200, (r0.text, r1.text)
+    got = privdigit.reconstruct_label(
+        privdigit.decode_tensor(r0.json()["share"]),
+        privdigit.decode_tensor(r1.json()["share"]),
+        r0.json()["sharing"],
+    )
+    assert int(got[0]) == int(labels[0])
+    before = [(status, msg) for t, status, msg in ended if t < served and status != 429]
+    assert before and all(s == 504 and "gave up its place" in m for s, m in before), before
+    assert len(before) <= 2 and sum(status == 504 for _, status, _ in ended) == 32
+    assert _metric(cluster.replica_urls[0], "privdigit_inflight") == 0
+
+
 # -- 5. the dealer ------------------------------------------------------------------------------
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch
-from fastapi import FastAPI, Header, Security, WebSocket
+from fastapi import FastAPI, Header, Request, Security, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
@@ -422,7 +422,8 @@ class Replica:
 
     # -- one predict request (event loop) ------------------------------------------------------
 
-    async def predict(self, body: PredictRequest) -> PredictResponse:
+    async def predict(self, body: PredictRequest, client: str = "") -> PredictResponse:
+        """One predict request; `client`: its address (`Batcher.make_room` keeps clients fair)."""
         s = self.settings
         try:
             x = wire.tensor_from_json(body.input.dtype, body.input.shape, body.input.data)
@@ -461,7 +462,7 @@ class Replica:
                 f"the replicas hold no common model version (this one {self.registry.versions()}"
                 f", the peer {self.peer.peer_versions})",
             )
-        if self.inflight >= s.max_inflight:
+        if self.inflight >= s.max_inflight and not self.batcher.make_room(client, s.pair_grace_s):
             raise ApiError(
                 "busy", f"{self.inflight} inferences in flight", headers={"Retry-After": "1"}
             )
@@ -469,7 +470,9 @@ class Replica:
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
         try:
-            res = await self.batcher.submit(body.request_id, x, body.output, body.model_version)
+            res = await self.batcher.submit(
+                body.request_id, x, body.output, body.model_version, client
+            )
         finally:
             self.inflight -= 1
             self.metrics.inflight.set(self.inflight)
@@ -660,13 +663,13 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         ),
     )
     async def predict(
-        body: PredictRequest, api_key: str | None = Security(API_KEY)
+        body: PredictRequest, request: Request, api_key: str | None = Security(API_KEY)
     ) -> PredictResponse:
         """Run the network on this party's share of a batch; returns this party's share."""
         started = time.perf_counter()
         try:
             rep.check_api_key(api_key)
-            out = await rep.predict(body)
+            out = await rep.predict(body, request.client.host if request.client else "")
         except ApiError as exc:
             rep.metrics.errors.labels(exc.code).inc()
             rep.metrics.requests.labels(body.output, str(exc.status)).inc()

@@ -76,6 +76,12 @@ class ReplicaSettings(_Base):
         f"{FSS_MAX_BATCH} with comparison=fss, whose dealer keys take ~7 MB per image and party",
     )
     max_inflight: int = Field(default=32, ge=1, le=1024)
+    pair_grace_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="when max_inflight requests are in flight, a new one may take the place of "
+        "a share that has waited this long for its twin, from the client holding the most",
+    )
     max_batches: int = Field(
         default=1,
         ge=1,
