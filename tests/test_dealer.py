@@ -1,15 +1,23 @@
 """The dealer: seed compression, once-only service, plan checking, and the material's sizes."""
 
+import re
+
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
+from service.api.schemas import REQUEST_ID_PATTERN
 from service.mpc.dealer import (
     Dealer,
     PlanMismatch,
     Randomness,
     RandomnessReused,
     Request,
+    RunIdOutOfWindow,
     deal_pair,
+    new_run_id,
+    run_id_time,
     validate_plan,
 )
 from service.mpc.ring import from_plane
@@ -60,6 +68,102 @@ def test_a_request_id_is_served_once_per_party():
         dealer.deal("once", 0, PLAN)
     with pytest.raises(RandomnessReused):
         dealer.deal("once", 1, PLAN)
+
+
+def test_run_ids_carry_their_minting_time():
+    rid = new_run_id(1_718_000_000.9)
+    assert re.fullmatch(r"1718000000-[A-Za-z0-9_-]{22}", rid) and re.match(REQUEST_ID_PATTERN, rid)
+    assert run_id_time(rid) == 1_718_000_000 and run_id_time(new_run_id(0)) == 0
+    assert new_run_id(5) != new_run_id(5)  # the random part
+    for timeless in ("4fJx0v1bQk2m9Zr7TtYw3A", "171800000-abc", "17180000000-abc", "1718000000-"):
+        assert run_id_time(timeless) is None
+
+
+class _Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_windowed_dealer_refuses_old_future_and_timeless_run_ids():
+    clock = _Clock(1_000_000.0)
+    dealer = Dealer(window_s=600, clock=clock)
+    plan = PLAN[:1]
+    for t in (1_000_000 - 600, 1_000_000, 1_000_000 + 600):  # the window's edges are in
+        dealer.deal(new_run_id(t), 0, plan)
+    for t, why in ((1_000_000 - 601, "s old"), (1_000_000 + 601, "in the future")):
+        with pytest.raises(RunIdOutOfWindow, match=why):
+            dealer.deal(new_run_id(t), 0, plan)
+    with pytest.raises(RunIdOutOfWindow, match="carries no time"):
+        dealer.deal("4fJx0v1bQk2m9Zr7TtYw3A", 0, plan)
+
+
+def test_a_windowed_dealer_serves_once_and_forgets_ids_that_leave_the_window():
+    clock = _Clock(1_000_000.0)
+    dealer = Dealer(window_s=600, clock=clock)
+    plan = PLAN[:1]
+    rid = new_run_id(clock.now)
+    dealer.deal(rid, 0, plan)
+    dealer.deal(rid, 1, plan)
+    clock.now += 600  # still in the window: still remembered, still refused
+    with pytest.raises(RandomnessReused, match="already served"):
+        dealer.deal(rid, 0, plan)
+    assert dealer.remembered == 2
+    clock.now += 1  # out of the window: forgotten, and refused as too old
+    with pytest.raises(RunIdOutOfWindow, match="s old"):
+        dealer.deal(rid, 1, plan)
+    assert dealer.remembered == 0
+    clock.now -= 300  # a clock stepped back does not readmit the forgotten id
+    with pytest.raises(RunIdOutOfWindow):
+        dealer.deal(rid, 0, plan)
+
+
+def test_a_windowed_dealers_memory_stays_bounded_under_steady_load():
+    """100 runs a second for 20 windows: the dealer holds at most 2 windows' worth of ids."""
+    clock = _Clock(1_000_000.0)
+    dealer = Dealer(window_s=10, clock=clock)
+    most = 0
+    for _ in range(200):
+        for _ in range(100):
+            dealer.deal(new_run_id(clock.now), 0, PLAN[1:2])
+        most = max(most, dealer.remembered)
+        clock.now += 1
+    assert 100 * 10 <= most <= 100 * 2 * 10 + 100
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(-30, 30), st.integers(-25, 25), st.integers(0, 9), st.sampled_from([0, 1])
+        ),
+        max_size=60,
+    )
+)
+def test_a_windowed_dealer_never_serves_a_run_id_twice(steps):
+    """Against a model: clock moves (back too), ids of any age, repeats. Each (id, party) is
+    served at most once; an id is served iff it is new and within the window of a floor that
+    only rises; what the dealer remembers is only ids within the window."""
+    clock = _Clock(1_000_000.0)
+    dealer = Dealer(window_s=10, clock=clock)
+    served: set[tuple[str, int]] = set()
+    floor = float("-inf")
+    ids = [new_run_id(0)[10:] for _ in range(10)]  # random tails, reused with several times
+    for move, age, which, party in steps:
+        clock.now += move
+        floor = max(floor, clock.now - 10)
+        t = int(clock.now) + age
+        rid = f"{t:010d}{ids[which]}"
+        fresh = (rid, party) not in served and floor <= t <= clock.now + 10
+        try:
+            dealer.deal(rid, party, PLAN[1:2])
+            assert fresh, (rid, party)
+            served.add((rid, party))
+        except (RandomnessReused, RunIdOutOfWindow):
+            assert not fresh, (rid, party)
+        remembered = {(r, p) for r, p in served if run_id_time(r) >= floor}
+        assert dealer.remembered == len(remembered)
 
 
 def test_randomness_is_consumed_once_and_in_plan_order():

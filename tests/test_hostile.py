@@ -27,6 +27,8 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +42,7 @@ import pytest
 from clients import privdigit
 from service.api import auth
 from service.cluster import Cluster, free_ports
+from service.mpc.dealer import new_run_id
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
@@ -326,6 +329,67 @@ def test_lying_http_framing(cluster, data, status):
     assert int(out.split()[1]) == status, out[:300]
 
 
+def _oversized_urllib(url: str, size: int) -> tuple[int, dict] | str:
+    """POST `size` bytes with the standard library's client (it sends `Connection: close`):
+    (status, JSON body), or the transport error."""
+    req = urllib.request.Request(
+        url, data=b"x" * size, headers={"content-type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        assert exc.headers["content-type"].startswith("application/json"), exc.headers
+        return exc.code, json.loads(exc.read())
+    except (OSError, urllib.error.URLError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _oversized_raw(port: int, path: str, size: int) -> tuple[int, dict] | str:
+    """The same over a socket with 8 KB buffers (the client is still sending when the server
+    has its answer ready), `Connection: close`: (status, JSON body), or the socket error."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        s.settimeout(30)
+        try:
+            s.connect(("127.0.0.1", port))
+            s.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {size}\r\nConnection: close\r\n\r\n".encode()
+                + b"x" * size
+            )
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        except OSError as exc:
+            return f"{type(exc).__name__}: {exc}"
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), head
+    return int(head.split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize("path", ["/v1/predict", "/v1/admin/reload"])
+def test_every_client_that_sends_an_oversized_body_reads_its_413(cluster, path):
+    """3 MB (the limit is about 551 KB), 40 times, from clients that ask the server to close
+    after the answer: the replica reads and discards the body before answering, so no client is
+    cut off while still sending (before the fix: a broken pipe or a reset instead of the 413 in
+    about 1 try in 5 with urllib, and in nearly every try with small socket buffers)."""
+    url = f"{cluster.replica_urls[0]}{path}"
+    answers = [_oversized_urllib(url, 3_000_000) for _ in range(20)]
+    answers += [_oversized_raw(cluster.ports[0], path, 3_000_000) for _ in range(20)]
+    failures = [a for a in answers if a[0] != 413 or a[1]["error"]["code"] != "payload_too_large"]
+    assert not failures, f"{len(failures)} of 40: {failures[:3]}"
+
+
+def test_a_body_past_the_discard_bound_is_refused_at_once_and_the_connection_closed(cluster):
+    """A body announced larger than the guard will discard (16 MiB) is not read: its 413 goes
+    out at once, with `Connection: close`."""
+    out = _raw_http(cluster.ports[0], HEAD + b"Content-Length: 99999999\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 413 "), out[:200]
+    assert b"connection: close" in out.lower() and b'"payload_too_large"' in out
+
+
 def test_a_body_shorter_than_its_content_length_is_dropped_in_time(cluster):
     with socket.create_connection(("127.0.0.1", cluster.ports[0]), timeout=10) as s:
         s.sendall(HEAD + b"Content-Length: 1000\r\n\r\n" + b'{"request_id": ')
@@ -452,6 +516,65 @@ def test_more_lone_shares_than_slots_get_busy_then_everything_is_freed(cluster):
     assert _metric(cluster.replica_urls[0], "privdigit_inflight") == 0
 
 
+def test_one_clients_lone_shares_do_not_starve_the_others(cluster, mnist):
+    """A client at 127.0.0.2 posts 40 lone shares to replica 0 (32 hold every place, 8 get 429)
+    and never sends their twins. Another client (127.0.0.1) retries on 429 and gets its label
+    while those shares still wait: once one has waited `pair_grace_s` (1 s) it gives up its
+    place (504) to the newcomer. Before the fix the newcomer got 429 until the lone shares
+    timed out (the peer timeout, 3 s here; 10 s by default)."""
+    images, labels = mnist
+    url0 = f"{cluster.replica_urls[0]}/v1/predict"
+    ended: list[tuple[float, int, str]] = []  # the lone shares' answers: when, status, message
+
+    bodies = [_body() for _ in range(40)]
+    transport = httpx.HTTPTransport(
+        local_address="127.0.0.2", limits=httpx.Limits(max_connections=40)
+    )
+
+    def lone(body: dict[str, Any]) -> None:
+        r = stranger.post(url0, json=body)
+        ended.append((time.monotonic(), r.status_code, r.json()["error"]["message"]))
+
+    with (
+        httpx.Client(transport=transport, timeout=30) as stranger,
+        ThreadPoolExecutor(48) as ex,
+    ):
+        attack = [ex.submit(lone, b) for b in bodies]
+        deadline = time.monotonic() + 20
+        while _metric(cluster.replica_urls[0], "privdigit_inflight") < 32 or len(ended) < 8:
+            assert time.monotonic() < deadline, "the lone shares never filled the replica"
+            time.sleep(0.01)
+        assert all(status == 429 for _, status, _ in ended)
+        s0, s1 = _share(images=images[:1])
+        while True:  # a client that retries on 429 busy after its Retry-After
+            rid = _rid()
+            f0, f1 = (
+                ex.submit(httpx.post, f"{u}/v1/predict", json=_enc(s, rid), timeout=30)
+                for u, s in zip(cluster.replica_urls, (s0, s1), strict=True)
+            )
+            r0 = f0.result()
+            if r0.status_code != 429:
+                r1 = f1.result()
+                break
+            # its other share waits at replica 1 until the peer timeout (replica 0 refused it)
+            assert time.monotonic() < deadline, "the other client never got in"
+            time.sleep(float(r0.headers["retry-after"]))
+        served = time.monotonic()
+        for f in attack:
+            f.result()
+    assert r0.status_code == r1.status_code == 200, (r0.text, r1.text)
+    got = privdigit.reconstruct_label(
+        privdigit.decode_tensor(r0.json()["share"]),
+        privdigit.decode_tensor(r1.json()["share"]),
+        r0.json()["sharing"],
+    )
+    assert int(got[0]) == int(labels[0])
+    before = [(status, msg) for t, status, msg in ended if t < served and status != 429]
+    assert before and all(s == 504 and "gave up its place" in m for s, m in before), before
+    assert len(before) <= 2 and sum(status == 504 for _, status, _ in ended) == 32
+    assert _metric(cluster.replica_urls[0], "privdigit_inflight") == 0
+
+
 # -- 5. the dealer ------------------------------------------------------------------------------
 
 
@@ -496,6 +619,9 @@ DEALER_CASES = [
     pytest.param('{"plan": ' + "[" * 100_000 + "]" * 100_000 + "}", False, 422, "invalid_request", id="nested-100k"),
     pytest.param(_dealer_body(plan=[{"kind": "and", "shapes": [], "params": []}]), True, 422, "invalid_request", id="signed-no-shapes"),
     pytest.param(_dealer_body(plan=[{"kind": "trunc", "shapes": [[4]], "params": []}]), True, 422, "invalid_request", id="signed-trunc-no-params"),
+    pytest.param(_dealer_body(), True, 422, "run_id_out_of_window", id="signed-run-id-without-time"),
+    pytest.param(_dealer_body(request_id=new_run_id(time.time() - 3600)), True, 422, "run_id_out_of_window", id="signed-run-id-an-hour-old"),
+    pytest.param(_dealer_body(request_id=new_run_id(time.time() + 3600)), True, 422, "run_id_out_of_window", id="signed-run-id-from-the-future"),
 ]
 # fmt: on
 

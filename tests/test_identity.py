@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import socket
 import ssl
 import struct
@@ -24,6 +23,7 @@ from service.api import auth
 from service.cluster import Cluster, free_ports
 from service.devcerts import make_dev_certs
 from service.identity import ROLES, expect_role, role_of
+from service.mpc.dealer import new_run_id
 
 
 def _ctx(c: Cluster, role: str | None, *, ca=None) -> ssl.SSLContext:
@@ -58,7 +58,7 @@ def stranger(tmp_path_factory):
 def _ask_dealer(c: Cluster, ctx: ssl.SSLContext, party: int, key: bytes) -> httpx.Response:
     body = json.dumps(
         {
-            "request_id": secrets.token_urlsafe(18),
+            "request_id": new_run_id(),
             "party": party,
             "plan": [{"kind": "and", "shapes": [[4]], "params": []}],
         }

@@ -9,6 +9,7 @@ failed run never leaves its lane in use.
 from __future__ import annotations
 
 import contextlib
+import selectors
 import socket
 import ssl
 import threading
@@ -128,6 +129,62 @@ def test_strangers_on_the_lane_port_are_refused(pair, send):
     if send:  # something that is not a lane opening counts as an authentication failure
         _wait(lambda: failures)
     assert p1.indices() == [0]  # the real lane is untouched
+
+
+def test_strangers_holding_openings_do_not_keep_party_0_out():
+    """A stranger (another address) keeps 40 silent connections open on the lane port, opening
+    a new one as soon as one is closed. Party 0 still gets all its lanes up, and party 1 never
+    has more than its 16 openings pending (before the fix the stranger held all 16 slots, and
+    party 0's openings were closed unread for as long as it kept that up)."""
+    p1 = Lanes(1, SECRET, count=4, timeout=5.0)
+    p0 = Lanes(0, SECRET, count=4, timeout=5.0)
+    port = p1.listen("127.0.0.1", 0, None)
+    stop, opened, most = threading.Event(), [0], [0]
+
+    def stranger() -> None:
+        sel = selectors.DefaultSelector()
+        while not stop.is_set():
+            while len(sel.get_map()) < 40:
+                s = socket.socket()
+                s.bind(("127.0.0.2", 0))
+                with contextlib.suppress(OSError):
+                    s.connect(("127.0.0.1", port))
+                    s.setblocking(False)
+                    sel.register(s, selectors.EVENT_READ)
+                    opened[0] += 1
+                    continue
+                s.close()
+            for key, _ in sel.select(timeout=0.02):  # the hello, or closed on us
+                try:
+                    data = key.fileobj.recv(4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()
+            most[0] = max(most[0], len(getattr(p1, "_pending", ())))
+        for key in list(sel.get_map().values()):
+            key.fileobj.close()
+
+    attacker = threading.Thread(target=stranger, daemon=True)
+    attacker.start()
+    try:
+        _wait(lambda: opened[0] >= 40)
+        threading.Thread(target=p0.dial_forever, daemon=True).start()
+        p0.connect_to("127.0.0.1", port, None)
+        _wait(lambda: all(p0.up(k) and p1.up(k) for k in range(4)), timeout=30)
+        assert most[0] <= 16
+        with ThreadPoolExecutor(2) as ex:  # and the lanes carry a round
+            x = random_ring((3,))
+            f0 = ex.submit(lambda: p0.channel(2, "b").exchange([x]))
+            f1 = ex.submit(lambda: p1.channel(2, "b").exchange([x + 1]))
+            assert torch.equal(f0.result(timeout=30)[0], x + 1)
+            assert torch.equal(f1.result(timeout=30)[0], x)
+    finally:
+        stop.set()
+        attacker.join(timeout=10)
+        p0.stop()
+        p1.stop()
 
 
 def test_a_replayed_handshake_is_refused(pair):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 from functools import partial
 
 import httpx
@@ -194,9 +193,10 @@ def test_the_fixed_share_statistic_catches_an_unmasked_share():
 
 def _served_or_refused(url: str, key: bytes, party: int, plan) -> httpx.Response:
     from service.api import auth, wire
+    from service.mpc.dealer import new_run_id
 
     body = json.dumps(
-        {"request_id": secrets.token_urlsafe(18), "party": party, "plan": wire.plan_to_json(plan)}
+        {"request_id": new_run_id(), "party": party, "plan": wire.plan_to_json(plan)}
     ).encode()
     headers = {auth.AUTH_HEADER: auth.dealer_tag(key, party, body)}
     return httpx.post(f"{url}/v1/randomness", content=body, headers=headers, timeout=60)

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from clients import privdigit
 from service.api import auth
 from service.cluster import DEFAULT_MODEL, Cluster, free_ports
+from service.mpc.dealer import new_run_id
 from training.model import DigitCNN
 
 REPO = Path(__file__).resolve().parent.parent
@@ -292,7 +293,7 @@ def test_reload_cli_uses_the_replicas_folder(cluster, capsys):
 def test_dealer_refuses_strangers_and_replays(cluster):
     body = json.dumps(
         {
-            "request_id": secrets.token_urlsafe(18),
+            "request_id": new_run_id(),
             "party": 0,
             "plan": [{"kind": "and", "shapes": [[4]], "params": []}],
         }

@@ -281,6 +281,28 @@ def test_replay_guard_refuses_seen_ids_and_stays_bounded():
     assert len(guard._seen) == 3
 
 
+def test_replay_guard_remembers_ids_for_its_window_then_forgets_them():
+    """Client ids carry no time: the guard times them. Within the window an id is refused; after
+    it the id is forgotten (and may run again, on a fresh run id); memory holds one window."""
+    from service.api.errors import ApiError
+    from service.api.replica_app import ReplayGuard
+
+    now = [0.0]
+    guard = ReplayGuard(capacity=1_000_000, window_s=600, clock=lambda: now[0])
+    guard.claim("first")
+    now[0] = 599.9
+    with pytest.raises(ApiError) as info:
+        guard.claim("first")
+    assert info.value.code == "replayed_request"
+    for k in range(1000):  # 1000 ids over the next 1000 s: at most one window's worth is kept
+        now[0] = 600 + k
+        guard.claim(f"id-{k}")
+        assert len(guard) <= 601
+    guard.claim("first")  # long forgotten
+    with pytest.raises(ApiError):
+        guard.claim("id-999")
+
+
 def test_settings_never_print_secrets():
     from service.api.settings import ReplicaSettings
 

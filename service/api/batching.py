@@ -5,7 +5,8 @@ request arrived (ARRIVED: shape, output, wanted version); party 0 pairs it with 
 checks that both describe the same job (else both answer 400 `share_mismatch`), and queues it.
 Party 0's batcher takes queued requests of the same output and model version, up to
 `max_batch` images, whenever one of its `max_batches` slots is free, and announces the batch
-(BATCH: a fresh batch id, the version, the request ids in order, the slot and whether the run
+(BATCH: a fresh batch id (`dealer.new_run_id`: it carries its minting time, which the dealer
+checks against its window), the version, the request ids in order, the slot and whether the run
 uses the slot's lane (`lanes.py`), else the peer stream, whether this run opens the
 model's masked weights, yes until a run has done so on the current peer connection, see
 `beaver.linear`, and the dealer material to use: a prefetched entry's id when one fits, see
@@ -17,9 +18,15 @@ request and starts at once; under load requests queue while the slots are busy a
 together, so throughput rises without a fixed waiting window.
 
 A request that only one replica received never joins a batch: it fails alone with 504 after
-the peer timeout (party 1 withdraws it, WITHDRAW). If a withdrawn request was already
-announced, party 1 runs its rows on zeros and drops the result, so one client's missing share
-never fails another client's request. Rounds and bytes are per batch, independent of its size.
+the peer timeout (party 1 withdraws it, WITHDRAW, and party 0 fails its copy at once). Such lone
+shares hold a place in the replica's `max_inflight` while they wait, so a full replica makes
+room for a new request (`make_room`): a share that has waited `pair_grace_s` or longer for its
+twin, of the client address holding the most waiting shares, fails at once with 504, provided
+that address holds more waiting shares than the newcomer's. One client's lone shares then keep
+other clients out for at most `pair_grace_s`, and cannot push each other out. If a withdrawn
+request was already announced, party 1 runs its rows on zeros and drops the result, so one
+client's missing share never fails another client's request. Rounds and bytes are per batch,
+independent of its size.
 What the replicas learn from batching: which requests ran together and their sizes (public).
 """
 
@@ -27,12 +34,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -42,6 +48,7 @@ from service.api.errors import ApiError
 from service.api.lanes import MAX_LANES, Lanes
 from service.api.peer import PeerLink, PeerLost
 from service.api.prefetch import PREFETCH_BATCH, PREFETCH_OUTPUT, MaterialPool
+from service.mpc.dealer import new_run_id
 from service.store import LoadedModel, ModelRegistry
 
 IDLE_S = 0.05  # party 0 refills prefetched material after this long without a run
@@ -72,6 +79,8 @@ class Job:
     want: str | None
     future: asyncio.Future
     batched: bool = False
+    client: str = ""  # the client's address, for `make_room`
+    since: float = field(default_factory=time.monotonic)
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -124,8 +133,10 @@ class Batcher:
 
     # -- the client-facing side ----------------------------------------------------------------
 
-    async def submit(self, rid: str, x: torch.Tensor, output: str, want: str | None) -> Result:
-        job = Job(rid, x, output, want, asyncio.get_running_loop().create_future())
+    async def submit(
+        self, rid: str, x: torch.Tensor, output: str, want: str | None, client: str = ""
+    ) -> Result:
+        job = Job(rid, x, output, want, asyncio.get_running_loop().create_future(), client=client)
         self._jobs[rid] = job
         if self.party == 1:
             self._send(wire.ARRIVED, rid, job.meta)
@@ -147,6 +158,35 @@ class Batcher:
         finally:
             self._jobs.pop(rid, None)
 
+    def make_room(self, client: str, grace: float) -> bool:
+        """A full replica, for a new request from `client`: fail the oldest share that has waited
+        `grace` seconds or more for its twin, of the address holding the most waiting shares,
+        if that address holds more of them than `client` does. True if a place was freed."""
+        now, waiting = time.monotonic(), {}
+        for job in self._jobs.values():  # waiting: not paired (party 0), not announced (1)
+            if not job.batched and not job.future.done() and job.request_id not in self._queue:
+                waiting.setdefault(job.client, []).append(job)
+        mine = len(waiting.get(client, ()))
+        for address in sorted(waiting, key=lambda a: -len(waiting[a])):
+            if len(waiting[address]) <= mine:
+                return False
+            stale = [j for j in waiting[address] if now - j.since >= grace]
+            if stale:
+                victim = min(stale, key=lambda j: j.since)
+                message = (
+                    f"request {victim.request_id!r} gave up its place: the peer replica did not "
+                    f"get its other share within {grace:g} s while this replica was full"
+                )
+                victim.future.set_exception(ApiError("peer_timeout", message))
+                if self.party == 1:
+                    self._send(wire.WITHDRAW, victim.request_id, {})
+                else:
+                    self._send(
+                        wire.REJECT, victim.request_id, {"code": "peer_timeout", "message": message}
+                    )
+                return True
+        return False
+
     def _send(self, kind: int, rid: str, payload: dict[str, Any]) -> None:
         with contextlib.suppress(PeerLost):
             self.peer.send(wire.encode_json(kind, rid, payload))
@@ -160,7 +200,12 @@ class Batcher:
             self._try_pair(rid)
         elif frame.kind == wire.WITHDRAW and self.party == 0:
             self._peer_meta.pop(rid, None)
-            self._queue.pop(rid, None)  # paired but not batched: it now times out alone
+            self._queue.pop(rid, None)  # paired but not batched: it cannot run any more
+            job = self._jobs.get(rid)
+            if job is not None and not job.batched and not job.future.done():
+                job.future.set_exception(
+                    ApiError("peer_timeout", f"the peer replica gave up on request {rid!r}")
+                )
         elif frame.kind == wire.REJECT:
             job = self._jobs.get(rid)
             if job is not None and not job.future.done():
@@ -278,7 +323,7 @@ class Batcher:
         if size < 2:
             return
         for _ in range(self.pool.ahead(model, size, self._ahead)):
-            material_id = secrets.token_urlsafe(18)
+            material_id = new_run_id()
             self._send(wire.PREFETCH, material_id, {"version": model.version, "batch": size})
             self.pool.add(material_id, model, size, PREFETCH_OUTPUT)
 
@@ -305,7 +350,7 @@ class Batcher:
                     continue
                 for job in jobs:
                     job.batched = True
-                batch_id = secrets.token_urlsafe(18)
+                batch_id = new_run_id()
                 images = sum(j.x.shape[0] for j in jobs)
                 ready = self.pool.claim(model, images, jobs[0].output)
                 if jobs[0].output == PREFETCH_OUTPUT:
@@ -356,7 +401,7 @@ class Batcher:
         if model is None:
             return
         for _ in range(self.pool.missing(model)):
-            material_id = secrets.token_urlsafe(18)
+            material_id = new_run_id()
             self._send(wire.PREFETCH, material_id, {"version": model.version})
             self.pool.add(material_id, model, PREFETCH_BATCH, PREFETCH_OUTPUT)
 

@@ -7,7 +7,9 @@ served once (409 `replayed_request` after). Party p's material goes to party p o
 replica p and the dealer hold (401 `unauthenticated` otherwise; 403 `wrong_party`, counted,
 when it is the other replica's), and with TLS the client certificate must name replica p
 (403 `wrong_party` for the other replica's, 401 for none). The dealer sees no shares and no
-data, only shapes.
+data, only shapes. The request id must be a run id (`dealer.new_run_id`: its minting time, "-",
+random characters) within `run_id_window_s` of the dealer's clock (422 `run_id_out_of_window`
+otherwise), so the served-once rule forgets ids as they age out and its memory stays bounded.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from service.api import auth, wire
 from service.api.errors import ApiError, RequestGuard, install_error_handlers
 from service.api.schemas import REQUEST_ID_PATTERN, ErrorBody, Health
 from service.api.settings import DealerSettings
-from service.mpc.dealer import Dealer, PlanTooLarge, RandomnessReused, validate_plan
+from service.mpc.dealer import (
+    Dealer,
+    PlanTooLarge,
+    RandomnessReused,
+    RunIdOutOfWindow,
+    validate_plan,
+)
 
 log = logging.getLogger("privdigit.dealer")
 _RID = re.compile(REQUEST_ID_PATTERN)
@@ -36,7 +44,7 @@ _RID = re.compile(REQUEST_ID_PATTERN)
 def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) -> FastAPI:
     keys = settings.party_secrets()
     mutual_tls = settings.tls_cert is not None and settings.tls_ca is not None
-    dealer = dealer or Dealer()
+    dealer = dealer or Dealer(window_s=settings.run_id_window_s)
     registry = CollectorRegistry()
     served = Counter("privdigit_dealer_served", "materials served", ["party"], registry=registry)
     refused = Counter("privdigit_dealer_refused", "requests refused", ["code"], registry=registry)
@@ -63,7 +71,7 @@ def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) ->
         response_class=Response,
         responses={
             200: {"content": {"application/octet-stream": {}}},
-            **{s: {"model": ErrorBody} for s in (400, 401, 403, 409, 413)},
+            **{s: {"model": ErrorBody} for s in (400, 401, 403, 409, 413, 422)},
         },
     )
     async def randomness(request: Request) -> Response:
@@ -109,6 +117,8 @@ def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) ->
             material = await run_in_threadpool(dealer.deal, rid, party, plan)
         except RandomnessReused as exc:
             raise refuse("replayed_request", str(exc)) from None
+        except RunIdOutOfWindow as exc:
+            raise refuse("run_id_out_of_window", str(exc)) from None
         data = wire.material_to_bytes(material)
         served.labels(str(party)).inc()
         served_bytes.inc(len(data))

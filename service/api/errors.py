@@ -27,6 +27,10 @@ ERRORS: dict[str, tuple[int, str]] = {
     "not_found": (404, "no such route"),
     "method_not_allowed": (405, "wrong HTTP method"),
     "replayed_request": (409, "this request id was already used"),
+    "run_id_out_of_window": (
+        422,
+        "(dealer) the run id has no time, or one further than the window from the dealer's clock",
+    ),
     "model_version_mismatch": (409, "this replica does not hold the requested model version"),
     "request_timeout": (408, "the body did not arrive in time"),
     "payload_too_large": (413, "the body exceeds the size limit"),
@@ -74,7 +78,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         if isinstance(exc.__cause__, _Refused):  # RequestGuard stopped the body mid-read
-            return error_response(exc.__cause__.code, str(exc.__cause__))
+            refused = exc.__cause__
+            close = {} if refused.drained else {"connection": "close"}
+            return error_response(refused.code, str(refused), close)
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status_code, "invalid_request"
         )  # FastAPI's 400 "error parsing the body" is an invalid request: 422
@@ -87,9 +93,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class _Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, drained: bool = False) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.drained = code, drained
 
 
 class RequestGuard:
@@ -98,6 +104,13 @@ class RequestGuard:
     Headers over `max_header_bytes` get 431; a body over `max_body_bytes` gets 413 whether it
     announces its length or comes chunked; a body that does not arrive within
     `body_timeout_s` (a client that stalls mid-upload) gets 408. `on_refuse(code)` counts it.
+
+    Before a 413 or 431 the guard reads the rest of the body and discards it, up to
+    `max_discard_bytes` in all and for at most `body_timeout_s`: a client sends its whole body
+    before it reads the answer, and a server that answers and closes (the client asked for
+    `Connection: close`, say) while bytes are still coming in resets the connection, so the
+    client saw a broken pipe instead of its 413. A body announced larger than the bound is not
+    read: its 413 goes out at once with `Connection: close`, and the client may miss it.
     """
 
     def __init__(
@@ -107,10 +120,31 @@ class RequestGuard:
         max_body_bytes: int,
         max_header_bytes: int = 16_384,
         body_timeout_s: float = 10.0,
+        max_discard_bytes: int = 16 * 1024 * 1024,
         on_refuse=lambda code: None,
     ) -> None:
         self.app, self.max_body, self.max_header = app, max_body_bytes, max_header_bytes
-        self.timeout, self.on_refuse = body_timeout_s, on_refuse
+        self.timeout, self.max_discard, self.on_refuse = (
+            body_timeout_s,
+            max_discard_bytes,
+            on_refuse,
+        )
+
+    async def _discard(self, receive, seen: int) -> bool:
+        """Read and drop the rest of the body (`seen` bytes of it are in); True if it ended
+        within the bounds, False if it was cut short (too large, too slow, or disconnected)."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                while seen <= self.max_discard:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return False
+                    seen += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        return seen <= self.max_discard
+        except TimeoutError:
+            pass
+        return False
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -122,16 +156,23 @@ class RequestGuard:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        async def refuse(code: str, message: str) -> None:
+        async def refuse(code: str, message: str, *, drained: bool = True) -> None:
             self.on_refuse(code)
             if not started:
-                await error_response(code, message)(scope, receive, send)
+                close = {} if drained else {"connection": "close"}
+                await error_response(code, message, close)(scope, receive, send)
 
-        if sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header:
-            return await refuse("headers_too_large", f"headers exceed {self.max_header} bytes")
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            return await refuse("payload_too_large", f"body exceeds {self.max_body} bytes")
+        announced = int(length) if length is not None and length.isdigit() else None
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > self.max_header:
+            drained = (announced or 0) <= self.max_discard and await self._discard(receive, 0)
+            message = f"headers exceed {self.max_header} bytes"
+            return await refuse("headers_too_large", message, drained=drained)
+        if length is not None and (announced is None or announced > self.max_body):
+            drained = announced is not None and announced <= self.max_discard
+            drained = drained and await self._discard(receive, 0)
+            message = f"body exceeds {self.max_body} bytes"
+            return await refuse("payload_too_large", message, drained=drained)
         seen, complete = 0, False
 
         async def guarded_receive():
@@ -148,11 +189,16 @@ class RequestGuard:
                 complete = not message.get("more_body", False)
                 if seen > self.max_body:
                     self.on_refuse("payload_too_large")
-                    raise _Refused("payload_too_large", f"body exceeds {self.max_body} bytes")
+                    drained = complete or await self._discard(receive, seen)
+                    complete = True  # read to its end, or given up on: the answer follows
+                    raise _Refused(
+                        "payload_too_large", f"body exceeds {self.max_body} bytes", drained
+                    )
             return message
 
         try:
             await self.app(scope, guarded_receive, guarded_send)
         except _Refused as exc:  # raised outside FastAPI's body parsing
             if not started:
-                await error_response(exc.code, str(exc))(scope, receive, send)
+                close = {} if exc.drained else {"connection": "close"}
+                await error_response(exc.code, str(exc), close)(scope, receive, send)

@@ -11,6 +11,13 @@ authenticated peer stream (a LANES frame). Party 0 dials one lane per run slot (
 `max_batches`) to the peer URL's host. Each lane opens with a mutual HMAC challenge-response
 over fresh nonces and the lane's index (`auth.mac`, label "lane"), so a stranger cannot open or
 replay one; with TLS (the peer URL is wss://) each lane is TLS with the replicas' certificates.
+Strangers cannot crowd party 0 out: each opening has `_HANDSHAKE_TIMEOUT` seconds in all (not
+per read), at most `_MAX_HANDSHAKES` authenticate at once and at most
+`_MAX_HANDSHAKES_PER_SOURCE` from one address; a new connection past either bound closes the
+oldest pending opening (of its own address, else of all) instead of being refused. An honest
+opening is pending for one round trip, a stranger's until it is pushed out, so party 0 gets in
+unless one address opens connections faster than one per party 0's handshake (and then its runs
+still go over the peer stream).
 A lane lives as long as the peer stream: losing the stream closes every lane, and a new stream
 announces the port again.
 
@@ -29,12 +36,15 @@ What lanes change for privacy: nothing; they carry the same frames as the peer s
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import socket
 import ssl
 import struct
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -46,8 +56,10 @@ log = logging.getLogger("privdigit.lanes")
 HELLO = "privdigit-lane/1"
 MAX_LANES = 64  # lane indices are < MAX_LANES (the largest max_batches)
 _LEN = struct.Struct(">I")
-_HANDSHAKE_TIMEOUT = 5.0
+_HANDSHAKE_TIMEOUT = 5.0  # a whole lane opening, on both sides
 _MAX_HANDSHAKES = 16  # connections authenticating at once (each has a thread)
+_MAX_HANDSHAKES_PER_SOURCE = 4  # of them from one address
+_SWEEP_S = 0.25  # how often party 1's accept loop closes openings past their deadline
 DUPLEX_MAX = 32 * 1024  # well below what loopback and LAN sockets buffer without a reader
 
 
@@ -176,7 +188,10 @@ class Lanes:
         # party 1
         self._listener: socket.socket | None = None
         self._server_tls: ssl.SSLContext | None = None
-        self._handshakes = threading.BoundedSemaphore(_MAX_HANDSHAKES)
+        # openings being authenticated, oldest first: key -> (source address, deadline, a
+        # duplicate of the socket to shut it down from the accept thread)
+        self._pending: OrderedDict[int, tuple[str, float, socket.socket]] = OrderedDict()
+        self._pending_lock = threading.Lock()
         # party 0
         self._target: tuple[str, int] | None = None
         self._client_tls: ssl.SSLContext | None = None
@@ -240,17 +255,51 @@ class Lanes:
 
     def _accept_forever(self) -> None:
         assert self._listener is not None
-        while not self._stop.is_set():
+        self._listener.settimeout(_SWEEP_S)
+        for key in itertools.count():
+            if self._stop.is_set():
+                return
             try:
-                conn, _ = self._listener.accept()
+                conn, addr = self._listener.accept()
+            except TimeoutError:
+                self._sweep(None)
+                continue
             except OSError:
                 return
-            if not self._handshakes.acquire(blocking=False):
-                conn.close()  # too many half-open lanes: refuse rather than queue threads
+            source = str(addr[0])
+            self._sweep(source)
+            try:
+                handle = conn.dup()
+            except OSError:
+                conn.close()
                 continue
-            threading.Thread(target=self._accept_one, args=(conn,), daemon=True).start()
+            with self._pending_lock:
+                self._pending[key] = (source, time.monotonic() + _HANDSHAKE_TIMEOUT, handle)
+            threading.Thread(target=self._accept_one, args=(conn, key), daemon=True).start()
 
-    def _accept_one(self, conn: socket.socket) -> None:
+    def _sweep(self, source: str | None) -> None:
+        """Close the openings past their deadline and, for a new connection from `source`,
+        the oldest one of that address (if it has `_MAX_HANDSHAKES_PER_SOURCE`) or of all (if
+        `_MAX_HANDSHAKES` are pending): the new one is not refused, the oldest makes room."""
+        now, victims = time.monotonic(), []
+        with self._pending_lock:
+            for key, (_, deadline, _) in self._pending.items():
+                if deadline <= now:
+                    victims.append(key)
+            if source is not None:
+                mine = [k for k, (src, _, _) in self._pending.items() if src == source]
+                mine = [k for k in mine if k not in victims]
+                if len(mine) >= _MAX_HANDSHAKES_PER_SOURCE:
+                    victims.append(mine[0])
+                elif len(self._pending) - len(victims) >= _MAX_HANDSHAKES:
+                    victims.append(next(k for k in self._pending if k not in victims))
+            handles = [self._pending.pop(k)[2] for k in victims]
+        for handle in handles:  # the opening's thread wakes up with an error and gives up
+            with contextlib.suppress(OSError):
+                handle.shutdown(socket.SHUT_RDWR)
+            handle.close()
+
+    def _accept_one(self, conn: socket.socket, key: int) -> None:
         try:
             conn.settimeout(_HANDSHAKE_TIMEOUT)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -265,6 +314,11 @@ class Lanes:
             if not isinstance(index, int) or not 0 <= index < MAX_LANES or not isinstance(nc, str):
                 raise auth.AuthError("malformed lane request")
             auth.verify(self._secret, msg.get("mac"), "lane", "0", ns, nc, str(index))
+            with self._pending_lock:  # authenticated: no longer an opening to push out
+                pending = self._pending.pop(key, None)
+            if pending is None:
+                raise TimeoutError("the opening was closed to make room or past its deadline")
+            pending[2].close()
             lane = Lane(conn, index, self.timeout)
             self._register(lane)  # before the reply: party 0 uses the lane once it has it
             _send_json(conn, {"mac": auth.mac(self._secret, "lane", "1", ns, nc, str(index))})
@@ -285,7 +339,10 @@ class Lanes:
             with contextlib.suppress(OSError):
                 conn.close()
         finally:
-            self._handshakes.release()
+            with self._pending_lock:
+                pending = self._pending.pop(key, None)
+            if pending is not None:
+                pending[2].close()
 
     # -- party 0: dial -------------------------------------------------------------------------
 

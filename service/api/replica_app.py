@@ -23,12 +23,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 import torch
-from fastapi import FastAPI, Header, Security, WebSocket
+from fastapi import FastAPI, Header, Request, Security, WebSocket
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
@@ -77,18 +78,39 @@ _PEER_FAULTS = {"internal", "peer_timeout"}
 
 
 class ReplayGuard:
-    """Request ids this replica has accepted; a second use is refused (bounded, oldest out)."""
+    """Request ids this replica has accepted; a second use within the window is refused (409).
 
-    def __init__(self, capacity: int = 1_000_000) -> None:
-        self._seen: OrderedDict[str, None] = OrderedDict()
-        self._capacity = capacity
+    Client request ids carry no time, so the guard times them itself: it remembers each id for
+    `window_s` seconds after claiming it, and at most `capacity` ids (when more arrive within a
+    window, the oldest go early). Memory is bounded by min(capacity, claim rate x window). An id
+    forgotten can run again; that reuses no randomness (every run has a fresh run id, so fresh
+    dealer material), see docs/security.md, section 4.3.
+    """
+
+    def __init__(
+        self,
+        capacity: int = 1_000_000,
+        window_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()  # id -> claim time, oldest first
+        self._capacity, self._window, self._clock = capacity, window_s, clock
 
     def claim(self, request_id: str) -> None:
+        now = self._clock()
+        while self._seen:
+            rid, claimed = next(iter(self._seen.items()))
+            if claimed > now - self._window:
+                break
+            del self._seen[rid]
         if request_id in self._seen:
             raise ApiError("replayed_request", f"request id {request_id!r} was already used")
-        self._seen[request_id] = None
+        self._seen[request_id] = now
         if len(self._seen) > self._capacity:
             self._seen.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 class _StarletteConn:
@@ -147,7 +169,7 @@ class Replica:
         )
         self._api_keys = [hashlib.sha256(k.encode()).digest() for k in s.api_keys]
         self.draining = False
-        self.replay = ReplayGuard()
+        self.replay = ReplayGuard(window_s=s.replay_window_s)
         self.lanes = Lanes(
             s.party,
             peer_key,
@@ -410,7 +432,8 @@ class Replica:
 
     # -- one predict request (event loop) ------------------------------------------------------
 
-    async def predict(self, body: PredictRequest) -> PredictResponse:
+    async def predict(self, body: PredictRequest, client: str = "") -> PredictResponse:
+        """One predict request; `client`: its address (`Batcher.make_room` keeps clients fair)."""
         s = self.settings
         try:
             x = wire.tensor_from_json(body.input.dtype, body.input.shape, body.input.data)
@@ -449,7 +472,7 @@ class Replica:
                 f"the replicas hold no common model version (this one {self.registry.versions()}"
                 f", the peer {self.peer.peer_versions})",
             )
-        if self.inflight >= s.max_inflight:
+        if self.inflight >= s.max_inflight and not self.batcher.make_room(client, s.pair_grace_s):
             raise ApiError(
                 "busy", f"{self.inflight} inferences in flight", headers={"Retry-After": "1"}
             )
@@ -457,7 +480,9 @@ class Replica:
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
         try:
-            res = await self.batcher.submit(body.request_id, x, body.output, body.model_version)
+            res = await self.batcher.submit(
+                body.request_id, x, body.output, body.model_version, client
+            )
         finally:
             self.inflight -= 1
             self.metrics.inflight.set(self.inflight)
@@ -649,13 +674,13 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         ),
     )
     async def predict(
-        body: PredictRequest, api_key: str | None = Security(API_KEY)
+        body: PredictRequest, request: Request, api_key: str | None = Security(API_KEY)
     ) -> PredictResponse:
         """Run the network on this party's share of a batch; returns this party's share."""
         started = time.perf_counter()
         try:
             rep.check_api_key(api_key)
-            out = await rep.predict(body)
+            out = await rep.predict(body, request.client.host if request.client else "")
         except ApiError as exc:
             rep.metrics.errors.labels(exc.code).inc()
             rep.metrics.requests.labels(body.output, str(exc.status)).inc()

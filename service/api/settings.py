@@ -122,6 +122,12 @@ class ReplicaSettings(_Base):
         f"{FSS_MAX_BATCH} with comparison=fss, whose dealer keys take ~7 MB per image and party",
     )
     max_inflight: int = Field(default=32, ge=1, le=1024)
+    pair_grace_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="when max_inflight requests are in flight, a new one may take the place of "
+        "a share that has waited this long for its twin, from the client holding the most",
+    )
     max_batches: int = Field(
         default=1,
         ge=1,
@@ -177,6 +183,11 @@ class ReplicaSettings(_Base):
         description="page origins allowed to call this replica from a browser (exact match); "
         "none by default",
     )
+    replay_window_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a request id is refused (409) for this many seconds after its first use",
+    )
 
     @model_validator(mode="after")
     def _fss_batch(self) -> ReplicaSettings:
@@ -200,6 +211,12 @@ class DealerSettings(_Base):
     party1_secret: str = Field(default="", repr=False, description="credential of replica 1")
     max_plan_elements: int = Field(
         default=50_000_000, description="refuse plans asking for more ring elements than this"
+    )
+    run_id_window_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="serve only run ids minted within this many seconds of the dealer's clock, "
+        "and forget served ones as they leave it (bounded memory; the clocks must agree)",
     )
 
     @model_validator(mode="after")

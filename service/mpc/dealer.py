@@ -45,7 +45,20 @@ its shares locally; party 1 receives a seed plus the corrections for the derived
 words (their root seeds they still draw from their own seed). The seeds come from HMAC-
 SHA256(master key, request id, party), so the dealer keeps no randomness between requests
 (except DCF keys made for one party, until the other fetches its copy); it only remembers which
-(request id, party) it has served and refuses a second time. Randomness is
+(request id, party) it has served and refuses a second time.
+
+Run ids and the window (a served-once rule with bounded memory): a run id is `new_run_id()`,
+the minting time in whole Unix seconds as 10 digits, "-", and 22 characters of
+`secrets.token_urlsafe` (33 characters of [A-Za-z0-9_-], e.g. `1718000000-4fJx0v1bQk2m9Zr7TtYw3A`).
+A dealer with a window (`Dealer(window_s=...)`, the service's, 600 s by default) serves only run
+ids whose time is within the window of its clock: older ones (`t < now - window`), ones from
+the future (`t > now + window`) and ones without a time are refused (`RunIdOutOfWindow`). It
+forgets a served id once its time leaves the window; the line it forgets below only rises (a
+clock stepped back cannot readmit a forgotten id), and an id older than the line is refused, so
+each (run id, party) is still served at most once, and the dealer remembers only the ids minted
+within 2 windows: memory is bounded by the request rate times twice the window. Without a window
+(in-process use: tests, benchmarks, the demo) any non-empty id is accepted and remembered for
+the dealer's life. Randomness is
 never reused: a `Randomness` consumes its material in plan order, refuses a request that differs
 from the plan, and refuses to be drawn past its end.
 
@@ -55,10 +68,13 @@ What the dealer sees: the public plan (kinds and shapes), nothing of any share o
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import math
 import os
+import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -89,6 +105,10 @@ class RandomnessReused(RuntimeError):
 
 class PlanTooLarge(ValueError):
     """A plan asks for more randomness than the dealer is willing to make at once."""
+
+
+class RunIdOutOfWindow(ValueError):
+    """A run id without a time, or whose time is outside the dealer's window (see `new_run_id`)."""
 
 
 class PlanMismatch(RuntimeError):
@@ -768,17 +788,47 @@ class PlanRecorder:
 
 
 MAX_UNCLAIMED = 16  # request ids whose DCF keys wait for the second party
+RUN_ID_TIME_DIGITS = 10  # Unix seconds, zero-padded: good until the year 2286
+
+
+def new_run_id(now: float | None = None) -> str:
+    """A fresh run id: the time (whole Unix seconds, 10 digits), "-", 22 random characters."""
+    t = int(time.time() if now is None else now)
+    return f"{t:0{RUN_ID_TIME_DIGITS}d}-{secrets.token_urlsafe(16)}"
+
+
+def run_id_time(run_id: str) -> int | None:
+    """The minting time of a `new_run_id` id, or None if `run_id` carries none."""
+    head, _, rest = run_id.partition("-")
+    if len(head) != RUN_ID_TIME_DIGITS or not (head.isascii() and head.isdigit()) or not rest:
+        return None
+    return int(head)
 
 
 class Dealer:
-    """Stateless source of correlated randomness; each (request id, party) is served once."""
+    """Stateless source of correlated randomness; each (request id, party) is served once.
 
-    def __init__(self, master_key: bytes | None = None) -> None:
+    `window_s`: serve only run ids minted within this many seconds of `clock()` and forget the
+    served ones that leave the window (see the module docstring); None: any id, never forgotten.
+    """
+
+    def __init__(
+        self,
+        master_key: bytes | None = None,
+        *,
+        window_s: float | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._key = master_key if master_key is not None else fresh_seed()
         # Public and random: material from two dealers (e.g. before and after a restart, with
         # a fresh master key) does not fit together, and the parties check this id to notice.
         self.instance = os.urandom(INSTANCE_BYTES)
+        if window_s is not None and not window_s > 0:
+            raise ValueError(f"the run id window must be positive, got {window_s}")
+        self._window, self._clock = window_s, clock
         self._served: set[tuple[str, int]] = set()
+        self._expiry: list[tuple[int, str, int]] = []  # (run id time, id, party), a heap
+        self._floor = -math.inf  # ids older than this are refused and forgotten; only rises
         self._lock = threading.Lock()
         # DCF keys are costly to make and both parties need them: made once per request id and
         # kept only until the other party fetches its copy (a few at most, oldest dropped).
@@ -807,11 +857,14 @@ class Dealer:
         if not request_id:
             raise ValueError("a request id is required")
         with self._lock:
+            t = self._check_window(request_id)
             if (request_id, party) in self._served:
                 raise RandomnessReused(
                     f"request id {request_id!r} was already served to party {party}"
                 )
             self._served.add((request_id, party))
+            if t is not None:
+                heapq.heappush(self._expiry, (t, request_id, party))
         seed = self._seed(request_id, party)
         plan = tuple(plan)
         masks = [self._mask_seed(r, party) for r in plan if r.kind in WEIGHT_MASK_KINDS]
@@ -830,6 +883,40 @@ class Dealer:
                         self._unclaimed.popitem(last=False)
         mine = corrections if party == 1 else []
         return PartyMaterial(request_id, party, seed, plan, mine, keys, masks, self.instance)
+
+    def _check_window(self, request_id: str) -> int | None:
+        """(Under the lock.) Forget served ids that left the window; the id's time, or None
+        without a window; `RunIdOutOfWindow` if the id has no time or one outside the window."""
+        if self._window is None:
+            return None
+        now = self._clock()
+        self._floor = max(self._floor, now - self._window)
+        while self._expiry and self._expiry[0][0] < self._floor:
+            _, rid, party = heapq.heappop(self._expiry)
+            self._served.discard((rid, party))
+        t = run_id_time(request_id)
+        if t is None:
+            raise RunIdOutOfWindow(
+                f"run id {request_id!r} carries no time: the dealer takes ids minted by "
+                "new_run_id (10 digits of Unix seconds, '-', random characters)"
+            )
+        if t < self._floor:
+            raise RunIdOutOfWindow(
+                f"run id {request_id!r} is {now - t:.0f} s old; the dealer serves run ids "
+                f"minted within {self._window:g} s of its clock (are the clocks in sync?)"
+            )
+        if t > now + self._window:
+            raise RunIdOutOfWindow(
+                f"run id {request_id!r} is {t - now:.0f} s in the future; the dealer serves run "
+                f"ids minted within {self._window:g} s of its clock (are the clocks in sync?)"
+            )
+        return t
+
+    @property
+    def remembered(self) -> int:
+        """How many (run id, party) pairs the served-once rule holds now."""
+        with self._lock:
+            return len(self._served)
 
     def _derive(
         self, request_id: str, plan: tuple[Request, ...]
