@@ -1,6 +1,10 @@
 """Comparison, ReLU, select, max and argmax against plaintext torch, exact on the ring: a2b
 (`comparison`), and for ReLU, max and argmax also lut (`lut`, more in tests/test_lut.py)."""
 
+import functools
+import math
+from statistics import NormalDist
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -123,13 +127,19 @@ def _outs(result) -> tuple[torch.Tensor, torch.Tensor]:
     return result.out0, result.out1
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_argmax_losers_see_uniform_nonzero_values_whatever_their_wins(protocol):
-    """The client's view: 0 at the label, and elsewhere rho_k (wins_k - 9) for a fresh uniform
-    rho_k, so a class that won 8 times looks like one that won none (uniform on 1..p-1)."""
-    x = FP.encode(torch.arange(10, dtype=torch.float64).flip(0).unsqueeze(0).repeat(2000, 1))
-    y = _zero_test(run_shared(PROTOCOLS[protocol].argmax, x))  # class k wins 9 - k times
+LOSER_ROWS = 2000
+
+
+def _losers(protocol: str) -> torch.Tensor:
+    """The client's zero-test values for LOSER_ROWS runs of one row in which class k wins
+    9 - k times: class 0 is the label (0), the others rho_k (wins_k - 9) = -k rho_k mod p."""
+    x = FP.encode(torch.arange(10, dtype=torch.float64).flip(0).unsqueeze(0).repeat(LOSER_ROWS, 1))
+    y = _zero_test(run_shared(PROTOCOLS[protocol].argmax, x))
     assert (y[:, 0] == 0).all() and (y[:, 1:] != 0).all()
+    return y
+
+
+def _assert_each_loser_looks_uniform(y: torch.Tensor) -> None:
     second, last = y[:, 1].double(), y[:, 9].double()  # 8 wins against 0
     for v in (second, last):
         assert abs(v.mean() / (PRIME / 2) - 1) < 0.05  # uniform mean p / 2
@@ -138,6 +148,89 @@ def test_argmax_losers_see_uniform_nonzero_values_whatever_their_wins(protocol):
     grid = torch.linspace(0, PRIME, 200).double()
     cdf = lambda v: (v.unsqueeze(0) <= grid.unsqueeze(1)).double().mean(1)  # noqa: E731
     assert (cdf(second) - cdf(last)).abs().max() < 0.06
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_argmax_losers_see_uniform_nonzero_values_whatever_their_wins(protocol):
+    """The client's view: 0 at the label, and elsewhere rho_k (wins_k - 9) for a fresh uniform
+    rho_k, so a class that won 8 times looks like one that won none (uniform on 1..p-1)."""
+    _assert_each_loser_looks_uniform(_losers(protocol))  # class k wins 9 - k times
+
+
+@functools.cache
+def _inverses() -> torch.Tensor:
+    """v^-1 mod p for every v in 0..p-1 (0 for 0)."""
+    return torch.tensor([0, *(pow(v, PRIME - 2, PRIME) for v in range(1, PRIME))])
+
+
+RATIO_BINS = 16  # p - 1 = 65,520 = 16 x 4,095: equal bins of the ratios 1..p-1
+
+
+def _ratio_chi2(y: torch.Tensor) -> dict[tuple[int, int], float]:
+    """For every two losing classes j < k: the chi-square statistic (RATIO_BINS - 1 degrees of
+    freedom) of y_j / y_k mod p over the rows, against the uniform distribution on 1..p-1."""
+    inverse = _inverses()
+    expected = len(y) / RATIO_BINS
+    out = {}
+    for j in range(1, 10):
+        for k in range(j + 1, 10):
+            ratio = y[:, j] * inverse[y[:, k]] % PRIME
+            bins = (ratio - 1) // ((PRIME - 1) // RATIO_BINS)
+            counts = torch.bincount(bins, minlength=RATIO_BINS)
+            out[j, k] = float(((counts - expected) ** 2 / expected).sum())
+    return out
+
+
+def _chi2_upper(dof: int, alpha: float) -> float:
+    """The upper alpha quantile of chi-square (Wilson-Hilferty; within 1% here)."""
+    z, c = -NormalDist().inv_cdf(alpha), 2 / (9 * dof)
+    return dof * (1 - c + z * math.sqrt(c)) ** 3
+
+
+RATIO_LIMIT = _chi2_upper(RATIO_BINS - 1, 1e-6 / 36)  # 36 pairs: about 60
+
+
+def _assert_ratios_uniform(y: torch.Tensor) -> None:
+    worst = max((chi2, pair) for pair, chi2 in _ratio_chi2(y).items())
+    assert worst[0] < RATIO_LIMIT, f"y_j / y_k for (j, k) = {worst[1]}: chi2 {worst[0]:.0f}"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_argmax_losers_ratios_are_uniform_whatever_their_wins(protocol):
+    """Two losers together show no more than each alone: y_j / y_k = (j / k) (rho_j / rho_k) mod
+    p is uniform on 1..p-1 for every two losing classes (each pair with its own wins), because
+    each class has its own fresh rho. With one rho per row it would be j / k: the wins."""
+    _assert_ratios_uniform(_losers(protocol))
+
+
+class _OneRhoPerRow:
+    """The dealer's private stream, but drawing one rho per row for all classes (a regression)."""
+
+    def __init__(self, prg) -> None:
+        self._prg = prg
+
+    def mod(self, shape: tuple[int, int], p: int) -> torch.Tensor:
+        return self._prg.mod((shape[0], 1), p).expand(*shape).contiguous()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_ratio_test_catches_one_rho_per_row(protocol, monkeypatch):
+    # Negative control: a dealer that draws one rho per row instead of one per class. Each loser
+    # alone still looks uniform (the test above passes), but every ratio is j / k.
+    from service.mpc import dealer
+
+    truth = dealer._zero_test_truth
+    monkeypatch.setattr(
+        dealer,
+        "_zero_test_truth",
+        lambda req, full, private: truth(req, full, _OneRhoPerRow(private)),
+    )
+    y = _losers(protocol)
+    _assert_each_loser_looks_uniform(y)
+    # y_1 / y_9 = (-1 rho) / (-9 rho) = 1 / 9 in every row: the client reads the wins
+    assert (y[:, 1] * _inverses()[y[:, 9]] % PRIME == pow(9, PRIME - 2, PRIME)).all()
+    with pytest.raises(AssertionError, match="chi2"):
+        _assert_ratios_uniform(y)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
