@@ -111,8 +111,9 @@ def relu(
     the comparison's first round and its low borrow's gate in the second (`truncation`: exact
     where x >= 0, which is all the select keeps). Rounds: 3 (comparison, truncation inside) + 1
     (select) = 4. Bytes per element per party: about 35 (comparison, see the module) + 8
-    (select; + 8 + (2L - 1) / 8 with truncation, L = 2 for a shift by 16, 3 by 18). `select(party, y, plane)` makes the last step: `select_plane` by default, or
-    one that also applies the next layer in its round (`beaver.select_linear`).
+    (select; + 8 + (2L - 1) / 8 with truncation, L = 2 for a shift by 16, 3 by 18).
+    `select(party, y, plane)` makes the last step: `select_plane` by default, or one that
+    also applies the next layer in its round (`beaver.select_linear`).
     """
     if not trunc_bits:
         return select(party, x, not_plane(party, _msb(party, x)[0]))

@@ -56,13 +56,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import math
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-import itertools
 from functools import cache, lru_cache
 
 import numpy as np
