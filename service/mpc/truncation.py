@@ -123,18 +123,24 @@ def carry_finish(pending: PendingCarry, theirs: torch.Tensor) -> list[torch.Tens
     row = {mask: i for i, mask in enumerate(pending.spec.sets)}
     outs = []
     for monomials in pending.spec.monomials:
-        total = torch.zeros(n, dtype=torch.int64)
+        terms, rows = [], []
         for mono in monomials:
-            for sub in range(1 << len(mono)):
-                coef = torch.ones(n, dtype=torch.int64)
-                for j, i in enumerate(mono):
-                    coef = coef * (s[i] if sub >> j & 1 else d[i])
-                if sub:
-                    total += (
-                        coef * lam[row[sum(1 << mono[j] for j in range(len(mono)) if sub >> j & 1)]]
-                    )
-                elif pending.index == 0:
-                    total += coef
+            # prod (d_i + s_i lambda_i): the coefficient of Lambda_R for every R, index = R's
+            # bits over the monomial (doubling: without i times d_i, then with i times s_i)
+            coefs = [d[mono[0]], s[mono[0]]]
+            for i in mono[1:]:
+                coefs = [c * d[i] for c in coefs] + [c * s[i] for c in coefs]
+            if pending.index == 0:
+                terms.append(coefs[0])  # Lambda_{} = 1, held by party 0
+                rows.append(None)
+            for sub in range(1, len(coefs)):
+                terms.append(coefs[sub])
+                rows.append(row[sum(1 << mono[j] for j in range(len(mono)) if sub >> j & 1)])
+        secret = [k for k, r in enumerate(rows) if r is not None]
+        total = (torch.stack([terms[k] for k in secret]) * lam[[rows[k] for k in secret]]).sum(0)
+        for k, r in enumerate(rows):
+            if r is None:
+                total += terms[k]
         outs.append(total)
     return outs
 
