@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.mpc import comparison, lut
+from service.mpc.dealer import carry_spec
 from service.mpc.prg import random_ring
 from service.mpc.ring import PRIME
 from service.mpc.sharing import open_label, share_xor
@@ -40,13 +41,15 @@ PROTOCOLS = {"a2b": comparison, "lut": lut}
 RELU_ROUNDS, ARGMAX_ROUNDS = {"a2b": 4, "lut": 3}, {"a2b": 3, "lut": 2}
 
 
-def _relu_bytes(protocol: str, n: int, truncates: bool) -> int:
+def _relu_bytes(protocol: str, n: int, bits: int) -> int:
     """Bytes party 0 sends for a ReLU of n elements (planes: 64 elements per word)."""
     planes = -(-n // 64)
     select = 8 * n + 8 * planes  # d, and e as a bit plane
+    # with a shift: the low borrow's gate, 2L - 1 masked inputs (`truncation`)
+    low = 8 * (2 * len(carry_spec(bits).slices) - 1) * planes if bits else 0
     if protocol == "a2b":  # the truncation's c, the carry tree
-        return 8 * n * truncates + 8 * (8 * 30 + 4 * 8 + 7) * planes + select
-    return 8 * n + 8 * 17 * planes + select  # c (the truncation's too), the 9-slice top
+        return 8 * n * (bits > 0) + 8 * (8 * 30 + 4 * 8 + 7) * planes + low + select
+    return 8 * n + 8 * 17 * planes + low + select  # c (the truncation's too), the 9-slice top
 
 
 def _argmax_bytes(protocol: str, comparisons: int) -> int:
@@ -68,7 +71,7 @@ def test_relu_with_and_without_truncation(protocol, xs, extra_bits):
     got = FP.decode(opened(result))
     assert (got - real.clamp(min=0)).abs().max() <= 2 / FP.scale
     assert result.stats0.rounds == result.stats1.rounds == RELU_ROUNDS[protocol]
-    assert result.stats0.bytes_sent == _relu_bytes(protocol, len(xs), extra_bits > 0)
+    assert result.stats0.bytes_sent == _relu_bytes(protocol, len(xs), extra_bits)
 
 
 def test_relu_edges_in_the_last_bit():

@@ -15,6 +15,7 @@ from service.mpc.dealer import (
     RandomnessReused,
     Request,
     RunIdOutOfWindow,
+    carry_spec,
     deal_pair,
     new_run_id,
     run_id_time,
@@ -25,7 +26,7 @@ from service.mpc.ring import from_plane
 PLAN = (
     Request.beaver("matmul", (2, 3), (3, 4)),
     Request.and_((5,)),
-    Request.trunc((6,), 16),
+    Request.trunc((6,), 16, nonneg=True),  # r_msb: the ReLU side's truncation
     Request.mux((7,)),
 )
 
@@ -44,6 +45,13 @@ def test_correlations_hold():
     r = t0["r"] + t1["r"]
     assert torch.equal(t0["r_hi"] + t1["r_hi"], (r >> 16) & ((1 << 48) - 1))
     assert torch.equal(t0["r_msb"] + t1["r_msb"], (r >> 63) & 1)
+    # the low borrow's gate: ring shares of the AND of its masks (XOR-shared bit planes) per set
+    spec = carry_spec(16)
+    lam = t0["clam"] ^ t1["clam"]
+    bits = torch.stack([from_plane(lam[i], (6,)) for i in range(spec.inputs)])
+    for row, mask in enumerate(spec.sets):
+        want = bits[[i for i in range(spec.inputs) if mask >> i & 1]].prod(0)
+        assert torch.equal(t0["cL"][row] + t1["cL"][row], want)
     rb = from_plane(m0["rb"] ^ m1["rb"], (7,))  # one bit per element, dealt as a bit plane
     assert m0["rb"].shape == (1,) and set(rb.tolist()) <= {0, 1}
     assert torch.equal(m0["r"] + m1["r"], rb)
@@ -55,8 +63,9 @@ def test_party0_gets_only_a_seed_and_party1_only_corrections():
     m0, m1 = dealer.deal("x", 0, PLAN), dealer.deal("x", 1, PLAN)
     # a seed and the dealer's public instance id
     assert m0.corrections == [] and m0.nbytes == 32 + 16
-    # party 1: c (2x4), and-c (5), r_hi + r_msb (2x6), r + ar (2x7) words
-    assert m1.nbytes == 32 + 16 + 8 * (8 + 5 + 12 + 14)
+    # party 1: c (2x4), and-c (5), r_hi + r_msb (2x6), the low borrow's tables (6 x 8: two
+    # 8-bit slices) and products (4 sets x 6), r + ar (2x7) words
+    assert m1.nbytes == 32 + 16 + 8 * (8 + 5 + 12 + 48 + 24 + 14)
     assert m0.dealer == m1.dealer == dealer.instance and Dealer().instance != dealer.instance
 
 

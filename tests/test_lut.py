@@ -15,6 +15,7 @@ from service.mpc import anf, lut
 from service.mpc.dealer import (
     Dealer,
     Request,
+    carry_spec,
     deal_pair,
     pairs,
     slice_layout,
@@ -25,7 +26,7 @@ from service.mpc.inprocess import private_forward
 from service.mpc.network import PrivateNetwork
 from service.mpc.party import Party
 from service.mpc.prg import random_ring
-from service.mpc.ring import PRIME, TRUNCATION_OFFSET, from_plane, from_planes_packed
+from service.mpc.ring import PRIME, from_plane, from_planes_packed
 from service.mpc.sharing import share_tensors
 from tests.conftest import FP, opened, opened_xor, run_shared
 from tests.test_fss import _images, _model
@@ -100,10 +101,10 @@ def test_relu_edges_in_the_last_bit_and_at_the_truncation_range():
     x = torch.tensor([0, 1, -1, 2, -2, 2**40, -(2**40), 2**62 - 1, -(2**62)], dtype=torch.int64)
     got = opened(run_shared(lut.relu, x)).tolist()
     assert got == [0, 1, 0, 2, 0, 2**40, 0, 2**62 - 1, 0]
-    # with truncation the range is |x| < 2^62 (`truncation`): floor or floor + 1
+    # with truncation: exact (floor) on the whole ring (`truncation`), past |x| = 2^62 too
+    x = torch.cat([x, torch.tensor([2**63 - 1, -(2**63), 2**62 + 2**16 - 1], dtype=torch.int64)])
     t = opened(run_shared(lambda p, a: lut.relu(p, a, 16), x))
-    want = torch.div(x.clamp(min=0), 2**16, rounding_mode="floor")
-    assert ((t - want) >= 0).all() and ((t - want) <= 1).all()
+    assert torch.equal(t, torch.div(x.clamp(min=0), 2**16, rounding_mode="floor"))
 
 
 # -- the dealer's material ----------------------------------------------------------------------
@@ -121,8 +122,8 @@ def _step_bits(tables: torch.Tensor, w: int) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("bits", [0, 16])
 def test_lut_material_is_the_step_tables_of_the_mask_and_its_sign(bits):
-    """T_s[v] = [v < r'_s] for r' = r (+ 2^62 with truncation), m = msb(r'), and with
-    truncation the `trunc` fields of r; XOR shares, fresh per request."""
+    """T_s[v] = [v < r_s], m = msb(r) (no offset: the truncation is exact without one), and
+    with truncation the `trunc` fields of r and its low borrow's tables; XOR shares, fresh."""
     req = Request.lut((3, 50), 7, bits)
     validate_plan((req,))
     seen = []
@@ -130,7 +131,7 @@ def test_lut_material_is_the_step_tables_of_the_mask_and_its_sign(bits):
         r0, r1 = deal_pair(Dealer(), rid, (req,))
         t0, t1 = r0.take(req), r1.take(req)
         r = t0["r"] + t1["r"]
-        shifted = r + TRUNCATION_OFFSET if bits else r
+        shifted = r
         low = (shifted.reshape(-1) & (2**63 - 1)).numpy().astype(np.uint64)
         tables = t0["T"] ^ t1["T"]
         assert tables.shape == (150, table_words(7))
@@ -144,6 +145,13 @@ def test_lut_material_is_the_step_tables_of_the_mask_and_its_sign(bits):
             assert torch.equal(t0["r_msb"] + t1["r_msb"], (r < 0).long())
             hi = t0["r_hi"] + t1["r_hi"]
             assert torch.equal(hi, (r >> bits) & (2 ** (64 - bits) - 1))
+            spec = carry_spec(bits)  # the low slices' step tables (`truncation`)
+            low = t0["cT"] ^ t1["cT"]
+            for shift, width, first in spec.slices:
+                words = low[:, first : first + max(1, 2**width // 64)].contiguous().numpy()
+                got = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")[:, : 2**width]
+                r_s = ((r.reshape(-1) >> shift) & (2**width - 1)).numpy()
+                assert np.array_equal(got, np.arange(2**width)[None, :] < r_s[:, None])
         seen.append(r)
     assert not torch.equal(seen[0], seen[1])
 

@@ -16,7 +16,7 @@ from service.mpc.inprocess import private_forward
 from service.mpc.network import ModelSpecError, PrivateNetwork
 from service.mpc.party import Party
 from service.mpc.ring import PRIME
-from service.mpc.sharing import open_label, share_tensors
+from service.mpc.sharing import open_label, share, share_tensors
 from tests.conftest import FP
 from training.model import DigitCNN, FCNet
 
@@ -93,3 +93,54 @@ def test_bad_layer_lists_and_inputs_are_refused():
         net.forward(party, torch.zeros(1, 2, 2, dtype=torch.int64), {}, "label")
     with pytest.raises(ValueError, match="output"):
         net.forward(party, torch.zeros(1, 1, 28, 28, dtype=torch.int64), {}, "scores")
+
+
+def _near_tie(model) -> torch.Tensor:
+    """An image on the boundary between two classes (plaintext bisection between two test
+    images of different labels), where floor-or-floor+1 rounding used to decide the label."""
+    x, truth = _images(20)
+    a, b = x[0:1], x[int((truth != truth[0]).nonzero()[0])][None]
+    lo, hi = 0.0, 1.0
+    with torch.no_grad():
+        first = model(a).argmax(-1)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if model((1 - mid) * a + mid * b).argmax(-1) == first else (lo, mid)
+    return (1 - lo) * a + lo * b
+
+
+def _crafted(model) -> torch.Tensor:
+    """Ring values a malicious client can share: near +-2^62 and +-2^63 (past the old
+    truncation's range), with all-ones low bits, and fixed-point near-tie images."""
+    g = torch.Generator().manual_seed(15)
+    big = [2**62, 2**62 + 1, 2**62 - 1, -(2**62), -(2**62) - 1, 2**63 - 1, -(2**63), 2**62 + 2**61]
+    big += [(2**62 + 2**61) | (2**16 - 1), -(2**63) + 2**16 - 1]
+    rows = []
+    for i in range(3):
+        img = FP.encode(torch.rand((1, 1, 28, 28), generator=g, dtype=torch.float64))
+        where = torch.randperm(784, generator=g)[: 4 + 3 * i]
+        img.view(-1)[where] = torch.tensor(big)[torch.arange(len(where)) % len(big)]
+        rows.append(img)
+    tie = _near_tie(model).double()
+    rows += [FP.encode(tie), FP.encode(tie) + 1]  # the tie, and one fixed-point step over
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize(("kind", "protocol"), [("cnn", "lut"), ("cnn", "a2b"), ("fcnet", "fss")])
+def test_a_crafted_input_gets_the_same_label_on_every_run(kind, protocol):
+    """Issue 15: the label (and the logits) must be a function of the shared input alone, for
+    every input in the ring: fresh dealer randomness and fresh input shares on every run."""
+    model = _model(kind)
+    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), FP, protocol)
+    weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, FP)
+    x = _crafted(model)
+    masks = (WeightMasks("m"), WeightMasks("m"))  # as deployed: lut fuses the last layer
+    labels, logits = set(), set()
+    dealer = Dealer()
+    for run in range(12):
+        res = private_forward(net, weights, share(x), dealer, f"l{run}", "label", masks)
+        labels.add(tuple(net.open_label(res.out0, res.out1).tolist()))
+        res = private_forward(net, weights, share(x), dealer, f"g{run}", "logits", masks)
+        logits.add(tuple((res.out0 + res.out1).reshape(-1).tolist()))
+    assert len(labels) == 1, f"labels changed between runs: {labels}"
+    assert len(logits) == 1, "logits changed between runs"

@@ -606,9 +606,11 @@ def test_lut_deployment_classifies_like_plaintext_in_fifteen_rounds(tmp_path, mn
     # opening (2304), the carry tree (279 x 36 words), the select (2304 + 36); conv2 (2304);
     # the second ReLU on lut: c (256), the top (17 x 4), the select (256 + 4); fc1 (256); the
     # third ReLU on lut with fc2 in its select: c (100), the top (17 x 2), the select (100 + 2);
-    # the argmax on lut: c (45), the top (11 x 1)
+    # the argmax on lut: c (45), the top (11 x 1); the exact truncations' low-borrow gates
+    # (`truncation`): 5 planes in the first and second ReLU (shift 18), 3 in the third (16)
     words = 784 + 2304 + 279 * 36 + 2304 + 36 + 2304 + 256 + 68 + 260 + 256 + 100 + 34
-    assert after[1] - before[1] == 8 * (words + 102 + 45 + 11)
+    low = 5 * 36 + 5 * 4 + 3 * 2
+    assert after[1] - before[1] == 8 * (words + 102 + 45 + 11 + low)
     assert labels == _plain_labels(plaintext, images).tolist()
 
 

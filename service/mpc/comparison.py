@@ -108,15 +108,24 @@ def relu(
     """[max(x, 0) / 2^trunc_bits]: the sign of x and the truncation computed side by side.
 
     The sign is taken on the untruncated x (same sign), so the truncation's opening rides in
-    the comparison's first round. Rounds: 3 (comparison, truncation inside) + 1 (select) = 4.
-    Bytes per element per party: about 35 (comparison, see the module) + 8 (select; + 8 with
-    truncation). `select(party, y, plane)` makes the last step: `select_plane` by default, or
-    one that also applies the next layer in its round (`beaver.select_linear`).
+    the comparison's first round and its low borrow's gate in the second (`truncation`: exact
+    where x >= 0, which is all the select keeps). Rounds: 3 (comparison, truncation inside) + 1
+    (select) = 4. Bytes per element per party: about 35 (comparison, see the module) + 8
+    (select; + 8 + (2L - 1) / 8 with truncation, L = 2 for a shift by 16, 3 by 18).
+    `select(party, y, plane)` makes the last step: `select_plane` by default, or one that
+    also applies the next layer in its round (`beaver.select_linear`).
     """
-    pending = truncation.begin(party, x, trunc_bits) if trunc_bits else None
-    sign, opened = _msb(party, x, [pending.masked] if pending else [])
-    y = truncation.finish(party, pending, opened[0]) if pending else x
-    return select(party, y, not_plane(party, sign))
+    if not trunc_bits:
+        return select(party, x, not_plane(party, _msb(party, x)[0]))
+    pending = truncation.begin(party, x, trunc_bits)
+    g, p, bit63, (c,) = _slices(party, x, [pending.masked])
+    gate, mine = fanin.masked_begin(party, _groups(g, p, 4), "gp4")
+    low, low_mine = truncation.carry_begin(party, c, pending.randomness, pending.spec)
+    theirs, low_theirs = party.channel.exchange([*mine, low_mine])  # the low borrow rides here
+    g, p = fanin.masked_finish(gate, mine[0], theirs)
+    y = truncation.finish(party, pending, c, truncation.carry_finish(low, low_theirs)[0])
+    (carry,) = fanin.masked(party, torch.cat([g, p[1:]]).unsqueeze(1), "g4")[0]
+    return select(party, y, not_plane(party, bit63 ^ carry[0]))
 
 
 def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import hmac
+import itertools
 import math
 import os
 import secrets
@@ -88,7 +89,7 @@ from service.mpc import anf, dcf
 from service.mpc.prg import PRG, SEED_BYTES, fresh_seed
 from service.mpc.ring import (
     PRIME,
-    TRUNCATION_OFFSET,
+    RING_BITS,
     from_plane,
     from_planes_packed,
     logical_shift_right,
@@ -136,8 +137,8 @@ class Request:
         return Request("and", (tuple(shape),))
 
     @staticmethod
-    def trunc(shape, bits: int) -> Request:
-        return Request("trunc", (tuple(shape),), (bits,))
+    def trunc(shape, bits: int, nonneg: bool = False) -> Request:
+        return Request("trunc", (tuple(shape),), (bits, "nonneg") if nonneg else (bits,))
 
     @staticmethod
     def mux(shape) -> Request:
@@ -240,7 +241,7 @@ _DERIVED = {
     "beaver": ("c",),
     "beaverw": ("c",),
     "and": ("c",),
-    "trunc": ("r_hi", "r_msb"),
+    "trunc": ("r_hi",),  # "nonneg": also r_msb; both: the carry's cT, cL (see `_derived`)
     "mux": ("r", "ar"),
     "muxw": ("r", "ar", "rbw", "aw", "arw"),
     "cross": ("z",),
@@ -262,16 +263,23 @@ def pairs(classes: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _derived(req: Request) -> tuple[str, ...]:
+    carry = ("cT", "cL") if _carry(req) else ()
     if req.kind == "fss":
-        return _FSS_CONSTANTS[str(req.params[0])]
+        return (*_FSS_CONSTANTS[str(req.params[0])], *carry)
     if req.kind == "lut" and req.params[1]:
-        return ("r_hi", "r_msb", *_DERIVED["lut"])
+        return ("r_hi", "r_msb", *_DERIVED["lut"], *carry)
+    if req.kind == "trunc":
+        return ("r_hi", "r_msb", *carry) if len(req.params) == 2 else ("r_hi", *carry)
     return _DERIVED[req.kind]
 
 
 def _op(req: Request, name: str) -> str:
     """How a derived field is shared: "xor", "mod" (Z_p) or "ring" (Z_2^64)."""
-    if req.kind in _XOR_KINDS or (req.kind in ("lut", "zlut") and name in _XOR_FIELDS):
+    if (
+        name == "cT"
+        or req.kind in _XOR_KINDS
+        or (req.kind in ("lut", "zlut") and name in _XOR_FIELDS)
+    ):
         return "xor"
     if req.kind in _MOD_KINDS or (req.kind, name) in _MOD_FIELDS:
         return "mod"
@@ -329,11 +337,108 @@ def _tables(r: torch.Tensor, w: int) -> torch.Tensor:
 
 def _lut_truth(req: Request, r: torch.Tensor) -> dict[str, torch.Tensor]:
     w, bits = int(req.params[0]), int(req.params[1])
-    shifted = r + TRUNCATION_OFFSET if bits else r
     out = {}
     if bits:
         out = {"r_hi": logical_shift_right(r, bits), "r_msb": msb(r)}
-    return out | {"T": _tables(shifted, w), "m": to_plane(msb(shifted))}
+    return out | {"T": _tables(r, w), "m": to_plane(msb(r))}
+
+
+# -- the low carry of a truncation (`truncation`): [c mod 2^k < r mod 2^k] for public c ------------
+
+
+@dataclass(frozen=True)
+class CarrySpec:
+    """The comparison of a public c with the dealer's mask r that exact truncation needs:
+    slices of r (`slices`: (shift, width, first table word)), XOR-shared step tables of them
+    (`table_words` per element), a one-round masked gate on the looked-up bits
+    lt_0..lt_(S-1), eq_1..eq_(S-1) (and an `extra` XOR-shared factor last) whose outputs are,
+    per entry k of `outputs`, the borrow of the lowest k slices as a ring value, and the sets R
+    whose mask products Lambda_R the dealer deals as ring shares (`sets`, bit masks)."""
+
+    slices: tuple[tuple[int, int, int], ...]
+    table_words: int
+    inputs: int
+    outputs: tuple[int, ...]
+    monomials: tuple[tuple[tuple[int, ...], ...], ...]  # per output, input indices
+    sets: tuple[int, ...]
+
+
+def _even_widths(bits: int, n: int) -> list[int]:
+    return [bits // n + (i < bits % n) for i in range(n)]
+
+
+def _words(width: int) -> int:
+    return max(1, (1 << width) // 64)
+
+
+def _sets_count(s: int) -> int:
+    return (1 << s) + (1 << (s - 1)) - 2  # nonempty subsets of the borrow's monomials
+
+
+@cache
+def carry_spec(bits: int, whole: bool = False, extra: bool = False) -> CarrySpec:
+    """The layout of `CarrySpec` for a shift by `bits`: the low `bits` bits only (a value known
+    to be nonnegative, ReLU), or `whole`: also the borrow of all 64 bits, with a slice boundary
+    at `bits`. Slice counts are chosen for the least dealer material (tables + products)."""
+    parts = [bits, RING_BITS - bits] if whole else [bits]
+    best = None
+    for counts in itertools.product(range(1, 9), repeat=len(parts)):
+        if any(n > p for n, p in zip(counts, parts, strict=True)):
+            continue
+        widths = [w for p, n in zip(parts, counts, strict=True) for w in _even_widths(p, n)]
+        cost = sum(_words(w) for w in widths) + _sets_count(len(widths)) * (2 if extra else 1)
+        if best is None or cost < best[0]:
+            best = (cost, widths, counts)
+    _, widths, counts = best
+    layout, shift, word = [], 0, 0
+    for width in widths:
+        layout.append((shift, width, word))
+        shift, word = shift + width, word + _words(width)
+    s = len(widths)
+    prefixes = (counts[0], s) if whole else (s,)
+    tail = (2 * s - 1,) if extra else ()
+    monomials = tuple(
+        tuple((i, *range(s + i, s + k - 1), *tail) for i in range(k)) for k in prefixes
+    )
+    sets = set()
+    for mono in (m for out in monomials for m in out):
+        for sub in range(1, 1 << len(mono)):
+            sets.add(sum(1 << mono[j] for j in range(len(mono)) if sub >> j & 1))
+    return CarrySpec(
+        tuple(layout), word, 2 * s - 1 + extra, prefixes, monomials, tuple(sorted(sets))
+    )
+
+
+def _carry(req: Request) -> CarrySpec | None:
+    """The low-carry layout a request carries, if any: trunc (whole ring, or "nonneg"), lut
+    with a shift, fss relu with a shift (times the sign: `extra`)."""
+    if req.kind == "trunc":
+        return carry_spec(int(req.params[0]), whole=len(req.params) == 1)
+    if req.kind == "lut" and req.params[1]:
+        return carry_spec(int(req.params[1]))
+    if req.kind == "fss" and req.params[0] == "relu" and req.params[1]:
+        return carry_spec(int(req.params[1]), extra=True)
+    return None
+
+
+def _carry_truth(spec: CarrySpec, r: torch.Tensor, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The step tables of r's slices (cT) and the ring products Lambda_R of the gate's masks
+    (cL, [sets, elements]) (dealer only)."""
+    u = r.reshape(-1).numpy().view(np.uint64)
+    tables = np.concatenate(
+        [
+            _steps(width)[((u >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)]
+            for shift, width, _ in spec.slices
+        ],
+        axis=1,
+    )
+    n = u.size
+    bits = torch.stack([from_plane(lam[i], (n,)) for i in range(spec.inputs)])
+    products = []
+    for mask in spec.sets:
+        idx = [i for i in range(spec.inputs) if mask >> i & 1]
+        products.append(bits[idx].prod(0))
+    return {"cT": torch.from_numpy(tables), "cL": torch.stack(products)}
 
 
 def _fss_parts(req: Request) -> tuple[int, int]:
@@ -399,7 +504,8 @@ def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         return {"c": full["a"] & full["b"]}
     if req.kind == "trunc":
         r = full["r"]
-        return {"r_hi": logical_shift_right(r, int(req.params[0])), "r_msb": msb(r)}
+        out = {"r_hi": logical_shift_right(r, int(req.params[0]))}
+        return out | ({"r_msb": msb(r)} if len(req.params) == 2 else {})
     if req.kind in ("mux", "muxw"):
         rb = from_plane(full["rb"], req.shapes[0])
         out = {"r": rb, "ar": full["a"] * rb}
@@ -450,6 +556,10 @@ def _comparisons(req: Request) -> int:
 @lru_cache(maxsize=4096)
 def _derived_shape(req: Request, name: str = "") -> tuple[int, ...]:
     """The shape of the derived field `name` of `req` (public: a function of the request)."""
+    spec = _carry(req)
+    if spec is not None and name in ("cT", "cL"):
+        n = math.prod(req.shapes[0])
+        return (n, spec.table_words) if name == "cT" else (len(spec.sets), n)
     if req.kind == "muxw" and name not in ("r", "ar"):
         return (*req.shapes[0], req.shapes[1][1])
     if req.kind in ("lut", "zlut") and name in ("T", "m"):
@@ -519,11 +629,12 @@ def _validate_plan(plan: tuple[Request, ...], max_elements: int) -> None:
         if not all(isinstance(p, int | str) and not isinstance(p, bool) for p in req.params):
             raise ValueError(f"step {i}: params are integers and names only")
         if req.kind == "trunc" and (
-            len(req.params) != 1
+            len(req.params) not in (1, 2)
             or not isinstance(req.params[0], int)
             or not 1 <= req.params[0] < 63
+            or req.params[1:] not in ((), ("nonneg",))
         ):
-            raise ValueError(f"step {i}: trunc needs one shift in [1, 63)")
+            raise ValueError(f"step {i}: trunc needs one shift in [1, 63) (and maybe 'nonneg')")
         if req.kind in ("beaver", "beaverw"):
             op = req.params[0] if req.params else None
             if op not in ("mul", "matmul", "conv2d", "conv2d_pool"):
@@ -660,12 +771,16 @@ def _seeded_fields(req: Request) -> list[tuple[str, str, tuple[int, ...]]]:
             ("r", "ring", (rows, n * (n - 1) // 2)),
             ("lam", "ring", (inputs, -(-_comparisons(req) // 64))),
         ]
-    return [
+    out = [
         (name, "ring", (-(-math.prod(req.shapes[idx]) // 64),))  # one bit per element
         if how == "plane"
         else (name, how, req.shapes[idx])
         for name, how, idx in _SEEDED[req.kind]
     ]
+    spec = _carry(req)
+    if spec is not None:  # the carry gate's input masks, bit planes
+        out.append(("clam", "ring", (spec.inputs, -(-math.prod(req.shapes[0]) // 64))))
+    return out
 
 
 def _share0(prg: PRG, op: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -932,7 +1047,8 @@ class Dealer:
             else:
                 xor = req.kind in _XOR_KINDS
                 full = {
-                    n: (s0[n] ^ s1[n]) if xor or n in ("rb", "lam") else s0[n] + s1[n] for n in s0
+                    n: (s0[n] ^ s1[n]) if xor or n in ("rb", "lam", "clam") else s0[n] + s1[n]
+                    for n in s0
                 }
                 if req.kind in WEIGHT_MASK_KINDS:
                     full["b"] = self._mask(req)
@@ -944,6 +1060,9 @@ class Dealer:
                     truth = _zero_test_truth(req, full, private)
                 else:
                     truth = _truth(req, full)
+                spec = _carry(req)
+                if spec is not None:
+                    truth = truth | _carry_truth(spec, full["r"], full["clam"])
             for name, value in truth.items():
                 op = _op(req, name)
                 share = _share0(prg0, op, value.shape)  # party 0's, turned into party 1's here

@@ -12,11 +12,14 @@ combination: exact on the whole ring Z_2^64, wrap-around included.
 
 Gates (N elements; bytes are what each party sends; dealer key sizes in `dcf.py`):
 - `sign(x)`:  [x >= 0]. 1 round, 8 N bytes. DCF payload (2 msb(r) - 1); constant [msb(r)].
-- `relu(x, k)`: [max(x, 0) >> k], the truncation fused in (floor or floor + 1, exact for k = 0):
+- `relu(x, k)`: [max(x, 0) >> k], the truncation fused in, exact on the whole ring:
   for x >= 0, x = a - r' + 2^63 c (r' = r mod 2^63), so x >> k = (a >> k) - (r' >> k)
-  + 2^(63-k) c, up to the borrow of the low k bits, which is dropped (+1 at most, as in
-  `truncation`). 1 round, 8 N bytes. Payload (1, s, s (r' >> k)) with s = 2 msb(r) - 1;
-  constants [msb(r)], [r' >> k], [msb(r) (r' >> k)].
+  + 2^(63-k) c - b, b the borrow of the low k bits [a_lo < r'_lo]. The DCF part gives
+  [s ((a >> k) - (r' >> k) + 2^(63-k) c)] (s = [x >= 0]) locally; the product s b cannot be
+  (two comparisons of different bits), so for k > 0 a second round opens `truncation`'s gate
+  with s as an extra factor and subtracts [s b]. 1 round (k = 0) or 2, 8 N + (2L) N / 8 bytes
+  (L = 2 slices for k = 16). Payload (1, s, s (r' >> k)) with s = 2 msb(r) - 1; constants
+  [msb(r)], [r' >> k], [msb(r) (r' >> k)]; for k > 0 also the gate's tables and products.
 - `argmax(x)`: XOR shares of the one-hot first maximum. All n(n-1)/2 pairwise signs in one
   round; each row's wins are counted locally; the winner is the one class with n - 1 wins,
   found by one more sign. 2 rounds, 8 (n(n-1)/2 + n) bytes per row.
@@ -30,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from service.mpc import comparison, dcf
+from service.mpc import comparison, dcf, truncation
 from service.mpc.dealer import FSS_PAYLOAD, Request
 from service.mpc.party import Party
 
@@ -59,22 +62,23 @@ def _open_and_eval(party: Party, x: torch.Tensor, gate: str, bits: int = 0):
         shares = np.zeros((u.size, FSS_PAYLOAD[gate]), dtype=_U)
     else:
         shares = dcf.eval_(party.index, _u64(t["root"]).reshape(-1, 2), keys, a)
-    return t, a, mx, shares
+    return t, a, mx, shares, u
 
 
 def sign(party: Party, x: torch.Tensor) -> torch.Tensor:
     """Additive shares of [x >= 0] (0/1) for shared x. 1 round."""
-    t, _, mx, shares = _open_and_eval(party, x, "sign")
+    t, _, mx, shares, _ = _open_and_eval(party, x, "sign")
     mr, cs = _u64(t["mr"]), shares[:, 0]
     one = np.uint64(party.index == 0)
     return _tensor(np.where(mx, mr - cs, one - mr + cs), x.shape)
 
 
 def relu(party: Party, x: torch.Tensor, trunc_bits: int = 0) -> torch.Tensor:
-    """Shares of max(x, 0) >> trunc_bits (floor, or floor + 1 when trunc_bits > 0). 1 round."""
+    """Shares of max(x, 0) >> trunc_bits, exact on the whole ring. 1 round; 2 with a shift (the
+    low borrow times the sign, `truncation`'s gate)."""
     if not 0 <= trunc_bits < LOW_BITS - 1:
         raise ValueError(f"truncation bits must be in [0, 62), got {trunc_bits}")
-    t, a, mx, shares = _open_and_eval(party, x, "relu", trunc_bits)
+    t, a, mx, shares, u_open = _open_and_eval(party, x, "relu", trunc_bits)
     mr, r_hi, mr_hi = _u64(t["mr"]), _u64(t["rhi"]), _u64(t["mrhi"])
     c, cs, cs_hi = shares[:, 0], shares[:, 1], shares[:, 2]
     a_hi = a >> np.uint64(trunc_bits)  # public
@@ -84,7 +88,16 @@ def relu(party: Party, x: torch.Tensor, trunc_bits: int = 0) -> torch.Tensor:
     mine = a_hi if party.index == 0 else np.zeros_like(a_hi)
     if_w_is_mr = mine - r_hi - mr * a_hi + mr_hi + c_mr_k + a_hi * cs - cs_hi
     if_w_not_mr = mr * a_hi - mr_hi + k * c - c_mr_k - a_hi * cs + cs_hi
-    return _tensor(np.where(mx, if_w_not_mr, if_w_is_mr), x.shape)
+    out = _tensor(np.where(mx, if_w_not_mr, if_w_is_mr), x.shape)
+    if not trunc_bits:
+        return out
+    # exact: minus [s * low borrow], s = [x >= 0] (XOR shares: the low bits of its shares)
+    one = np.uint64(party.index == 0)
+    s = _tensor(np.where(mx, mr - cs, one - mr + cs), x.shape)
+    spec = truncation.carry_spec(trunc_bits, extra=True)
+    low, mine_msg = truncation.carry_begin(party, _tensor(u_open, x.shape), t, spec, extra=s)
+    (theirs,) = party.channel.exchange([mine_msg])
+    return out - truncation.carry_finish(low, theirs)[0].reshape(x.shape)
 
 
 def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ select's openings (uniform); its output shares are uniform.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -71,12 +71,15 @@ def _open(party: Party, x: torch.Tensor, t: dict) -> torch.Tensor:
     return c
 
 
-def _sign(party: Party, c: torch.Tensor, t: dict) -> torch.Tensor:
-    """XOR shares of msb(c - r') as a bit plane, from the opened c and the lut material. 1 round
-    (the top)."""
+def _sign(party: Party, c: torch.Tensor, t: dict, xor_ride: Sequence[torch.Tensor] = ()):
+    """XOR shares of msb(c - r) as a bit plane, from the opened c and the lut material. 1 round
+    (the top). With `xor_ride` (messages sent in the same round): also the peer's ones."""
     inputs = _lookup(party, c, t["T"], SIGN_SLICE_BITS)
-    (borrow,), _ = fanin.masked(party, inputs, f"g{len(slice_layout(SIGN_SLICE_BITS))}")
-    return borrow ^ t["m"] ^ (to_plane(msb(c)) if party.index == 0 else 0)
+    gate, mine = fanin.masked_begin(party, inputs, f"g{len(slice_layout(SIGN_SLICE_BITS))}")
+    theirs, *ride = party.channel.exchange([*mine, *xor_ride])
+    (borrow,) = fanin.masked_finish(gate, mine[0], theirs)
+    sign = borrow ^ t["m"] ^ (to_plane(msb(c)) if party.index == 0 else 0)
+    return (sign, ride) if xor_ride else sign
 
 
 def msb_plane(party: Party, x: torch.Tensor) -> torch.Tensor:
@@ -92,13 +95,15 @@ def relu(
     (select, or the caller's fused select as in `comparison.relu`). Bytes per element and
     party: 8 + 17/8 + 8 + 1/8."""
     t = party.rand.take(Request.lut(x.shape, SIGN_SLICE_BITS, trunc_bits))
+    c = _open(party, x, t)  # the truncation's opening too
     if not trunc_bits:
-        c, y = _open(party, x, t), x
-    else:  # the truncation's opening: c = x + 2^62 + r
-        pending = truncation.begin_with(party, x, t, trunc_bits)
-        (c,) = party.open(pending.masked)
-        y = truncation.finish(party, pending, c)
-    return select(party, y, comparison.not_plane(party, _sign(party, c, t)))
+        return select(party, x, comparison.not_plane(party, _sign(party, c, t)))
+    spec = truncation.carry_spec(trunc_bits)
+    low, low_mine = truncation.carry_begin(party, c, t, spec)
+    sign, (low_theirs,) = _sign(party, c, t, [low_mine])  # the low borrow rides with the top
+    pending = truncation.PendingTruncation(c, t, trunc_bits, spec)
+    y = truncation.finish(party, pending, c, truncation.carry_finish(low, low_theirs)[0])
+    return select(party, y, comparison.not_plane(party, sign))
 
 
 def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

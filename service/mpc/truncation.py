@@ -1,15 +1,37 @@
-"""Fixed-point rescaling: [x] -> [floor(x / 2^bits)] (+1 at most), the one place it happens.
+"""Fixed-point rescaling: [x] -> [floor(x / 2^bits)] exactly, the one place it happens.
 
-Dealer-assisted truncation, exact on the whole input range |x| < 2^62 (no failure probability,
-unlike SecureML's local truncation, which fails with probability about |x| / 2^63 per element).
-With y = x + 2^62 in [0, 2^63) and a dealer pair ([r], [r >>> bits], [msb(r)]) for uniform r:
-  1. open c = y + r mod 2^64                       (1 round; c is uniform: it reveals nothing)
-  2. the wrap w of y + r is msb(r) * (1 - msb(c))   (linear in [msb(r)], since c is public)
-  3. [y >>> bits] = (c >>> bits) - [r >>> bits] + [w] * 2^(64 - bits)   (+1 when the low bits
-     of c are below those of r: a carry we do not compute, so the result is floor or floor + 1)
-  4. subtract 2^(62 - bits)
-Rounds: 1 (it can share its round with other openings; see `begin` / `finish`).
-Bytes sent per party: 8 per element. What a party sees: c, uniform on Z_2^64.
+floor is the signed 64-bit arithmetic shift x >> bits, for EVERY x in Z_2^64: no input range,
+no failure probability, and no dependence on the dealer's randomness, so the same shared input
+always gives the same shares' sum (a label is a deterministic function of the input). Earlier
+versions added 2^62 and gave floor or floor + 1 for |x| < 2^62 only, depending on the mask.
+
+With a dealer mask r and the opening c = y + r mod 2^64 (c is uniform: it reveals nothing), the
+integer y_u (y read as unsigned) is c - r + 2^64 [c < r], so, with lo = the low `bits` bits,
+    y_u >>> bits = (c >>> bits) - (r >>> bits) - [c_lo < r_lo] + 2^(64 - bits) [c < r].
+Both borrows compare the public c with the dealer's r: the dealer deals XOR-shared step tables
+of r's slices (T_s[v] = [v < r_s], as `lut` does for signs), each party looks up lt_s = T_s[c_s]
+and eq_s = [c_s = r_s] locally, and one masked gate (`carry_begin` / `carry_finish`) opens
+those bits masked by fresh dealer bits lambda and evaluates the borrows arithmetically:
+    borrow = sum_s lt_s eq_(s+1) ... eq_(S-1)  (the terms exclude each other, so + is XOR)
+    prod_(i in M) u_i = sum_(R subset of M) prod_(M - R) delta_i prod_R (1 - 2 delta_i) Lambda_R
+for the opened delta = u ^ lambda and the dealer's ring shares of Lambda_R = AND of the masks
+in R (`dealer.carry_spec`: the slices and sets, chosen for the least dealer material).
+
+`truncate(x)` (any x): y = x + 2^63, so x >> bits = (y_u >>> bits) - 2^(63 - bits); both
+borrows (the 64-bit one [c < r] with a slice boundary at `bits`). Rounds: 2 (the opening, the
+gate). Bytes per element and party: 8 + (2S - 1) / 8 (S slices: 7 for bits 16, 2 of them below
+bit 16). Dealer: about 2 KB per element (the 64-bit borrow's products; used for logits and for
+a linear layer right after another only, not on a ReLU network's path).
+
+`begin` / `finish` (nonneg=True, for a ReLU's selected value): exact for y in [0, 2^63), i.e.
+whenever the ReLU keeps it (its select zeroes the rest): there y_u = y and [c < r] =
+msb(r) (1 - msb(c)), linear in [msb(r)]; only the low borrow needs the gate, whose opening
+rides in a round the comparison makes anyway (a2b: its second; lut: its top's), so the ReLU
+keeps its rounds. Bytes per element and party: 8 (c, shared with lut's sign) + (2L - 1) / 8
+(L = 2 slices below bit 16 or 3 below 18). Dealer: L tables and 2^L + 2^(L-1) - 2 ring products,
+12 words per element for bits 16, 13 for 18. `fss` passes its sign as an extra factor of the
+gate (`extra`): the gate then gives [s * borrow] (twice the products).
+What a party sees: c (uniform: r is), the gate's inputs masked by fresh uniform dealer bits.
 """
 
 from __future__ import annotations
@@ -18,9 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
-from service.mpc.dealer import Request
+from service.mpc.dealer import CarrySpec, Request, carry_spec
 from service.mpc.party import Party
-from service.mpc.ring import RING_BITS, TRUNCATION_OFFSET, logical_shift_right, msb
+from service.mpc.ring import RING_BITS, from_plane, logical_shift_right, msb, to_plane_rows
+
+_SIGN = 1 << (RING_BITS - 1)
 
 
 @dataclass
@@ -30,34 +54,116 @@ class PendingTruncation:
     masked: torch.Tensor
     randomness: dict[str, torch.Tensor]
     bits: int
+    spec: CarrySpec
 
 
-def begin(party: Party, x: torch.Tensor, bits: int) -> PendingTruncation:
-    """Step 1 without the exchange: the masked share of c this party will send."""
+@dataclass
+class PendingCarry:
+    """The low-carry gate between its masked opening and its evaluation."""
+
+    mine: torch.Tensor
+    t: dict[str, torch.Tensor]
+    spec: CarrySpec
+    count: int
+    index: int
+
+
+def _check(bits: int) -> None:
     if not 0 < bits < RING_BITS - 2:
         raise ValueError(f"truncation bits must be in (0, 62), got {bits}")
-    return begin_with(party, x, party.rand.take(Request.trunc(x.shape, bits)), bits)
+
+
+def begin(party: Party, x: torch.Tensor, bits: int, *, nonneg: bool = True) -> PendingTruncation:
+    """The masked share of c this party will send (`Request.trunc`); nonneg: exact where x >= 0
+    (a ReLU's kept values), else on the whole ring."""
+    _check(bits)
+    t = party.rand.take(Request.trunc(x.shape, bits, nonneg))
+    if not nonneg and party.index == 0:
+        x = x + torch.tensor(_SIGN - (1 << RING_BITS), dtype=x.dtype)  # + 2^63
+    return PendingTruncation(x + t["r"], t, bits, carry_spec(bits, whole=not nonneg))
 
 
 def begin_with(party: Party, x: torch.Tensor, t: dict, bits: int) -> PendingTruncation:
-    """`begin` on dealer material `t` taken by the caller, with the fields of `Request.trunc`
-    (r, r_hi, r_msb; `lut` takes them with its own)."""
-    y = x + TRUNCATION_OFFSET if party.index == 0 else x
-    return PendingTruncation(y + t["r"], t, bits)
+    """`begin` (nonneg) on dealer material `t` taken by the caller, with the fields of
+    `Request.trunc(..., nonneg=True)` (r, r_hi, r_msb, cT, clam, cL; `lut` takes them with its
+    own)."""
+    _check(bits)
+    return PendingTruncation(x + t["r"], t, bits, carry_spec(bits))
 
 
-def finish(party: Party, pending: PendingTruncation, c: torch.Tensor) -> torch.Tensor:
-    """Steps 2-4, local, given the opened c."""
+def carry_begin(
+    party: Party, c: torch.Tensor, t: dict, spec: CarrySpec, extra: torch.Tensor | None = None
+) -> tuple[PendingCarry, torch.Tensor]:
+    """The gate's message (its inputs masked, bit planes [inputs, words]) from the opened c and
+    the tables `t["cT"]`; `extra`: XOR shares (0/1 per element) of a factor of every term."""
+    flat = c.reshape(-1)
+    tables = t["cT"]
+    lts, les = [], []
+    for shift, width, first in spec.slices:
+        idx = logical_shift_right(flat, shift) & ((1 << width) - 1)
+
+        def bit(i: torch.Tensor, first: int = first) -> torch.Tensor:
+            word = torch.gather(tables, 1, (first + (i >> 6)).unsqueeze(1)).squeeze(1)
+            return (word >> (i & 63)) & 1
+
+        lts.append(bit(idx))
+        les.append(torch.where(idx == 0, int(party.index == 0), bit((idx - 1).clamp(min=0))))
+    eqs = [lt ^ le for lt, le in zip(lts[1:], les[1:], strict=True)]
+    rows = [*lts, *eqs, *([extra.reshape(-1) & 1] if extra is not None else [])]
+    mine = to_plane_rows(torch.stack(rows)) ^ t["clam"]
+    return PendingCarry(mine, t, spec, flat.numel(), party.index), mine
+
+
+def carry_finish(pending: PendingCarry, theirs: torch.Tensor) -> list[torch.Tensor]:
+    """Ring shares of each output's borrow (`spec.outputs`), flat per element. Local."""
+    delta = pending.mine ^ theirs
+    n, lam = pending.count, pending.t["cL"]
+    d = [from_plane(delta[i], (n,)) for i in range(pending.spec.inputs)]
+    s = [1 - 2 * v for v in d]
+    row = {mask: i for i, mask in enumerate(pending.spec.sets)}
+    outs = []
+    for monomials in pending.spec.monomials:
+        terms, rows = [], []
+        for mono in monomials:
+            # prod (d_i + s_i lambda_i): the coefficient of Lambda_R for every R, index = R's
+            # bits over the monomial (doubling: without i times d_i, then with i times s_i)
+            coefs = [d[mono[0]], s[mono[0]]]
+            for i in mono[1:]:
+                coefs = [c * d[i] for c in coefs] + [c * s[i] for c in coefs]
+            if pending.index == 0:
+                terms.append(coefs[0])  # Lambda_{} = 1, held by party 0
+                rows.append(None)
+            for sub in range(1, len(coefs)):
+                terms.append(coefs[sub])
+                rows.append(row[sum(1 << mono[j] for j in range(len(mono)) if sub >> j & 1)])
+        secret = [k for k, r in enumerate(rows) if r is not None]
+        total = (torch.stack([terms[k] for k in secret]) * lam[[rows[k] for k in secret]]).sum(0)
+        for k, r in enumerate(rows):
+            if r is None:
+                total += terms[k]
+        outs.append(total)
+    return outs
+
+
+def finish(
+    party: Party, pending: PendingTruncation, c: torch.Tensor, borrow: torch.Tensor
+) -> torch.Tensor:
+    """Shares of x >> bits (nonneg: where x >= 0) from the opened c and the gate's low borrow
+    (shares, flat); local."""
     t, bits = pending.randomness, pending.bits
-    wrap = t["r_msb"] * (1 - msb(c))
-    z = (wrap << (RING_BITS - bits)) - t["r_hi"]
-    if party.index == 0:
-        z = z + logical_shift_right(c, bits) - (TRUNCATION_OFFSET >> bits)
-    return z
+    low = borrow.reshape(c.shape)
+    z = (t["r_msb"] * (1 - msb(c)) << (RING_BITS - bits)) - t["r_hi"] - low
+    return z + logical_shift_right(c, bits) if party.index == 0 else z
 
 
 def truncate(party: Party, x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Shares of floor(x / 2^bits) or one more, for |x| < 2^62. One round."""
-    pending = begin(party, x, bits)
+    """Shares of x >> bits (signed floor) for any x in the ring. 2 rounds."""
+    pending = begin(party, x, bits, nonneg=False)
     (c,) = party.open(pending.masked)
-    return finish(party, pending, c)
+    gate, mine = carry_begin(party, c, pending.randomness, pending.spec)
+    (theirs,) = party.channel.exchange([mine])
+    low, wrap = (v.reshape(c.shape) for v in carry_finish(gate, theirs))
+    z = (wrap << (RING_BITS - bits)) - pending.randomness["r_hi"] - low
+    if party.index == 0:
+        z = z + logical_shift_right(c, bits) - (1 << (RING_BITS - 1 - bits))
+    return z
