@@ -38,7 +38,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from service.mpc.dealer import Randomness
 from service.store import LoadedModel
@@ -55,7 +55,7 @@ class Entry:
     batch: int
     output: str
     future: Future[Randomness]
-    added: float = field(default_factory=time.monotonic)
+    added: float  # the pool's clock when it was added
 
     @property
     def ready(self) -> bool:
@@ -82,11 +82,12 @@ class MaterialPool:
         *,
         max_entries: int = MAX_ENTRIES,
         max_age_s: float = MAX_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_entries < 1 or max_age_s <= 0:
             raise ValueError("max_entries must be >= 1 and max_age_s > 0")
         self.depth, self.max_entries, self.max_age_s = depth, max_entries, max_age_s
-        self._fetch = fetch
+        self._fetch, self._clock = fetch, clock
         self._on_drop = on_drop
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # oldest first
         self._claimed: dict[str, Entry] = {}  # promised to a run, not yet taken
@@ -98,7 +99,9 @@ class MaterialPool:
         future = self._executor.submit(self._fetch, material_id, model, batch, output)
         with self._lock:
             old = self._entries.pop(material_id, None)  # an id named twice: the newest counts
-            self._entries[material_id] = Entry(material_id, model.version, batch, output, future)
+            self._entries[material_id] = Entry(
+                material_id, model.version, batch, output, future, self._clock()
+            )
             over = set(
                 itertools.islice(self._entries, max(0, len(self._entries) - self.max_entries))
             )
@@ -146,11 +149,11 @@ class MaterialPool:
 
     def expire(self, older_than_s: float | None = None) -> list[str]:
         """Drop the unclaimed entries added more than `older_than_s` (else `max_age_s`) ago."""
-        cutoff = time.monotonic() - (self.max_age_s if older_than_s is None else older_than_s)
+        cutoff = self._clock() - (self.max_age_s if older_than_s is None else older_than_s)
         return self.drop(lambda e: e.added < cutoff)
 
     def _fresh(self, e: Entry) -> bool:
-        return e.ready and time.monotonic() - e.added < self.max_age_s
+        return e.ready and self._clock() - e.added < self.max_age_s
 
     def ready_batch(self, model: LoadedModel, most: int, output: str) -> int | None:
         """The largest batch size, up to `most` images, with an entry ready for this run."""
