@@ -87,6 +87,7 @@ class Soak:
         with LeanClient(self.urls) as client:
             while not self.stop.is_set():
                 if k >= self.active:
+                    client.close()  # the server would close it idle: open anew when active
                     self.stop.wait(0.05)
                     continue
                 if seen != self.generation:

@@ -287,6 +287,9 @@ class Replica:
             log.warning("model reload refused; keeping %s: %s", self.registry.versions(), exc)
             raise
         if changed:
+            held = set(self.registry.versions())
+            for version in [v for v in list(self.weight_masks) if v not in held]:
+                self.weight_masks.pop(version, None)  # opened for a version no longer held
             self.metrics.reloads.labels("loaded").inc()
             log.info("model loaded", extra={"fields": {"versions": self.registry.versions()}})
             await self.peer.announce()
