@@ -18,9 +18,10 @@ counted apart as `stale_version_retries`).
 Every --sample seconds it reads both replicas' RSS (VmRSS, /proc/PID/status) and the prefetched
 entries they hold (`privdigit_prefetch_entries`). Prints, per replica: RSS at the start of the
 measured run, its peak and its end (MB), the least-squares slope over the measured run (MB per
-minute), and the most prefetched entries held; plus requests, errors, wrong labels, images/s and
-each refresh's switch time. Memory is flat when the slope stays near zero while the refreshes
-go on (before bounded prefetching, party 1 kept every entry party 0 dropped).
+minute; also over its second half alone), and the most prefetched entries held; plus requests,
+errors, wrong labels, images/s and each refresh's switch time. Memory is flat when the slope
+stays near zero while the refreshes go on (before bounded prefetching, party 1 kept every entry
+party 0 dropped).
 Exit status: 0 with no errors and no wrong labels (and, with --max-slope, no replica's slope
 above it), 1 otherwise, 2 on a usage or startup error.
 """
@@ -198,6 +199,9 @@ def run(a: argparse.Namespace, cluster: Cluster, model_dir: Path) -> dict[str, A
             "rss_mb_peak": _mb(max(values)) if values else None,
             "rss_mb_end": _mb(values[-1]) if values else None,
             "slope_mb_per_min": slope_mb_per_min([t for t, _ in points], values),
+            "slope_mb_per_min_second_half": slope_mb_per_min(
+                [t for t, _ in points[len(points) // 2 :]], values[len(values) // 2 :]
+            ),
             "prefetch_entries_max": int(max(held)) if held else None,
             "samples": len(values),
         }
