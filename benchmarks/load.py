@@ -290,6 +290,10 @@ class LeanClient:
         shares = decode_tensor(a0["share"]), decode_tensor(a1["share"])
         return int(reconstruct_label(*shares, a0["sharing"])[0])
 
+    def forget_model(self) -> None:
+        """Ask the replicas for the serving model version again before the next request."""
+        self._model = None
+
     def close(self) -> None:
         for conn in self._conns:
             if conn is not None:

@@ -154,6 +154,8 @@ def cmd_replica(a: argparse.Namespace) -> int:
             "max_batches": a.max_batches,
             "comparison": a.comparison,
             "prefetch": a.prefetch,
+            "prefetch_max_entries": a.prefetch_max_entries,
+            "prefetch_max_age_s": a.prefetch_max_age,
             "lanes": a.lanes,
             "lane_port": a.lane_port,
             "scores_enabled": True if a.scores else None,
@@ -456,6 +458,14 @@ def parser() -> argparse.ArgumentParser:
     )
     rep.add_argument(
         "--prefetch", type=int, help="dealer material kept ready for one-image runs; 0 = off"
+    )
+    rep.add_argument(
+        "--prefetch-max-entries", type=int, help="most prefetched entries held (default 16)"
+    )
+    rep.add_argument(
+        "--prefetch-max-age",
+        type=float,
+        help="seconds after which prefetched entries are dropped (default 120)",
     )
     rep.add_argument(
         "--lanes",

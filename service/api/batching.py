@@ -17,6 +17,16 @@ replicas), and give each request its own rows of the result. At low load a batch
 request and starts at once; under load requests queue while the slots are busy and leave
 together, so throughput rises without a fixed waiting window.
 
+Party 1 does not simply follow BATCH (`Batcher._refusal`): each announced request it received
+must be what its own client asked (output kind, the wanted model version if the client named
+one, the number of rows, the image shape), the batch must fit its own policy (no scores output
+unless `scores_enabled`, at most `max_batch` images, each request named once) and name a
+version it holds. Otherwise it runs nothing: its clients get 502 `peer_error` (409
+`model_version_mismatch` for a version it does not hold), party 0's run gets ABORT on the
+channel it would have used, so party 0's clients get 502 `peer_error` too, and the refusal is
+counted (`privdigit_batches_refused_total{reason}`). An honest party 0 never sends such a BATCH:
+it pairs and checks both copies of each request first.
+
 A request that only one replica received never joins a batch: it fails alone with 504 after
 the peer timeout (party 1 withdraws it, WITHDRAW, and party 0 fails its copy at once). Such lone
 shares hold a place in the replica's `max_inflight` while they wait, so a full replica makes
@@ -46,12 +56,14 @@ import torch
 from service.api import wire
 from service.api.errors import ApiError
 from service.api.lanes import MAX_LANES, Lanes
-from service.api.peer import PeerLink, PeerLost
+from service.api.peer import FramedChannel, PeerLink, PeerLost
 from service.api.prefetch import PREFETCH_BATCH, PREFETCH_OUTPUT, MaterialPool
 from service.mpc.dealer import new_run_id
 from service.store import LoadedModel, ModelRegistry
 
 IDLE_S = 0.05  # party 0 refills prefetched material after this long without a run
+SWEEP_S = 1.0  # both replicas drop prefetched material that aged or lost its version this often
+OUTPUTS = ("label", "scores")
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,85 @@ class Run:
     material_id: str  # the dealer request id: a prefetched entry's, or the batch id
     slot: int = 0  # party 0's run slot: the thread, and the lane, the run uses
     lane: bool = False  # the run's rounds go over the slot's lane (else the peer stream)
+
+
+class BadAnnouncement(ValueError):
+    """A BATCH payload that does not have the announcement's fields and types."""
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """The BATCH message: the run party 0 decided on, with its requests' ids and row counts."""
+
+    version: str
+    output: str
+    requests: tuple[tuple[str, int], ...]  # (request id, images), in the batch's row order
+    open_weights: bool
+    material: str  # the dealer request id: a prefetched entry's, or the batch id
+    slot: int = 0
+    lane: bool = False
+
+    @classmethod
+    def of(cls, run: Run, jobs: list[Job]) -> Announcement:
+        return cls(
+            run.model.version,
+            run.output,
+            tuple((j.request_id, int(j.x.shape[0])) for j in jobs),
+            run.open_weights,
+            run.material_id,
+            run.slot,
+            run.lane,
+        )
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "output": self.output,
+            "requests": [list(r) for r in self.requests],
+            "open_weights": self.open_weights,
+            "material": self.material,
+            "slot": self.slot,
+            "lane": self.lane,
+        }
+
+    @classmethod
+    def from_payload(cls, p: dict[str, Any]) -> Announcement:
+        """Parse a BATCH payload; `BadAnnouncement` names the first field that is wrong."""
+
+        def typed(name: str, kind: type) -> Any:
+            value = p.get(name)
+            if type(value) is not kind:  # exact: a bool is not an int here
+                raise BadAnnouncement(f"BATCH field {name!r} is not a {kind.__name__}")
+            return value
+
+        requests = p.get("requests")
+        if not isinstance(requests, list) or not all(
+            isinstance(r, list) and len(r) == 2 and type(r[0]) is str and type(r[1]) is int
+            for r in requests
+        ):
+            raise BadAnnouncement("BATCH field 'requests' is not a list of [id, images] pairs")
+        slot = typed("slot", int)
+        if not 0 <= slot < MAX_LANES:
+            raise BadAnnouncement(f"BATCH slot {slot} is not in [0, {MAX_LANES})")
+        return cls(
+            typed("version", str),
+            typed("output", str),
+            tuple((r[0], r[1]) for r in requests),
+            typed("open_weights", bool),
+            typed("material", str),
+            slot,
+            typed("lane", bool),
+        )
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why party 1 refuses a BATCH: a metric label, the clients' error code and a message."""
+
+    reason: str  # malformed, scores_disabled, output, version, rows, shape, unknown_version
+    message: str
+    code: str = "peer_error"
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # (run, shares of the batch) -> (share of the result, rounds, bytes): runs in a worker thread
@@ -112,6 +203,8 @@ class Batcher:
         max_batch: int,
         max_batches: int,
         timeout: float,
+        scores_enabled: bool = False,
+        on_refuse: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.party, self.peer, self.registry = party, peer, registry
         self._run, self.lanes = run_batch, lanes
@@ -125,6 +218,8 @@ class Batcher:
         self._weights_opened = weights_opened
         self.pool = pool
         self.max_batch, self.timeout = max_batch, timeout
+        self.scores_enabled = scores_enabled  # party 1's policy: no logits share unless set
+        self._on_refuse = on_refuse  # party 1 refused a BATCH (counted by reason)
         self._jobs: dict[str, Job] = {}  # this replica's requests not yet in a batch
         self._peer_meta: OrderedDict[str, tuple[dict[str, Any], float]] = OrderedDict()
         self._queue: OrderedDict[str, Job] = OrderedDict()  # party 0: paired, waiting
@@ -211,12 +306,20 @@ class Batcher:
             if job is not None and not job.future.done():
                 job.future.set_exception(ApiError(str(p.get("code")), str(p.get("message"))))
         elif frame.kind == wire.BATCH and self.party == 1:
+            material = p.get("material")
+            if isinstance(material, str):  # no later DISCARD may drop what this run uses
+                self.pool.reserve(material)
             self._start(self._run_announced(rid, p))
         elif frame.kind == wire.PREFETCH and self.party == 1:
             model = self.registry.get(str(p.get("version")))
             batch = p.get("batch", PREFETCH_BATCH)
-            if model is not None and isinstance(batch, int) and 1 <= batch <= self.max_batch:
+            if model is not None and type(batch) is int and 1 <= batch <= self.max_batch:
                 self.pool.add(rid, model, batch, PREFETCH_OUTPUT)
+        elif frame.kind == wire.DISCARD and self.party == 1:
+            ids = p.get("ids")
+            if isinstance(ids, list):
+                named = {i for i in ids if isinstance(i, str)}
+                self.pool.drop(lambda e: e.material_id in named)
         self._expire()
 
     def _expire(self) -> None:
@@ -261,6 +364,25 @@ class Batcher:
             self._start(self._batch_forever())
             if self.pool.depth:
                 self._start(self._refill_forever())
+        self._start(self._sweep_forever())
+
+    def discarded(self, ids: list[str]) -> None:
+        """Party 0 dropped these unclaimed entries: party 1 drops them too (DISCARD)."""
+        if self.party == 0 and ids:
+            self._send(wire.DISCARD, "", {"ids": ids})
+
+    def sweep(self) -> None:
+        """Drop prefetched entries of versions this replica no longer holds, and old ones:
+        party 0 after `max_age_s`, party 1 (which ages its own entries in case party 0 never
+        says DISCARD) after that plus the peer timeout, so it never drops one first."""
+        held = set(self.registry.versions())
+        self.pool.drop(lambda e: e.version not in held)
+        self.pool.expire(self.pool.max_age_s + (self.timeout if self.party == 1 else 0.0))
+
+    async def _sweep_forever(self, every: float = SWEEP_S) -> None:
+        while True:
+            await asyncio.sleep(every)
+            self.sweep()
 
     def _start(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -353,8 +475,6 @@ class Batcher:
                 batch_id = new_run_id()
                 images = sum(j.x.shape[0] for j in jobs)
                 ready = self.pool.claim(model, images, jobs[0].output)
-                if jobs[0].output == PREFETCH_OUTPUT:
-                    self._expect(model, min(queued, self.max_batch))
                 run = Run(
                     batch_id,
                     jobs[0].output,
@@ -364,19 +484,10 @@ class Batcher:
                     slot,
                     self.lanes.up(slot),
                 )
-                self._send(
-                    wire.BATCH,
-                    batch_id,
-                    {
-                        "version": model.version,
-                        "output": run.output,
-                        "requests": [[j.request_id, j.x.shape[0]] for j in jobs],
-                        "open_weights": run.open_weights,
-                        "material": run.material_id,
-                        "slot": run.slot,
-                        "lane": run.lane,
-                    },
-                )
+                # BATCH first: it reserves the claimed entry on party 1 before any DISCARD
+                self._send(wire.BATCH, batch_id, Announcement.of(run, jobs).to_payload())
+                if run.output == PREFETCH_OUTPUT:
+                    self._expect(model, min(queued, self.max_batch))
                 self._start(self._execute(run, jobs, release=True))
 
     @property
@@ -413,47 +524,139 @@ class Batcher:
     # -- both parties: running a batch ---------------------------------------------------------
 
     async def _run_announced(self, batch_id: str, p: dict[str, Any]) -> None:
-        """Party 1: run the batch party 0 announced, with zeros for requests it never got."""
-        requests = [(str(r), int(n)) for r, n in p.get("requests", [])]
-        slot = p.get("slot", 0)
-        if not isinstance(slot, int) or not 0 <= slot < MAX_LANES:
-            slot = 0  # malformed: the run still happens in order, and fails on its own
-        model = self.registry.get(str(p.get("version")))
+        """Party 1: run the batch party 0 announced, with zeros for requests it never got, once
+        it passes this replica's own checks (`_refusal`); else refuse it on both sides."""
+        try:
+            ann = Announcement.from_payload(p)
+        except BadAnnouncement as exc:
+            slot = p.get("slot")
+            slot = slot if type(slot) is int and 0 <= slot < MAX_LANES else 0
+            await self._refuse(
+                batch_id, slot, p.get("lane") is True, [], Refusal("malformed", str(exc))
+            )
+            return
+        model = self.registry.get(ann.version)
         jobs: list[Job | None] = []
-        for rid, _ in requests:
+        for rid, _ in ann.requests:
             job = self._jobs.get(rid)
             if job is not None and not job.batched:
                 job.batched = True
                 jobs.append(job)
             else:
                 jobs.append(None)
-        if model is None:
-            err = ApiError(
-                "model_version_mismatch",
-                f"party 0 serves model version {p.get('version')!r}; this replica holds "
-                f"{self.registry.versions()}",
-            )
-            for job in jobs:
-                if job is not None and not job.future.done():
-                    job.future.set_exception(err)
-            self._send(wire.ABORT, batch_id, {"code": err.code, "message": err.message})
+        refusal = self._refusal(ann, model, jobs)
+        if refusal is not None:
+            await self._refuse(batch_id, ann.slot, ann.lane, jobs, refusal, ann.material)
             return
+        assert model is not None  # `_refusal` refuses a version this replica does not hold
         filler = [
             job if job is not None else
             Job(rid, torch.zeros((n, *model.network.input_shape), dtype=torch.int64),
-                str(p.get("output")), None, asyncio.get_running_loop().create_future())
-            for job, (rid, n) in zip(jobs, requests, strict=True)
+                ann.output, None, asyncio.get_running_loop().create_future())
+            for job, (rid, n) in zip(jobs, ann.requests, strict=True)
         ]  # fmt: skip
         run = Run(
-            batch_id,
-            str(p.get("output")),
-            model,
-            bool(p.get("open_weights", True)),
-            str(p.get("material") or batch_id),
-            slot,
-            p.get("lane") is True,
-        )
+            batch_id, ann.output, model, ann.open_weights, ann.material or batch_id, ann.slot,
+            ann.lane,
+        )  # fmt: skip
         await self._execute(run, filler, release=False)
+
+    def _refusal(
+        self, ann: Announcement, model: LoadedModel | None, jobs: list[Job | None]
+    ) -> Refusal | None:
+        """Party 1's own checks of a BATCH, or None when it may run.
+
+        Policy first (whatever the requests): a known output kind, scores only where this
+        replica enables them, 1 to `max_batch` images in all, each request id once. Then each
+        request this replica received must be exactly what its client asked: the output kind,
+        the model version when the client named one, the number of rows, the image shape.
+        """
+        if ann.output not in OUTPUTS:
+            return Refusal("output", f"party 0 announced output {ann.output!r}")
+        if ann.output != "label" and not self.scores_enabled:
+            return Refusal(
+                "scores_disabled",
+                f"party 0 announced a {ann.output!r} run; this replica returns labels only",
+            )
+        rows = [n for _, n in ann.requests]
+        if not rows or min(rows) < 1 or sum(rows) > self.max_batch:
+            return Refusal(
+                "rows",
+                f"party 0 announced {rows} images per request (1 to {self.max_batch} in all)",
+            )
+        if len({rid for rid, _ in ann.requests}) != len(ann.requests):
+            return Refusal("rows", "party 0 announced one request twice")
+        if model is None:
+            return Refusal(
+                "unknown_version",
+                f"party 0 serves model version {ann.version!r}; this replica holds "
+                f"{self.registry.versions()}",
+                code="model_version_mismatch",
+            )
+        for job, (rid, n) in zip(jobs, ann.requests, strict=True):
+            if job is None:
+                continue
+            if job.output != ann.output:
+                return Refusal(
+                    "output",
+                    f"party 0 announced output {ann.output!r} for request {rid!r}, whose client "
+                    f"asked this replica for {job.output!r}",
+                )
+            if job.want is not None and job.want != ann.version:
+                return Refusal(
+                    "version",
+                    f"party 0 announced model version {ann.version!r} for request {rid!r}, "
+                    f"whose client asked this replica for {job.want!r}",
+                )
+            if job.x.shape[0] != n:
+                return Refusal(
+                    "rows",
+                    f"party 0 announced {n} images for request {rid!r}; its client sent this "
+                    f"replica {job.x.shape[0]}",
+                )
+            if tuple(job.x.shape[1:]) != tuple(model.network.input_shape):
+                return Refusal(
+                    "shape",
+                    f"request {rid!r} has images of shape {list(job.x.shape[1:])}; model "
+                    f"version {ann.version!r} takes {list(model.network.input_shape)}",
+                )
+        return None
+
+    async def _refuse(
+        self,
+        batch_id: str,
+        slot: int,
+        lane: bool,
+        jobs: list[Job | None],
+        refusal: Refusal,
+        material: str | None = None,
+    ) -> None:
+        """Party 1: run nothing for this BATCH; fail this replica's requests in it, and tell
+        party 0's run (on the slot's lane or the peer stream, from the slot's thread, so the
+        ABORT falls between that slot's runs as a run's frames would)."""
+        self._on_refuse(refusal.reason)
+        message = f"replica 1 refused batch {batch_id!r}: {refusal.message}"
+        err = ApiError(refusal.code, message)
+        for job in jobs:
+            if job is not None and not job.future.done():
+                job.future.set_exception(err)
+        if material is not None:
+            self.pool.take(material)  # reserved for this run: it will not come
+
+        def abort() -> None:
+            try:
+                ch: FramedChannel = (
+                    self.lanes.channel(slot, batch_id) if lane else self.peer.channel(batch_id)
+                )
+            except PeerLost:
+                self._send(wire.ABORT, batch_id, {"code": refusal.code, "message": message})
+                return
+            except Exception:  # the run id is already in use: a lying party 0; nothing to say
+                return
+            ch.abort(refusal.code, message)
+            ch.close(False)
+
+        await asyncio.get_running_loop().run_in_executor(self._executor(slot), abort)
 
     async def _execute(self, run: Run, jobs: list[Job], *, release: bool) -> None:
         try:

@@ -39,6 +39,17 @@ class ReplicaMetrics:
             ["result"],
             registry=r,
         )
+        self.prefetch_entries = Gauge(
+            "privdigit_prefetch_entries",
+            "prefetched dealer entries held, unclaimed and claimed",
+            registry=r,
+        )
+        self.batches_refused = Counter(
+            "privdigit_batches_refused",
+            "BATCH announcements party 1 refused, by reason (see batching.py)",
+            ["reason"],
+            registry=r,
+        )
         self.runs = Counter(
             "privdigit_runs",
             "protocol runs by the channel their rounds used (lane or peer stream)",

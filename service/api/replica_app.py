@@ -181,7 +181,9 @@ class Replica:
         self.pool = MaterialPool(
             self._fetch_material,
             s.prefetch,
-            on_drop=lambda n: self.metrics.prefetch.labels("dropped").inc(n),
+            on_drop=self._prefetch_dropped,
+            max_entries=s.prefetch_max_entries,
+            max_age_s=s.prefetch_max_age_s,
         )
         self._dealer = b""  # the dealer instance of the newest material fetched
         self.inflight = 0
@@ -196,6 +198,8 @@ class Replica:
             timeout=s.peer_timeout_s,
             weights_opened=lambda model: model.version in self.weight_masks,
             pool=self.pool,
+            scores_enabled=s.scores_enabled,
+            on_refuse=lambda reason: self.metrics.batches_refused.labels(reason).inc(),
         )
         # Per model version: the dealer instance whose seeds made the masks, and the opened
         # masked weights (public to both replicas). Party 0 forgets them with the connection, so
@@ -205,6 +209,10 @@ class Replica:
         self.peer.on_control = self._on_control
         self.peer.on_connect = self._on_connect
         self.peer.on_disconnect = self._on_disconnect
+
+    def _prefetch_dropped(self, ids: list[str]) -> None:
+        self.metrics.prefetch.labels("dropped").inc(len(ids))
+        self.batcher.discarded(ids)  # party 0 names them to party 1
 
     def _on_connect(self) -> None:
         if self.party == 1 and self.lane_port is not None:
@@ -311,6 +319,9 @@ class Replica:
             log.warning("model reload refused; keeping %s: %s", self.registry.versions(), exc)
             raise
         if changed:
+            held = set(self.registry.versions())
+            for version in [v for v in list(self.weight_masks) if v not in held]:
+                self.weight_masks.pop(version, None)  # opened for a version no longer held
             self.metrics.reloads.labels("loaded").inc()
             log.info("model loaded", extra={"fields": {"versions": self.registry.versions()}})
             await self.peer.announce()
@@ -743,6 +754,7 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
     async def metrics() -> Response:
         rep.readiness()
         rep.metrics.pending.set(rep.peer.pending)
+        rep.metrics.prefetch_entries.set(len(rep.pool) + rep.pool.claimed)
         return Response(generate_latest(rep.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.websocket("/v1/peer")

@@ -152,6 +152,19 @@ class ReplicaSettings(_Base):
         le=64,
         description="dealer material kept ready for one-image runs (offline phase); 0: off",
     )
+    prefetch_max_entries: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="most prefetched entries a replica holds (about 0.3 MB per image each); "
+        "party 0 asks for no more, party 1 drops its oldest beyond it",
+    )
+    prefetch_max_age_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="prefetched entries older than this are dropped (party 1: plus the peer "
+        "timeout, so that it never drops an entry before party 0 does)",
+    )
     lanes: bool = Field(
         default=True,
         description="run protocol rounds on direct TCP lanes between the replicas, one per "

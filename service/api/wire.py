@@ -12,7 +12,8 @@ request with a fixed weight mask, beaverw or muxw (all sizes follow from the pub
 Peer frame (one WebSocket binary message):
     u8 kind | u16 len(request id) | request id (ASCII) | body
     kind DATA:  u32 round | u16 count | count x (u8 ndim | ndim x u32 dim | int64 LE data)
-    kind ABORT, HAVE, ARRIVED, BATCH, REJECT, WITHDRAW, PREFETCH, LANES: a UTF-8 JSON object
+    kind ABORT, HAVE, ARRIVED, BATCH, REJECT, WITHDRAW, PREFETCH, LANES, DISCARD: a UTF-8
+    JSON object
 A lane (`lanes.py`) carries the same DATA and ABORT frames, each after a u32 big-endian length.
 """
 
@@ -157,7 +158,8 @@ DATA, ABORT, HAVE = 1, 3, 4
 ARRIVED, BATCH, REJECT, WITHDRAW = 5, 6, 7, 8  # pairing and batching (see batching.py)
 PREFETCH = 9  # party 0 names dealer material to fetch ahead (see prefetch.py)
 LANES = 10  # party 1 names the port of its lanes (see lanes.py)
-CONTROL = frozenset({ARRIVED, BATCH, REJECT, WITHDRAW, PREFETCH, LANES})
+DISCARD = 11  # party 0 dropped prefetched entries unused; party 1 drops them too (prefetch.py)
+CONTROL = frozenset({ARRIVED, BATCH, REJECT, WITHDRAW, PREFETCH, LANES, DISCARD})
 _HEAD = struct.Struct("<BH")
 _ROUND = struct.Struct("<IH")
 
