@@ -1,8 +1,8 @@
 """Party 1 checks party 0's BATCH against its own client's request and its own policy.
 
 A real replica 1 (the service, one process, scores disabled, no dealer) is driven by a fake
-party 0 in this process: the real handshake (`PeerLink` dialling as party 0, with the
-deployment secret the cluster hands its processes), then frames this test writes. A client
+party 0 in this process: the real handshake (`PeerLink` dialling as party 0, with the peer
+key the cluster hands the two replicas), then frames this test writes. A client
 posts its share to replica 1; the fake party 0 waits for replica 1's ARRIVED and announces a
 BATCH that lies about it: a scores run when the client asked a label (and scores are off),
 another model version than the client named, more rows than it sent, a scores run of requests
@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
-import secrets
 import shutil
 import threading
 import time
@@ -35,6 +34,7 @@ from clients import privdigit
 from service.api import wire
 from service.api.peer import PeerAborted, PeerLink
 from service.cluster import DEFAULT_MODEL, Cluster, free_ports
+from service.mpc.dealer import new_run_id
 from training.export import resplit
 
 PEER_TIMEOUT = 5.0
@@ -121,7 +121,7 @@ def party1(tmp_path_factory):
         log_dir=root / "logs",
         replica_args=("--peer-timeout", str(PEER_TIMEOUT), "--reload-poll", "0.2"),
     )
-    c.log_dir.mkdir(parents=True)
+    c.prepare()
     url = c.replica_urls[1]
     c.start_process("replica1")
     try:
@@ -130,7 +130,7 @@ def party1(tmp_path_factory):
         _wait(lambda: _get(f"{url}/v1/ready").json()["model_version"] == new, "the reload")
         fake = FakeParty0(
             f"ws://127.0.0.1:{c.ports[1]}/v1/peer",
-            c.secret.encode(),
+            c.key("replica-0", "peer.key"),
             [old, new, "comparison=lut"],
         )
         try:
@@ -149,7 +149,7 @@ def _share(n: int) -> dict[str, Any]:
 
 
 def _rid() -> str:
-    return secrets.token_urlsafe(18)
+    return new_run_id()
 
 
 # A case: the client's request to replica 1 (None: replica 1 never gets one), how party 0 lies
