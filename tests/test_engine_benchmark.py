@@ -15,8 +15,9 @@ def test_engine_benchmark_reports_both_protocols(capsys):
         assert row["latency_ms_p50"] > 0 and row["wire_ms"] > 0 and row["images_per_s"] > 0
     a2b, fss = rows
     assert fss["rounds"] < a2b["rounds"] and fss["bytes_per_party"] < a2b["bytes_per_party"]
-    # fixed weight masks: after the first query only activations travel (fc 784-128-128-10)
-    assert fss["bytes_per_party"] == 8 * (784 + 128 + 128 + 128 + 128 + 45 + 10)
+    # fixed weight masks: after the first query only activations travel (fc 784-128-128-10),
+    # and each ReLU's exact truncation gate sends 4 bit planes of 64-element words (2 x 128)
+    assert fss["bytes_per_party"] == 8 * (784 + 128 + 128 + 128 + 128 + 45 + 10) + 2 * 4 * 2 * 8
 
 
 def test_engine_benchmark_refuses_unknown_protocols(capsys):

@@ -343,7 +343,7 @@ def test_peer_stream_refuses_an_unauthenticated_party(cluster):
 
 def _start_until_paired(c: Cluster, timeout: float = 60) -> None:
     """Start a cluster that will not become ready; return once the replicas' stream is up."""
-    c.log_dir.mkdir(exist_ok=True)
+    c.prepare()
     for role in ("dealer", "replica1", "replica0"):
         c.start_process(role)
     deadline = time.monotonic() + timeout
@@ -574,7 +574,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_label(cluster, mn
     _assert_error(orphan.result(), 504, "peer_timeout")
 
 
-def test_fss_deployment_classifies_like_plaintext_in_nine_rounds(tmp_path, mnist, plaintext):
+def test_fss_deployment_classifies_like_plaintext_in_twelve_rounds(tmp_path, mnist, plaintext):
     c = Cluster(ports=free_ports(3), log_dir=tmp_path, replica_args=("--comparison", "fss"))
     images = mnist[0][:12] / 255.0
     rounds, peer_bytes = "privdigit_protocol_rounds_total", "privdigit_peer_bytes_sent_total"
@@ -584,11 +584,14 @@ def test_fss_deployment_classifies_like_plaintext_in_nine_rounds(tmp_path, mnist
         before = [_gauge(c.replica_urls[0], m) for m in (rounds, peer_bytes)]
         client.predict_encoded(images[:1])
         after = [_gauge(c.replica_urls[0], m) for m in (rounds, peer_bytes)]
-    # 9 rounds; the weights were opened by the first run, so only activations travel:
-    # input 784, conv1 out 2304, conv2 in 2304 and out 256, fc1 in 256 and out 100, fc2 in 100,
-    # argmax 45 + 10 words
-    assert after[0] - before[0] == 9
-    assert after[1] - before[1] == 8 * (784 + 2304 + 2304 + 256 + 256 + 100 + 100 + 45 + 10)
+    # 12 rounds (each ReLU: the DCF round, then the exact truncation's borrow gate); the weights
+    # were opened by the first run, so only activations travel: input 784, conv1 out 2304,
+    # conv2 in 2304 and out 256, fc1 in 256 and out 100, fc2 in 100, argmax 45 + 10 words; and
+    # each ReLU's gate sends 4 bit planes (2 slices' lt, 1 eq, the sign) of 64-element words
+    assert after[0] - before[0] == 12
+    gates = 8 * 4 * (2304 // 64 + 256 // 64 + -(-100 // 64))
+    words = 784 + 2304 + 2304 + 256 + 256 + 100 + 100 + 45 + 10
+    assert after[1] - before[1] == 8 * words + gates
     assert labels == _plain_labels(plaintext, images).tolist()
 
 
