@@ -587,9 +587,11 @@ def test_fss_deployment_classifies_like_plaintext_in_twelve_rounds(tmp_path, mni
     # 12 rounds (each ReLU: the DCF round, then the exact truncation's borrow gate); the weights
     # were opened by the first run, so only activations travel: input 784, conv1 out 2304,
     # conv2 in 2304 and out 256, fc1 in 256 and out 100, fc2 in 100, argmax 45 + 10 words; and
-    # each ReLU's gate sends 4 bit planes (2 slices' lt, 1 eq, the sign) of 64-element words
+    # each ReLU's gate sends bit planes of 64-element words: the sign and each slice's lt and
+    # (but the first's) eq: 6 planes where pooling makes the shift 18 bits (3 slices: the two
+    # conv layers), 4 where it is 16 (2 slices: fc1)
     assert after[0] - before[0] == 12
-    gates = 8 * 4 * (2304 // 64 + 256 // 64 + -(-100 // 64))
+    gates = 8 * (6 * (2304 // 64 + 256 // 64) + 4 * -(-100 // 64))
     words = 784 + 2304 + 2304 + 256 + 256 + 100 + 100 + 45 + 10
     assert after[1] - before[1] == 8 * words + gates
     assert labels == _plain_labels(plaintext, images).tolist()
