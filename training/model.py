@@ -217,6 +217,16 @@ Model = DigitCNN | EngineCNN
 MODELS: dict[str, dict[str, Any]] = {
     "cnn": {"conv1_channels": 16, "conv2_channels": 16, "hidden": 100},
     "cnn-wide": {"conv1_channels": 32, "conv2_channels": 64, "hidden": 100},
+    # the training default: cnn's layer types and cost, batch norm folded away at export
+    "cnn-bn": {
+        "engine": True,
+        "conv1_channels": 12,
+        "conv2_channels": 48,
+        "hidden": 128,
+        "pool": "avg",
+        "batchnorm": True,
+        "batchnorm_fc": True,
+    },
     "cnn-max": {
         "engine": True,
         "conv1_channels": 32,
@@ -240,6 +250,9 @@ MODEL_HELP: dict[str, str] = {
     "cnn-wide": "conv 32/64, avgpool before ReLU, fc 100, 156k parameters, 5,732 ReLUs",
     "cnn-max": "conv 32/64, maxpool, fc 512, He init, dropout 0.25 in training only, 582k "
     "parameters, 6,144 ReLUs + 16,896 max comparisons per image (about 8.7x cnn)",
+    "cnn-bn": "conv 12/48, avgpool before ReLU, fc 128, batch normalisation before each ReLU "
+    "in training (folded into conv/fc at export: the engine sees cnn's layer types), He init, "
+    "2,624 ReLUs per image (the training default)",
     "cnn-max-small": "cnn-max at half width (conv 16/32, fc 256), 147k parameters, 3,072 ReLUs + "
     "8,448 max comparisons (about 4.3x cnn)",
 }
