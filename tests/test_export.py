@@ -181,3 +181,38 @@ def test_every_registered_model_is_accepted_by_the_private_engine():
     assert cost["relus"] == 32 * 12 * 12 + 64 * 4 * 4 + 512
     assert cost["max_comparisons"] == 3 * (32 * 12 * 12 + 64 * 4 * 4)
     assert inference_cost(build_model("cnn-max-small").layers())["comparisons"] == 11_520
+
+
+def test_the_training_default_runs_privately_in_cnns_rounds_with_lut(tmp_path):
+    """cnn-bn, exported with its batch norm folded, under the deployments' default protocol:
+    the same 15 rounds as cnn (the same layer types and comparison layers), labels = plaintext."""
+    from service.mpc.beaver import WeightMasks
+
+    torch.manual_seed(1)
+    model = build_model("cnn-bn")
+    with torch.no_grad():
+        _random_running_stats(model)
+    model.eval()
+    x = _mnist(32)
+    with torch.no_grad():
+        plain = model(x).double()
+    manifest = export_model(export_state(model), model.layers(), tmp_path / "m")
+    net = PrivateNetwork(
+        tuple(manifest["architecture"]["layers"]), (1, 28, 28), FixedPoint(16), "lut"
+    )
+    shares = tuple(load_file(tmp_path / f"m/share-{i}.safetensors") for i in (0, 1))
+    images = share_tensors({"x": x.double()}, FixedPoint(16))
+    pair = (images[0]["x"], images[1]["x"])
+    dealer, masks = Dealer(), (WeightMasks("bn"), WeightMasks("bn"))
+    private_forward(net, shares, pair, dealer, "bn-warm", "label", masks)  # opens W - mask
+    labels = private_forward(net, shares, pair, dealer, "bn-1", "label", masks)
+    logits = private_forward(net, shares, pair, dealer, "bn-2", "logits")
+    assert labels.stats0.rounds == 15
+    # labels where the top two plaintext logits are apart by far more than fixed-point error
+    # (an untrained network has near-ties: 31 of these 32 images are clear)
+    top2 = plain.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 0.01
+    assert int(clear.sum()) >= 24
+    got = net.open_label(labels.out0, labels.out1)
+    assert torch.equal(got[clear], plain.argmax(-1)[clear])
+    assert (FixedPoint(16).decode(logits.out0 + logits.out1) - plain).abs().max() < 2e-3
