@@ -103,6 +103,13 @@ class EngineCNN(nn.Module):
     ``init="kaiming"`` draws the ReLU layers' weights from He's normal (fan-in) and zeroes
     biases; ``"torch"`` keeps PyTorch's default. Dropout is active in training only and is not
     part of the inference graph (:meth:`layers`).
+
+    ``batchnorm`` adds batch normalisation after each average pooling, right before its ReLU
+    (``bn1``, ``bn2``), and ``batchnorm_fc`` after fc1 (``bn3``). They exist in training only:
+    :meth:`export_state` folds their inference form (running statistics) into conv1, conv2 and
+    fc1, so :meth:`layers` and the exported weights are a plain network of the engine's layers.
+    Federated averaging carries the running statistics with the weights
+    (:func:`training.fedavg.state_names`).
     """
 
     def __init__(
