@@ -18,6 +18,12 @@ How the deltas are combined:
   (an UNWEIGHTED mean: weighting by ``n_k`` would let one client's influence exceed the clip).
   Epsilon comes from the RDP accountant with ``sample_rate = fraction``.
 
+Batch normalisation's running mean and variance (models with ``batchnorm``) travel with the
+weights: a client's update is ``local - global`` of the parameters and of those statistics
+(:func:`state_names`), combined the same way (so under secure aggregation the server sees only
+their sum, and under DP they are inside the clipped, noised vector); the server optimizer then
+moves only the parameters, and the statistics take the combined mean as it is.
+
 Determinism: the same config gives bit-identical weights (without DP noise, whose generator is
 seeded from ``os.urandom`` unless ``train(noise_seed=...)`` is given). Model init uses
 ``torch.manual_seed(seed)`` inside a forked RNG; every client's minibatch order comes from its
