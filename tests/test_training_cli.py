@@ -148,7 +148,7 @@ def test_the_defaults_are_the_recipe_that_reaches_99_percent():
     )
     assert (args.partition, args.server_opt, args.threads) == ("iid", "fedavg", 1)
     cost = inference_cost(build_model(args.model).layers())
-    assert cost["comparisons"] == 12 * 12 * 12 + 48 * 4 * 4 + 128 == 2624 <= 3000
+    assert cost["comparisons"] == 12 * 12 * 12 + 32 * 4 * 4 + 128 == 2368 <= 3000
 
 
 def test_resplit_of_a_missing_model_fails_cleanly(small_mnist, tmp_path):
