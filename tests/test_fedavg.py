@@ -336,5 +336,12 @@ def test_batchnorm_statistics_are_averaged_plainly_while_fedavgm_moves_the_weigh
         for name, g, e in zip(names, model_tensors(got), expect, strict=True):
             assert torch.allclose(g, e, atol=1e-6), name
         assert float(got.bn1.running_var.sub(1).abs().max()) > 1e-3  # the statistics moved
+        # secure aggregation sums the statistics with the weights: the same model, to rounding
+        secure = train(
+            FedConfig(**{**base, "rounds": 1, "secure_agg": True}), part, mnist1000
+        ).model
+        plain = train(FedConfig(**{**base, "rounds": 1}), part, mnist1000).model
+        for name, a, b in zip(names, model_tensors(secure), model_tensors(plain), strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0), name
     finally:
         del models.MODELS["tiny-bn"]
