@@ -285,3 +285,63 @@ def test_benchmark_row_reports_the_private_inference_cost(mnist1000: MnistSplit)
     assert row["rounds_run"] == 1 and row["final_accuracy"] is not None
     assert row["relus_per_image"] == 2660 and row["comparisons_per_image"] == 2660
     assert row["config"]["augment_shift"] == 0
+
+
+def test_batchnorm_statistics_are_averaged_plainly_while_fedavgm_moves_the_weights(
+    mnist1000: MnistSplit,
+) -> None:
+    """A round averages the running statistics (example-weighted, like FedAvg) next to the
+    parameters; the server optimizer (here momentum) applies to the parameters only. Replayed by
+    hand from the clients' own updates."""
+    from training import model as models
+    from training.fedavg import model_tensors, state_names
+    from training.partition import parse_partition
+
+    models.MODELS["tiny-bn"] = {
+        "engine": True,
+        "conv1_channels": 4,
+        "conv2_channels": 8,
+        "hidden": 16,
+        "pool": "avg",
+        "batchnorm": True,
+        "batchnorm_fc": True,
+    }
+    try:
+        part = MnistSplit(images=mnist1000.images[:90], labels=mnist1000.labels[:90])
+        base = {**SMALL.__dict__, "model": "tiny-bn", "clients": 3, "fraction": 1.0}
+        cfg = FedConfig(**{**base, "server_opt": "fedavgm", "server_momentum": 0.5})
+        names = state_names(init_model(0, "tiny-bn"))
+        assert names[-6:] == [
+            f"{bn}.{s}" for bn in ("bn1", "bn2", "bn3") for s in ("running_mean", "running_var")
+        ]
+        n_params = len(names) - 6
+        w0 = [t.detach().clone() for t in model_tensors(init_model(0, "tiny-bn"))]
+        x, y = to_tensor(part.images), torch.from_numpy(part.labels)
+        shards = parse_partition("iid")(np.asarray(part.labels), 3, 0)
+
+        def mean_delta(w: list[torch.Tensor], r: int) -> list[torch.Tensor]:
+            res = [
+                client_update(w, x[idx], y[idx], cfg, client_seed(0, r, k), r)
+                for k, idx in enumerate(shards)
+            ]
+            assert len(res[0].delta) == len(names)  # the statistics travel with the weights
+            return combine(res, cfg)
+
+        d1 = mean_delta(w0, 1)
+        w1 = [w + d for w, d in zip(w0, d1, strict=True)]  # round 1: momentum has no past yet
+        d2 = mean_delta(w1, 2)
+        expect = [w + 0.5 * a + b for w, a, b in zip(w1[:n_params], d1, d2, strict=False)]
+        expect += [w + b for w, b in zip(w1[n_params:], d2[n_params:], strict=True)]
+        got = train(FedConfig(**{**cfg.__dict__, "rounds": 2}), part, mnist1000).model
+        for name, g, e in zip(names, model_tensors(got), expect, strict=True):
+            assert torch.allclose(g, e, atol=1e-6), name
+        assert float(got.bn1.running_var.sub(1).abs().max()) > 1e-3  # the statistics moved
+        # secure aggregation sums the statistics with the weights: the same model, to rounding
+        secure = train(
+            FedConfig(**{**base, "rounds": 1, "secure_agg": True}), part, mnist1000
+        ).model
+        plain = train(FedConfig(**{**base, "rounds": 1}), part, mnist1000).model
+        for name, a, b in zip(names, model_tensors(secure), model_tensors(plain), strict=True):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0), name
+    finally:
+        del models.MODELS["tiny-bn"]

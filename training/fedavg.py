@@ -18,6 +18,12 @@ How the deltas are combined:
   (an UNWEIGHTED mean: weighting by ``n_k`` would let one client's influence exceed the clip).
   Epsilon comes from the RDP accountant with ``sample_rate = fraction``.
 
+Batch normalisation's running mean and variance (models with ``batchnorm``) travel with the
+weights: a client's update is ``local - global`` of the parameters and of those statistics
+(:func:`state_names`), combined the same way (so under secure aggregation the server sees only
+their sum, and under DP they are inside the clipped, noised vector); the server optimizer then
+moves only the parameters, and the statistics take the combined mean as it is.
+
 Determinism: the same config gives bit-identical weights (without DP noise, whose generator is
 seeded from ``os.urandom`` unless ``train(noise_seed=...)`` is given). Model init uses
 ``torch.manual_seed(seed)`` inside a forked RNG; every client's minibatch order comes from its
@@ -167,19 +173,34 @@ def _work_model(name: str = "cnn") -> DigitCNN:
     return model.to_empty(device="cpu")
 
 
+def state_names(model: torch.nn.Module) -> list[str]:
+    """The names of what a round averages: ``model.parameters()`` in order, then the floating
+    buffers (batch normalisation's running mean and variance, where the model has them)."""
+    return [n for n, _ in model.named_parameters()] + _buffer_names(model)
+
+
+def _buffer_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, b in model.named_buffers() if b.is_floating_point()]
+
+
+def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors :func:`state_names` names, in that order (the model's own, not copies)."""
+    buffers = dict(model.named_buffers())
+    return list(model.parameters()) + [buffers[n] for n in _buffer_names(model)]
+
+
 def _as_param_list(
-    state: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
+    state: Mapping[str, torch.Tensor] | Sequence[torch.Tensor], model: str = "cnn"
 ) -> list[torch.Tensor]:
-    """Global weights as a list in ``model.parameters()`` order (accepts a state_dict too)."""
+    """Global weights as a list in :func:`state_names` order (accepts a state_dict too)."""
     if isinstance(state, Mapping):
-        names = [n for n, _ in _work_model().named_parameters()]  # same names for every model
-        return [state[n] for n in names]
+        return [state[n] for n in state_names(_work_model(model))]
     return list(state)
 
 
 def _load(model: torch.nn.Module, params: Sequence[torch.Tensor]) -> None:
     with torch.no_grad():
-        for p, v in zip(model.parameters(), params, strict=True):
+        for p, v in zip(model_tensors(model), params, strict=True):
             p.copy_(v)
 
 
@@ -223,7 +244,8 @@ def client_update(
     round_index: int = 1,
 ) -> ClientResult:
     """Local SGD (``cfg.local_epochs`` epochs, batch ``cfg.batch_size``) from the global
-    weights; returns ``delta = local - global`` in ``model.parameters()`` order.
+    weights; returns ``delta = local - global`` in :func:`state_names` order (the parameters,
+    then batch normalisation's running statistics, which local training updates too).
 
     The step size is ``cfg.client_lr(round_index)`` (``lr * lr_decay**(round - 1)``). With
     ``cfg.client_momentum = mu > 0`` it is heavy-ball SGD, ``v = mu v + g; w -= lr v``, with the
@@ -233,20 +255,21 @@ def client_update(
     generator). The model is put in training mode (dropout, where the model has it).
     ``images`` are float ``(N, 1, 28, 28)`` in [0, 1] (or uint8 ``(N, 28, 28)``).
     """
-    start = _as_param_list(global_state)
+    start = _as_param_list(global_state, cfg.model)
     x, y = _images(images), _labels(labels)
     n = int(y.shape[0])
     model = _work_model(cfg.model)
     _load(model, start)
     model.train()
     params = list(model.parameters())
+    tensors = model_tensors(model)
     gen = torch.Generator().manual_seed(seed)
     lr, mu = cfg.client_lr(round_index), cfg.client_momentum
     with torch.random.fork_rng(devices=[]):  # dropout draws from the global RNG: seed it here
         torch.manual_seed(seed)
         loss_sum, steps = _local_sgd(model, params, x, y, cfg, gen, lr, mu)
     with torch.no_grad():
-        delta = [p.detach() - s for p, s in zip(params, start, strict=True)]
+        delta = [p.detach() - s for p, s in zip(tensors, start, strict=True)]
     return ClientResult(delta=delta, n_examples=n, loss=loss_sum / steps if steps else math.nan)
 
 
@@ -459,7 +482,8 @@ def _train(
     stop: Callable[[RoundMetrics], bool] | None,
 ) -> TrainResult:
     model = init_model(cfg.seed, cfg.model)
-    params = [p.detach().clone() for p in model.parameters()]
+    params = [p.detach().clone() for p in model_tensors(model)]
+    n_params = len(list(model.parameters()))
     x_train, y_train = to_tensor(train_split.images), _labels(train_split.labels)
     limit = len(test_split) if cfg.eval_limit is None else min(cfg.eval_limit, len(test_split))
     x_test, y_test = to_tensor(test_split.images[:limit]), _labels(test_split.labels[:limit])
@@ -486,7 +510,11 @@ def _train(
                 )
             )
         direction = combine(results, cfg, noise_gen)
-        params = [p.to(torch.float32) for p in server.step(params, direction)]
+        # the server optimizer moves the parameters; the running statistics take the plain
+        # (weighted, or under DP clipped and noised) mean of the clients' statistics
+        stepped = server.step(params[:n_params], direction[:n_params])
+        stats = [w + d for w, d in zip(params[n_params:], direction[n_params:], strict=True)]
+        params = [p.to(torch.float32) for p in (*stepped, *stats)]
         _load(model, params)
         acc = loss = None
         if r % cfg.eval_every == 0 or r == cfg.rounds:

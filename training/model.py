@@ -103,6 +103,13 @@ class EngineCNN(nn.Module):
     ``init="kaiming"`` draws the ReLU layers' weights from He's normal (fan-in) and zeroes
     biases; ``"torch"`` keeps PyTorch's default. Dropout is active in training only and is not
     part of the inference graph (:meth:`layers`).
+
+    ``batchnorm`` adds batch normalisation after each average pooling, right before its ReLU
+    (``bn1``, ``bn2``), and ``batchnorm_fc`` after fc1 (``bn3``). They exist in training only:
+    :meth:`export_state` folds their inference form (running statistics) into conv1, conv2 and
+    fc1, so :meth:`layers` and the exported weights are a plain network of the engine's layers.
+    Federated averaging carries the running statistics with the weights
+    (:func:`training.fedavg.state_names`).
     """
 
     def __init__(
@@ -117,6 +124,8 @@ class EngineCNN(nn.Module):
         normalize: bool = False,
         init: str = "kaiming",
         dropout: float = 0.0,
+        batchnorm: bool = False,
+        batchnorm_fc: bool = False,
     ):
         super().__init__()
         if pool not in ("avg", "max"):
@@ -125,6 +134,8 @@ class EngineCNN(nn.Module):
             raise ValueError("normalize needs an unpadded conv1 (the fold is exact only then)")
         if init not in ("kaiming", "torch"):
             raise ValueError(f"init must be 'kaiming' or 'torch', got {init!r}")
+        if batchnorm and (pool != "avg" or relu_first):
+            raise ValueError("batchnorm needs pool='avg' before the ReLU (the fold is exact then)")
         self.pool_kind, self.relu_first = pool, relu_first and pool == "avg"
         self.normalize, self.dropout = normalize, float(dropout)
         side = (28 + 2 * padding - 4) // 2
@@ -134,25 +145,30 @@ class EngineCNN(nn.Module):
         self.fc1 = nn.Linear(side * side * conv2_channels, hidden)
         self.fc2 = nn.Linear(hidden, 10)
         self.pool = nn.MaxPool2d(2) if pool == "max" else nn.AvgPool2d(2)
+        self.bn1 = nn.BatchNorm2d(conv1_channels) if batchnorm else None
+        self.bn2 = nn.BatchNorm2d(conv2_channels) if batchnorm else None
+        self.bn3 = nn.BatchNorm1d(hidden) if batchnorm_fc else None
         if init == "kaiming":
             for layer in (self.conv1, self.conv2, self.fc1):
                 nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
                 nn.init.zeros_(layer.bias)
 
-    def _block(self, x: torch.Tensor) -> torch.Tensor:
+    def _block(self, x: torch.Tensor, bn: nn.Module | None) -> torch.Tensor:
         if self.relu_first:
             return self.pool(torch.relu(x))
-        return torch.relu(self.pool(x))
+        x = self.pool(x)
+        return torch.relu(bn(x) if bn is not None else x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             x = (x - MNIST_MEAN) / MNIST_STD
-        x = self._block(self.conv1(x))
-        x = self._block(self.conv2(x))
+        x = self._block(self.conv1(x), self.bn1)
+        x = self._block(self.conv2(x), self.bn2)
         x = torch.flatten(x, 1)
         if self.dropout:
             x = F.dropout(x, self.dropout, self.training)
-        x = torch.relu(self.fc1(x))
+        x = self.fc1(x)
+        x = torch.relu(self.bn3(x) if self.bn3 is not None else x)
         if self.dropout:
             x = F.dropout(x, self.dropout, self.training)
         return self.fc2(x)
@@ -172,13 +188,34 @@ class EngineCNN(nn.Module):
         ]
 
     def export_state(self) -> dict[str, torch.Tensor]:
-        """The weights of the inference graph :meth:`layers` (input pixels in [0, 1])."""
-        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        """The weights of the inference graph :meth:`layers` (input pixels in [0, 1]).
+
+        Folds, in float64 and then rounded once to float32: the input normalisation into conv1
+        (``w / std``, ``b - mean / std * sum(w)``) and each batch normalisation, in its inference
+        form ``y = a x + c`` per channel with ``a = gamma / sqrt(var + eps)``,
+        ``c = beta - a * mean``, into the layer before it (``a w``, ``a b + c``; exact through the
+        average pooling between them, which is linear and per channel with weights summing to 1).
+        """
+        names = ("conv1", "conv2", "fc1", "fc2")
+        state = {
+            f"{n}.{p}": getattr(self, n).state_dict()[p].detach().double().clone()
+            for n in names
+            for p in ("weight", "bias")
+        }
         if self.normalize:
             w, b = state["conv1.weight"], state["conv1.bias"]
             state["conv1.weight"] = w / MNIST_STD
             state["conv1.bias"] = b - (MNIST_MEAN / MNIST_STD) * w.sum(dim=(1, 2, 3))
-        return state
+        for layer, bn in (("conv1", self.bn1), ("conv2", self.bn2), ("fc1", self.bn3)):
+            if bn is None:
+                continue
+            var, mean = bn.running_var.double(), bn.running_mean.double()
+            a = bn.weight.detach().double() / torch.sqrt(var + bn.eps)
+            c = bn.bias.detach().double() - a * mean
+            w, b = state[f"{layer}.weight"], state[f"{layer}.bias"]
+            state[f"{layer}.weight"] = w * a.view(-1, *([1] * (w.dim() - 1)))
+            state[f"{layer}.bias"] = a * b + c
+        return {k: v.to(torch.float32) for k, v in state.items()}
 
 
 Model = DigitCNN | EngineCNN
@@ -187,6 +224,16 @@ Model = DigitCNN | EngineCNN
 MODELS: dict[str, dict[str, Any]] = {
     "cnn": {"conv1_channels": 16, "conv2_channels": 16, "hidden": 100},
     "cnn-wide": {"conv1_channels": 32, "conv2_channels": 64, "hidden": 100},
+    # the training default: cnn's layer types and cost, batch norm folded away at export
+    "cnn-bn": {
+        "engine": True,
+        "conv1_channels": 12,
+        "conv2_channels": 32,
+        "hidden": 128,
+        "pool": "avg",
+        "batchnorm": True,
+        "batchnorm_fc": True,
+    },
     "cnn-max": {
         "engine": True,
         "conv1_channels": 32,
@@ -210,6 +257,9 @@ MODEL_HELP: dict[str, str] = {
     "cnn-wide": "conv 32/64, avgpool before ReLU, fc 100, 156k parameters, 5,732 ReLUs",
     "cnn-max": "conv 32/64, maxpool, fc 512, He init, dropout 0.25 in training only, 582k "
     "parameters, 6,144 ReLUs + 16,896 max comparisons per image (about 8.7x cnn)",
+    "cnn-bn": "conv 12/32, avgpool before ReLU, fc 128, batch normalisation before each ReLU "
+    "in training (folded into conv/fc at export: the engine sees cnn's layer types), He init, "
+    "2,368 ReLUs per image, 0.89x cnn (the training default)",
     "cnn-max-small": "cnn-max at half width (conv 16/32, fc 256), 147k parameters, 3,072 ReLUs + "
     "8,448 max comparisons (about 4.3x cnn)",
 }
