@@ -8,8 +8,8 @@ Starts dealer and both replicas on free ports (bundled model unless --model), or
 running replicas given by --replicas. Each client is a thread with its own connections (with
 --client http, the default, a lean keep-alive client, `LeanClient`; with --client library,
 `PrivDigitClient`) sending one image per request, cycling through
-tests/fixtures/mnist_test_1000.npz; every label is compared with the plaintext model's (torch,
-tests/fixtures/cnn.safetensors unless --model).
+tests/fixtures/mnist_test_1000.npz; every label is compared with the plaintext model's (the
+model directory's model.safetensors through its manifest's layers; the bundled one by default).
 A warm-up of --warmup seconds at full concurrency comes first (connections, allocator arenas,
 caches), then the replicas' RSS is read, the measured run goes, and RSS is read again.
 
@@ -63,44 +63,22 @@ from service.mpc import PROTOCOLS
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
 DATA = FIXTURES / "mnist_test_1000.npz"
-WEIGHTS = FIXTURES / "cnn.safetensors"  # the plaintext of the bundled models/default
 
 
 # -- reference labels ----------------------------------------------------------------------------
 
 
 def plaintext_labels(images01: np.ndarray, model_dir: Path | None) -> np.ndarray:
-    """The plaintext model's label for every image (N, 28, 28) in [0, 1].
-
-    The bundled model is tests/fixtures/cnn.safetensors; another model directory from
-    `python -m training` holds its plaintext as model.safetensors (a CNN of any width, or the
-    fully connected net).
-    """
+    """The plaintext model's label for every image (N, 28, 28) in [0, 1]: the model directory's
+    own `model.safetensors` run by its manifest's layer list (the bundled one by default)."""
     import torch
-    from safetensors.torch import load_file
 
-    from training.model import DigitCNN, FCNet
+    from training.evaluate import EvaluateError, ManifestModel
 
-    weights = WEIGHTS
-    if model_dir is not None and model_dir.resolve() != DEFAULT_MODEL.resolve():
-        weights = model_dir / "model.safetensors"
-        if not weights.is_file():
-            raise SystemExit(f"error: {weights} not found: no plaintext to check labels against")
-    state = load_file(str(weights))
-    if "conv1.weight" in state:
-        widths = {
-            "conv1_channels": state["conv1.weight"].shape[0],
-            "conv2_channels": state["conv2.weight"].shape[0],
-            "hidden": state["fc1.weight"].shape[0],
-        }
-        try:
-            model: torch.nn.Module = DigitCNN(**widths)
-        except TypeError:  # a DigitCNN without width arguments: the default widths only
-            model = DigitCNN()
-    else:
-        model = FCNet()
-    model.load_state_dict(state)
-    model.eval()
+    try:
+        model = ManifestModel(model_dir or DEFAULT_MODEL)
+    except EvaluateError as exc:
+        raise SystemExit(f"error: {exc}: no plaintext to check labels against") from None
     with torch.no_grad():
         x = torch.from_numpy(images01.astype(np.float32)).reshape(-1, 1, 28, 28)
         return model(x).argmax(-1).numpy()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,17 +13,19 @@ from safetensors.torch import load_file
 from service.cluster import DEFAULT_MODEL, Cluster, free_ports
 from training import evaluate as ev
 from training.__main__ import main
-from training.model import DigitCNN
+from training.model import DigitCNN, layer_list
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_the_manifests_layer_list_is_the_plaintext_model(mnist):
-    """The evaluator runs the manifest's layers over model.safetensors: the same logits as the
-    trained torch module it was exported from."""
+    """The evaluator runs a manifest's layers over its weights: the same logits as the torch
+    module they were exported from (the engine tests' centrally trained CNN)."""
     images, _ = mnist
-    state = load_file(str(DEFAULT_MODEL / "model.safetensors"))
+    state = load_file(str(FIXTURES / "cnn.safetensors"))
     model = DigitCNN()
     model.load_state_dict(state)
-    layers = json.loads((DEFAULT_MODEL / "manifest.json").read_text())["architecture"]["layers"]
+    layers = layer_list(model)
     x = torch.from_numpy(images[:200]).float()[:, None] / 255.0
     with torch.no_grad():
         torch.testing.assert_close(ev.plaintext_logits(layers, state, x), model.eval()(x))

@@ -825,9 +825,9 @@ def test_cli_on_hostile_files(cluster, mnist, tmp_path, kind, replicas, rc, stde
 
 def test_the_service_still_serves_after_the_battery(cluster, mnist):
     import torch
-    from safetensors.torch import load_file
 
-    from training.model import DigitCNN
+    from service.cluster import DEFAULT_MODEL
+    from training.evaluate import ManifestModel
 
     for role, proc in cluster.procs.items():
         assert proc.poll() is None, f"{role} died:\n{cluster.tail(role)}"
@@ -836,8 +836,7 @@ def test_the_service_still_serves_after_the_battery(cluster, mnist):
         assert _metric(url, "privdigit_inflight") == 0
     images, _ = mnist
     x = images[:16] / 255.0
-    model = DigitCNN()
-    model.load_state_dict(load_file(str(FIXTURES / "cnn.safetensors")))
+    model = ManifestModel(DEFAULT_MODEL)  # the served model's own plaintext
     with torch.no_grad():
         want = model.eval()(torch.from_numpy(x.astype(np.float32)).reshape(-1, 1, 28, 28))
     with privdigit.PrivDigitClient(cluster.replica_urls) as client:

@@ -20,16 +20,16 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from clients import privdigit
 from service.api import auth
 from service.cluster import DEFAULT_MODEL, Cluster, free_ports
 from service.mpc.dealer import new_run_id
-from training.model import DigitCNN
+from training.evaluate import ManifestModel
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
+CNN_MODEL = FIXTURES / "cnn-model"  # the centrally trained CNN of the engine tests, exported
 PAGE = "http://page.example:8003"
 
 
@@ -46,9 +46,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plaintext():
-    model = DigitCNN()
-    model.load_state_dict(load_file(str(FIXTURES / "cnn.safetensors")))
-    return model.eval()
+    return ManifestModel(DEFAULT_MODEL).eval()  # the served model's own plaintext
 
 
 def _plain_labels(model, images01: np.ndarray) -> np.ndarray:
@@ -574,8 +572,15 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_label(cluster, mn
     _assert_error(orphan.result(), 504, "peer_timeout")
 
 
-def test_fss_deployment_classifies_like_plaintext_in_twelve_rounds(tmp_path, mnist, plaintext):
-    c = Cluster(ports=free_ports(3), log_dir=tmp_path, replica_args=("--comparison", "fss"))
+def test_fss_deployment_classifies_like_plaintext_in_twelve_rounds(tmp_path, mnist):
+    # the engine tests' centrally trained CNN (conv 16/16, fc 100), whose sizes the bytes count
+    plaintext = ManifestModel(CNN_MODEL).eval()
+    c = Cluster(
+        model=CNN_MODEL,
+        ports=free_ports(3),
+        log_dir=tmp_path,
+        replica_args=("--comparison", "fss"),
+    )
     images = mnist[0][:12] / 255.0
     rounds, peer_bytes = "privdigit_protocol_rounds_total", "privdigit_peer_bytes_sent_total"
     with c, privdigit.PrivDigitClient(c.replica_urls) as client:
@@ -597,8 +602,15 @@ def test_fss_deployment_classifies_like_plaintext_in_twelve_rounds(tmp_path, mni
     assert labels == _plain_labels(plaintext, images).tolist()
 
 
-def test_lut_deployment_classifies_like_plaintext_in_fifteen_rounds(tmp_path, mnist, plaintext):
-    c = Cluster(ports=free_ports(3), log_dir=tmp_path, replica_args=("--comparison", "lut"))
+def test_lut_deployment_classifies_like_plaintext_in_fifteen_rounds(tmp_path, mnist):
+    # the engine tests' centrally trained CNN (conv 16/16, fc 100), whose sizes the bytes count
+    plaintext = ManifestModel(CNN_MODEL).eval()
+    c = Cluster(
+        model=CNN_MODEL,
+        ports=free_ports(3),
+        log_dir=tmp_path,
+        replica_args=("--comparison", "lut"),
+    )
     images = mnist[0][:12] / 255.0
     rounds, peer_bytes = "privdigit_protocol_rounds_total", "privdigit_peer_bytes_sent_total"
     with c, privdigit.PrivDigitClient(c.replica_urls) as client:

@@ -76,6 +76,24 @@ def plaintext_logits(layers: list[dict[str, Any]], state: dict[str, torch.Tensor
     return x
 
 
+class ManifestModel(torch.nn.Module):
+    """The plaintext model of a model directory as a torch module (float32 logits)."""
+
+    def __init__(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        super().__init__()
+        directory = Path(directory)
+        self.layers = _manifest(directory)["architecture"]["layers"]
+        weights = directory / "model.safetensors"
+        if not weights.is_file():
+            raise EvaluateError(f"{weights} not found: only the model owner's directory has it")
+        self.state = {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return plaintext_logits(self.layers, self.state, x.to(torch.float32))
+
+
 def _manifest(directory: Path) -> dict[str, Any]:
     path = directory / "manifest.json"
     if not path.is_file():
@@ -84,19 +102,13 @@ def _manifest(directory: Path) -> dict[str, Any]:
 
 
 def plaintext_labels(directory: Path, images: np.ndarray, batch: int = 1000) -> np.ndarray:
-    from safetensors.torch import load_file
-
-    manifest = _manifest(directory)
-    weights = directory / "model.safetensors"
-    if not weights.is_file():
-        raise EvaluateError(f"{weights} not found: only the model owner's directory has it")
-    state = {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
-    layers = manifest["architecture"]["layers"]
+    """The plaintext model's labels for uint8 images (N, 28, 28)."""
+    model = ManifestModel(directory)
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
             x = torch.from_numpy(images[i : i + batch]).to(torch.float32)[:, None] / 255.0
-            out.append(plaintext_logits(layers, state, x).argmax(-1).numpy())
+            out.append(model(x).argmax(-1).numpy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
