@@ -379,6 +379,27 @@ def test_readiness_refuses_mismatched_model_versions(tmp_path, mnist):
         c.stop()
 
 
+def _keep_predicting(urls, x):
+    """A client thread predicting `x` until `stop` is set: (stop, results, errors, thread);
+    results are (labels, model version) per request, errors the client's exceptions."""
+    import threading
+
+    stop, results, errors = threading.Event(), [], []
+
+    def loop() -> None:
+        with privdigit.PrivDigitClient(urls) as client:
+            while not stop.is_set():
+                try:
+                    preds = client.predict_encoded(x)
+                    results.append(([p.label for p in preds], preds[0].model_version))
+                except privdigit.PrivDigitError as exc:
+                    errors.append(exc)
+
+    worker = threading.Thread(target=loop)
+    worker.start()
+    return stop, results, errors, worker
+
+
 def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
     """Wait for a condition, not for time: generous, so that a loaded machine only slows it."""
     deadline = time.monotonic() + timeout
@@ -390,7 +411,6 @@ def _wait_for(condition, what: str, timeout: float = 120.0) -> None:
 def test_model_refresh_switches_both_replicas_without_dropping_requests(tmp_path, mnist, plaintext):
     """Re-split the served model while a client keeps predicting: no request fails, both
     replicas end on the new version together; a half-written model is refused, old one kept."""
-    import threading
 
     from training.export import resplit
 
@@ -407,19 +427,7 @@ def test_model_refresh_switches_both_replicas_without_dropping_requests(tmp_path
     expected = list(_plain_labels(plaintext, x))
     with c:
         old = httpx.get(f"{c.replica_urls[0]}/v1/model").json()["model_version"]
-        stop, results, errors = threading.Event(), [], []
-
-        def keep_predicting():
-            with privdigit.PrivDigitClient(c.replica_urls) as client:
-                while not stop.is_set():
-                    try:
-                        preds = client.predict_encoded(x)
-                        results.append(([p.label for p in preds], preds[0].model_version))
-                    except privdigit.PrivDigitError as exc:
-                        errors.append(exc)
-
-        worker = threading.Thread(target=keep_predicting)
-        worker.start()
+        stop, results, errors, worker = _keep_predicting(c.replica_urls, x)
         _wait_for(lambda: results, "a first prediction on the old version")
         new = resplit(d)["model_version"]
 
@@ -695,7 +703,6 @@ def test_retraining_into_the_served_directory_switches_the_service_up(small_mnis
     """The refresh loop through the real commands: `python -m service up --model DIR` serves,
     `python -m training --out DIR --force` retrains into DIR, and a client that keeps asking sees
     the new version with zero failed requests and the new model's labels."""
-    import threading
 
     from training.evaluate import plaintext_labels
 
@@ -724,19 +731,7 @@ def test_retraining_into_the_served_directory_switches_the_service_up(small_mnis
         assert any("made by `python -m training" in b for b in banner), "".join(banner)
         old = httpx.get(f"{urls[0]}/v1/model").json()
         assert old["provenance"]["rounds"] == 1
-        stop, results, errors = threading.Event(), [], []
-
-        def keep_predicting() -> None:
-            with privdigit.PrivDigitClient(urls) as client:
-                while not stop.is_set():
-                    try:
-                        preds = client.predict_encoded(x)
-                        results.append(([p.label for p in preds], preds[0].model_version))
-                    except privdigit.PrivDigitError as exc:
-                        errors.append(exc)
-
-        worker = threading.Thread(target=keep_predicting)
-        worker.start()
+        stop, results, errors, worker = _keep_predicting(urls, x)
         try:
             _wait_for(lambda: results, "a first prediction")
             again = subprocess.run([*train, "--seed", "2"], env=env, capture_output=True, text=True)
