@@ -92,3 +92,15 @@ def test_prg_mod_p_keeps_the_draws_below_a_multiple_of_p_and_looks_uniform():
     assert big.min() >= 0 and big.max() < 40_000 and len(big.unique()) > 35_000
     with pytest.raises(ValueError):
         PRG(seed).mod((1,), 2**31 - 1)
+
+
+def test_open_label_names_one_class_per_row_or_minus_one():
+    """A row whose shares name no single class (none or several) opens to -1, never a class."""
+    from service.mpc.ring import PRIME
+    from service.mpc.sharing import open_label
+
+    y0 = torch.tensor([[5, 7, 9], [1, 2, 3], [4, 4, 4]])
+    y1 = torch.tensor([[3, PRIME - 7, 2], [5, 5, 5], [PRIME - 4, PRIME - 4, 1]])
+    assert open_label(y0, y1, "zero").tolist() == [1, -1, -1]
+    one_hot = torch.tensor([[0, 0, 1], [0, 0, 0], [1, 1, 0]])
+    assert open_label(one_hot, torch.zeros_like(one_hot), "xor").tolist() == [2, -1, -1]

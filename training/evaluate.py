@@ -112,20 +112,6 @@ def plaintext_labels(directory: Path, images: np.ndarray, batch: int = 1000) -> 
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def _labels(net, out0: torch.Tensor, out1: torch.Tensor) -> np.ndarray:
-    """Each row's label from the two label shares; -1 where a row does not name exactly one
-    class (a broken run must count as a disagreement, not as class 0)."""
-    from service.mpc.sharing import PRIME
-
-    if net.label_sharing(out0.shape[-1]) == "zero":
-        hits = (out0 + out1) % PRIME == 0
-    else:
-        hits = (out0 ^ out1) == 1
-    labels = hits.long().argmax(-1)
-    labels[hits.sum(-1) != 1] = -1
-    return labels.numpy()
-
-
 def private_labels_in_process(
     directory: Path, images: np.ndarray, comparison: str, batch: int, progress=None
 ) -> np.ndarray:
@@ -150,7 +136,7 @@ def private_labels_in_process(
             net, (m0.weights, m1.weights), (x0, x1), dealer, secrets.token_urlsafe(18),
             "label", masks,
         )  # fmt: skip
-        out.append(_labels(net, run.out0, run.out1))
+        out.append(net.open_label(run.out0, run.out1).numpy())  # -1: a row naming no class
         if progress is not None:
             progress(len(out[-1]))
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)

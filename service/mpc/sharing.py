@@ -44,9 +44,13 @@ def reconstruct_xor(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
 
 def open_label(x0: torch.Tensor, x1: torch.Tensor, sharing: str) -> torch.Tensor:
     """The labels from a forward pass's two label shares (`PrivateNetwork.label_sharing`):
-    "zero": the one place per row where they add to 0 mod PRIME; "xor": the one-hot's 1."""
+    "zero": the one place per row where they add to 0 mod PRIME; "xor": the one-hot's 1.
+    A row that names no single class (a broken run) gets -1, never a class."""
     if sharing == "zero":
-        return ((x0 + x1) % PRIME == 0).long().argmax(-1)
-    if sharing == "xor":
-        return (x0 ^ x1).argmax(-1)
-    raise ValueError(f"unknown label sharing {sharing!r}")
+        hits = (x0 + x1) % PRIME == 0
+    elif sharing == "xor":
+        hits = (x0 ^ x1) == 1
+    else:
+        raise ValueError(f"unknown label sharing {sharing!r}")
+    labels = hits.long().argmax(-1)
+    return labels.masked_fill_(hits.sum(-1) != 1, -1)
