@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -224,10 +225,16 @@ class Replica:
             return
         port = (frame.payload or {}).get("port")
         if self.party == 0 and self.settings.lanes and isinstance(port, int) and 0 < port < 65536:
-            url = urlsplit(self.settings.peer_url)
-            tls = self.ssl if url.scheme == "wss" else None
-            check = tls is not None and self.mutual_tls
-            self.lanes.connect_to(url.hostname or "127.0.0.1", port, tls, check_role=check)
+            tls, role = self.peer_transport()
+            host = urlsplit(self.settings.peer_url).hostname or "127.0.0.1"
+            self.lanes.connect_to(host, port, tls, check_role=role is not None)
+
+    def peer_transport(self) -> tuple[ssl.SSLContext | None, str | None]:
+        """Party 0: how it dials party 1 (stream and lanes): TLS where the peer URL is wss://,
+        and, with mutual TLS, the role party 1's certificate must name."""
+        if urlsplit(self.settings.peer_url).scheme != "wss":
+            return None, None
+        return self.ssl, (self.peer_role if self.mutual_tls else None)
 
     def _on_disconnect(self, reason: str) -> None:
         self.weight_masks.clear()
@@ -586,10 +593,9 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         if settings.reload_poll_s > 0:
             tasks.append(asyncio.create_task(rep.watch()))
         if settings.party == 0:
-            url = settings.peer_url
-            tls = rep.ssl if url.startswith("wss://") else None
-            role = rep.peer_role if tls is not None and rep.mutual_tls else None
-            tasks.append(asyncio.create_task(rep.peer.dial_forever(url, ssl=tls, expect=role)))
+            tls, role = rep.peer_transport()
+            dial = rep.peer.dial_forever(settings.peer_url, ssl=tls, expect=role)
+            tasks.append(asyncio.create_task(dial))
         yield
         await rep.batcher.stop()
         for t in tasks:

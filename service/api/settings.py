@@ -56,8 +56,9 @@ class _Base(BaseSettings):
             )
         return v
 
-    # credential file -> setting, in this role's folder
+    # credential file -> setting, in this role's folder; the settings it must have
     _credential_files: ClassVar[dict[str, str]] = {}
+    _required_credentials: ClassVar[tuple[str, ...]] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -70,13 +71,17 @@ class _Base(BaseSettings):
         found = identity.read_credentials(Path(folder), cls._credential_files)
         return {**found, **{k: v for k, v in data.items() if v not in (None, "")}}
 
-    def _require(self, *names: str) -> None:
-        for name in names:
+    @model_validator(mode="after")
+    def _own_credentials(self) -> _Base:
+        """Every required credential is there, and each is its own (`identity.check_distinct`)."""
+        for name in self._required_credentials:
             if not getattr(self, name):
                 raise ValueError(
                     f"{name} missing: set PRIVDIGIT_{name.upper()} or pass --credentials with "
                     "this role's folder from `python -m service certs DIR`"
                 )
+        identity.check_distinct({n: getattr(self, n) for n in self._credential_files.values()})
+        return self
 
     def transport_problem(self) -> str | None:
         """Why this configuration must not start, or None."""
@@ -95,6 +100,7 @@ class _Base(BaseSettings):
 
 class ReplicaSettings(_Base):
     _credential_files: ClassVar[dict[str, str]] = identity.REPLICA_KEYS
+    _required_credentials: ClassVar[tuple[str, ...]] = ("peer_secret", "dealer_secret")
     party: int = Field(ge=0, le=1)
     peer_secret: str = Field(
         default="", repr=False, description="credential shared with the other replica only"
@@ -208,17 +214,10 @@ class ReplicaSettings(_Base):
             self.max_batch = FSS_MAX_BATCH
         return self
 
-    @model_validator(mode="after")
-    def _own_credentials(self) -> ReplicaSettings:
-        self._require("peer_secret", "dealer_secret")
-        identity.check_distinct(
-            {n: getattr(self, n) for n in ("peer_secret", "dealer_secret", "admin_secret")}
-        )
-        return self
-
 
 class DealerSettings(_Base):
     _credential_files: ClassVar[dict[str, str]] = identity.DEALER_KEYS
+    _required_credentials: ClassVar[tuple[str, ...]] = ("party0_secret", "party1_secret")
     port: int = 8002
     party0_secret: str = Field(default="", repr=False, description="credential of replica 0")
     party1_secret: str = Field(default="", repr=False, description="credential of replica 1")
@@ -231,12 +230,6 @@ class DealerSettings(_Base):
         description="serve only run ids minted within this many seconds of the dealer's clock, "
         "and forget served ones as they leave it (bounded memory; the clocks must agree)",
     )
-
-    @model_validator(mode="after")
-    def _own_credentials(self) -> DealerSettings:
-        self._require("party0_secret", "party1_secret")
-        identity.check_distinct({n: getattr(self, n) for n in ("party0_secret", "party1_secret")})
-        return self
 
     def party_secrets(self) -> tuple[bytes, bytes]:
         return self.party0_secret.encode(), self.party1_secret.encode()
