@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from benchmarks import print_result
 from clients.privdigit import (
     PrivDigitClient,
     PrivDigitError,
@@ -538,11 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     grown = [g for g in result["memory_growth_pct"].values() if g is not None]
     memory_ok = a.max_memory_growth is None or all(g <= a.max_memory_growth for g in grown)
     result["passed"] = result["errors"] == 0 and result["wrong_labels"] == 0 and memory_ok
-    if a.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:22s} {v}")
+    print_result(result, a.json)
     return 0 if result["passed"] else 1
 
 

@@ -15,7 +15,6 @@ and checks every label against the labels of a first pass (wrong_labels must be 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import print_result
 from clients.privdigit import PrivDigitClient
 from service.cluster import DEFAULT_MODEL, Cluster, free_ports
 from service.mpc import PROTOCOLS
@@ -123,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         "wrong_labels": int(wrong + sum(bad)),
         "accuracy_first_64": float(np.mean(np.array(reference) == truth[:64])),
     }
-    if a.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:22s} {v}")
+    print_result(result, a.json)
     return 0 if result["errors"] == 0 and result["wrong_labels"] == 0 else 1
 
 

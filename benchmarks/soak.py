@@ -29,7 +29,6 @@ above it), 1 otherwise, 2 on a usage or startup error.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks import print_result
 from benchmarks.load import DATA, LeanClient, _mb, plaintext_labels, rss_bytes
 from clients.privdigit import PrivDigitError, ServiceError
 from service.cluster import DEFAULT_MODEL, Cluster, ClusterError, free_ports
@@ -282,11 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     slopes = [m["slope_mb_per_min"] for m in result["memory"].values()]
     flat = a.max_slope is None or all(s is not None and s <= a.max_slope for s in slopes)
     result["passed"] = result["errors"] == 0 and result["wrong_labels"] == 0 and flat
-    if a.json:
-        print(json.dumps(result))
-    else:
-        for k, v in result.items():
-            print(f"{k:22s} {v}")
+    print_result(result, a.json)
     return 0 if result["passed"] else 1
 
 

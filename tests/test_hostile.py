@@ -488,19 +488,21 @@ def test_a_request_id_is_accepted_once_even_with_fresh_shares(cluster):
         _assert_error(r, 409, "replayed_request")
 
 
+def _label_of(r0: httpx.Response, r1: httpx.Response) -> int:
+    """The label two replicas' 200 answers reconstruct to (one image)."""
+    assert r0.status_code == r1.status_code == 200, (r0.text, r1.text)
+    a, b = r0.json(), r1.json()
+    shares = privdigit.decode_tensor(a["share"]), privdigit.decode_tensor(b["share"])
+    return int(privdigit.reconstruct_label(*shares, a["sharing"])[0])
+
+
 def test_swapped_shares_still_classify(cluster, mnist):
     """Which share goes where is not checkable (nor needed): s0 + s1 is the same either way."""
     images, labels = mnist
     s0, s1 = _share(images=images[:1])
     rid = _rid()
     r0, r1 = _pair(cluster, [_enc(s1, rid), _enc(s0, rid)])
-    assert r0.status_code == r1.status_code == 200, (r0.text, r1.text)
-    got = privdigit.reconstruct_label(
-        privdigit.decode_tensor(r0.json()["share"]),
-        privdigit.decode_tensor(r1.json()["share"]),
-        r0.json()["sharing"],
-    )
-    assert int(got[0]) == int(labels[0])
+    assert _label_of(r0, r1) == int(labels[0])
 
 
 def test_more_lone_shares_than_slots_get_busy_then_everything_is_freed(cluster):
@@ -562,13 +564,7 @@ def test_one_clients_lone_shares_do_not_starve_the_others(cluster, mnist):
         served = time.monotonic()
         for f in attack:
             f.result()
-    assert r0.status_code == r1.status_code == 200, (r0.text, r1.text)
-    got = privdigit.reconstruct_label(
-        privdigit.decode_tensor(r0.json()["share"]),
-        privdigit.decode_tensor(r1.json()["share"]),
-        r0.json()["sharing"],
-    )
-    assert int(got[0]) == int(labels[0])
+    assert _label_of(r0, r1) == int(labels[0])
     before = [(status, msg) for t, status, msg in ended if t < served and status != 429]
     assert before and all(s == 504 and "gave up its place" in m for s, m in before), before
     assert len(before) <= 2 and sum(status == 504 for _, status, _ in ended) == 32

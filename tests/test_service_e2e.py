@@ -580,53 +580,47 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_label(cluster, mn
     _assert_error(orphan.result(), 504, "peer_timeout")
 
 
-def test_fss_deployment_classifies_like_plaintext_in_twelve_rounds(tmp_path, mnist):
-    # the engine tests' centrally trained CNN (conv 16/16, fc 100), whose sizes the bytes count
+def _one_image_on_the_cnn(tmp_path, mnist, protocol: str):
+    """The engine tests' centrally trained CNN (conv 16/16, fc 100, whose sizes the tests'
+    byte counts use) deployed with `protocol`: 12 images must get the plaintext's labels; then
+    the model info, and the rounds and peer bytes that one more image costs replica 0."""
     plaintext = ManifestModel(CNN_MODEL).eval()
     c = Cluster(
         model=CNN_MODEL,
         ports=free_ports(3),
         log_dir=tmp_path,
-        replica_args=("--comparison", "fss"),
+        replica_args=("--comparison", protocol),
     )
     images = mnist[0][:12] / 255.0
     rounds, peer_bytes = "privdigit_protocol_rounds_total", "privdigit_peer_bytes_sent_total"
     with c, privdigit.PrivDigitClient(c.replica_urls) as client:
-        assert client.model_info()["max_batch"] == 8  # fss default: ~7 MB of keys per image
-        labels = [p.label for p in client.predict_encoded(images)]  # two requests: 8 + 4
+        info = client.model_info()
+        labels = [p.label for p in client.predict_encoded(images)]
         before = [_gauge(c.replica_urls[0], m) for m in (rounds, peer_bytes)]
         client.predict_encoded(images[:1])
         after = [_gauge(c.replica_urls[0], m) for m in (rounds, peer_bytes)]
+    assert labels == _plain_labels(plaintext, images).tolist()
+    return info, after[0] - before[0], after[1] - before[1]
+
+
+def test_fss_deployment_classifies_like_plaintext_in_twelve_rounds(tmp_path, mnist):
+    info, rounds, peer_bytes = _one_image_on_the_cnn(tmp_path, mnist, "fss")
+    assert info["max_batch"] == 8  # fss default: ~7 MB of keys per image (12 images: 8 + 4)
     # 12 rounds (each ReLU: the DCF round, then the exact truncation's borrow gate); the weights
     # were opened by the first run, so only activations travel: input 784, conv1 out 2304,
     # conv2 in 2304 and out 256, fc1 in 256 and out 100, fc2 in 100, argmax 45 + 10 words; and
     # each ReLU's gate sends bit planes of 64-element words: the sign and each slice's lt and
     # (but the first's) eq: 6 planes where pooling makes the shift 18 bits (3 slices: the two
     # conv layers), 4 where it is 16 (2 slices: fc1)
-    assert after[0] - before[0] == 12
+    assert rounds == 12
     gates = 8 * (6 * (2304 // 64 + 256 // 64) + 4 * -(-100 // 64))
     words = 784 + 2304 + 2304 + 256 + 256 + 100 + 100 + 45 + 10
-    assert after[1] - before[1] == 8 * words + gates
-    assert labels == _plain_labels(plaintext, images).tolist()
+    assert peer_bytes == 8 * words + gates
 
 
 def test_lut_deployment_classifies_like_plaintext_in_fifteen_rounds(tmp_path, mnist):
-    # the engine tests' centrally trained CNN (conv 16/16, fc 100), whose sizes the bytes count
-    plaintext = ManifestModel(CNN_MODEL).eval()
-    c = Cluster(
-        model=CNN_MODEL,
-        ports=free_ports(3),
-        log_dir=tmp_path,
-        replica_args=("--comparison", "lut"),
-    )
-    images = mnist[0][:12] / 255.0
-    rounds, peer_bytes = "privdigit_protocol_rounds_total", "privdigit_peer_bytes_sent_total"
-    with c, privdigit.PrivDigitClient(c.replica_urls) as client:
-        labels = [p.label for p in client.predict_encoded(images)]
-        before = [_gauge(c.replica_urls[0], m) for m in (rounds, peer_bytes)]
-        client.predict_encoded(images[:1])
-        after = [_gauge(c.replica_urls[0], m) for m in (rounds, peer_bytes)]
-    assert after[0] - before[0] == 15
+    _, rounds, peer_bytes = _one_image_on_the_cnn(tmp_path, mnist, "lut")
+    assert rounds == 15
     # words of 8 bytes: the input's opening (784); the first ReLU on a2b: the truncation's
     # opening (2304), the carry tree (279 x 36 words), the select (2304 + 36); conv2 (2304);
     # the second ReLU on lut: c (256), the top (17 x 4), the select (256 + 4); fc1 (256); the
@@ -635,8 +629,7 @@ def test_lut_deployment_classifies_like_plaintext_in_fifteen_rounds(tmp_path, mn
     # (`truncation`): 5 planes in the first and second ReLU (shift 18), 3 in the third (16)
     words = 784 + 2304 + 279 * 36 + 2304 + 36 + 2304 + 256 + 68 + 260 + 256 + 100 + 34
     low = 5 * 36 + 5 * 4 + 3 * 2
-    assert after[1] - before[1] == 8 * (words + 102 + 45 + 11 + low)
-    assert labels == _plain_labels(plaintext, images).tolist()
+    assert peer_bytes == 8 * (words + 102 + 45 + 11 + low)
 
 
 def test_replicas_running_different_protocols_refuse_to_pair(tmp_path, mnist):
