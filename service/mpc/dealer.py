@@ -79,7 +79,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -362,6 +362,11 @@ class CarrySpec:
     monomials: tuple[tuple[tuple[int, ...], ...], ...]  # per output, input indices
     sets: tuple[int, ...]
 
+    @cached_property
+    def products(self) -> anf.Products:
+        """How the dealer ANDs the gate's mask planes into Lambda_R for every R in `sets`."""
+        return anf.Products.of(self.sets, self.inputs)
+
 
 def _even_widths(bits: int, n: int) -> list[int]:
     return [bits // n + (i < bits % n) for i in range(n)]
@@ -433,11 +438,8 @@ def _carry_truth(spec: CarrySpec, r: torch.Tensor, lam: torch.Tensor) -> dict[st
         axis=1,
     )
     n = u.size
-    bits = torch.stack([from_plane(lam[i], (n,)) for i in range(spec.inputs)])
-    products = []
-    for mask in spec.sets:
-        idx = [i for i in range(spec.inputs) if mask >> i & 1]
-        products.append(bits[idx].prod(0))
+    planes = spec.products(lam.numpy())  # ANDs of the mask planes, 64 elements a word
+    products = [from_plane(torch.from_numpy(planes[spec.products.row[m]]), (n,)) for m in spec.sets]
     return {"cT": torch.from_numpy(tables), "cL": torch.stack(products)}
 
 
