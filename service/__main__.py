@@ -397,10 +397,11 @@ def cmd_reload(a: argparse.Namespace) -> int:
 
     secret = os.environ.get("PRIVDIGIT_ADMIN_SECRET", "")
     if a.credentials:
-        path = Path(a.credentials) / "admin.key"
-        if not path.is_file():
-            return _fail(f"{path} not found: pass the replica's folder from `service certs`")
-        secret = path.read_text().strip()
+        from service.identity import read_credentials
+
+        secret = read_credentials(Path(a.credentials), {"admin.key": "admin"}).get("admin", "")
+        if not secret:
+            return _fail(f"no admin.key in {a.credentials}: pass the replica's folder")
     if len(secret) < 32:
         return _fail(
             "pass --credentials with the replica's folder (its admin.key), or set "
