@@ -187,9 +187,12 @@ def test_a_replica_showing_another_roles_certificate_never_pairs(
         while True:
             try:
                 metrics = httpx.get(f"{url}/metrics", verify=ctx, timeout=2).text
-                if 'privdigit_auth_failures_total{what="peer"} 0.0' not in metrics and (
+                refused = 'privdigit_auth_failures_total{what="peer"} 0.0' not in metrics and (
                     'what="peer"' in metrics
-                ):
+                )
+                # the dealer may still be starting on a loaded machine: wait for it too
+                dealer_up = httpx.get(f"{c.dealer_url}/v1/health", verify=ctx, timeout=2)
+                if refused and dealer_up.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
