@@ -31,11 +31,12 @@ from safetensors.torch import load_file
 
 from service.api import wire
 from service.memory import keep_freed_memory
+from service.mpc import protocols as registry
 from service.mpc.beaver import WeightMasks
 from service.mpc.channel import InMemoryChannel
 from service.mpc.dealer import Dealer, deal_pair
 from service.mpc.inprocess import private_forward, run_two_party
-from service.mpc.network import PROTOCOLS, PrivateNetwork
+from service.mpc.network import PrivateNetwork
 from service.mpc.ring import DEFAULT_FP
 from service.mpc.sharing import share_tensors
 from training.model import DigitCNN, FCNet
@@ -44,7 +45,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 MODELS = {"cnn": DigitCNN, "fcnet": FCNet}
 
 
-def _setup(kind: str, comparison: str = "a2b"):
+def _setup(kind: str, comparison: str = registry.DEFAULT):
     model = MODELS[kind]()
     model.load_state_dict(load_file(FIXTURES / f"{kind}.safetensors"))
     model.eval()
@@ -170,14 +171,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="cnn,fcnet", help="comma list of cnn, fcnet")
     parser.add_argument(
         "--comparison",
-        default=",".join(PROTOCOLS),
-        help=f"comma list of comparison protocols: {', '.join(PROTOCOLS)} (default: all)",
+        default=",".join(registry.NAMES),
+        help=f"comma list of comparison protocols: {', '.join(registry.NAMES)} (default: all)",
     )
     args = parser.parse_args(argv)
     keep_freed_memory()  # as the service's processes do
     kinds = [k.strip() for k in args.models.split(",") if k.strip()]
     protocols = [c.strip() for c in args.comparison.split(",") if c.strip()]
-    bad = [k for k in kinds if k not in MODELS] + [c for c in protocols if c not in PROTOCOLS]
+    bad = [k for k in kinds if k not in MODELS] + [
+        c for c in protocols if c not in registry.REGISTRY
+    ]
     if bad or not 1 <= args.images <= 1000 or args.repeats < 1:
         parser.error(
             f"unknown models or protocols {bad}" if bad else "--images in 1..1000, --repeats >= 1"

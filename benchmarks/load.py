@@ -59,7 +59,7 @@ from clients.privdigit import (
     share_image,
 )
 from service.cluster import DEFAULT_MODEL, Cluster, ClusterError, free_ports
-from service.mpc import PROTOCOLS
+from service.mpc import protocols
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
@@ -489,9 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", help="model directory (default: the bundled models/default)")
     p.add_argument(
         "--comparison",
-        choices=PROTOCOLS,
-        default="lut",
-        help="protocol of the cluster",
+        choices=protocols.NAMES,
+        default=protocols.DEFAULT,
+        help=f"protocol of the cluster (default: {protocols.DEFAULT})",
     )
     p.add_argument(
         "--replicas",

@@ -60,7 +60,6 @@ IMAGES = REPO / "tests" / "fixtures" / "mnist_test_1000.npz"
 WORKER = Path(__file__).resolve().parent / "_crypten_worker.py"
 CACHE = REPO / ".cache" / "race"
 VENV = CACHE / "crypten-venv"
-PROTOCOLS = ("a2b", "fss")  # PrivateNetwork.comparison values, when the field exists
 
 # CrypTen's venv, installed in this order. Its own requirements name the dead `sklearn` package
 # (and torchvision and tensorboard, which inference does not import), so crypten goes in with
@@ -160,13 +159,10 @@ def bench_plaintext(model, x: torch.Tensor, batches: list[int], repeats: int) ->
 
 
 def engine_protocols() -> list[str | None]:
-    """The comparison protocols PrivateNetwork offers; [None] before it had the choice."""
-    names = {f.name for f in dataclasses.fields(PrivateNetwork)}
-    if "comparison" not in names:
-        return [None]
-    from service.mpc import network
+    """The registered comparison protocols, the default first."""
+    from service.mpc import protocols
 
-    return list(getattr(network, "PROTOCOLS", PROTOCOLS))
+    return list(protocols.NAMES)
 
 
 def bench_engine(

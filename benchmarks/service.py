@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks import print_result
 from clients.privdigit import PrivDigitClient
 from service.cluster import DEFAULT_MODEL, Cluster, free_ports
-from service.mpc import PROTOCOLS
+from service.mpc import protocols
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "mnist_test_1000.npz"
 
@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8, help="concurrent clients for throughput")
     p.add_argument("--seconds", type=float, default=10.0, help="throughput phase duration")
     p.add_argument("--model", help="model directory (default: bundled)")
-    p.add_argument("--comparison", choices=PROTOCOLS, default="lut", help="protocol (default: lut)")
+    p.add_argument(
+        "--comparison",
+        choices=protocols.NAMES,
+        default=protocols.DEFAULT,
+        help=f"protocol (default: {protocols.DEFAULT})",
+    )
     p.add_argument("--pause-ms", type=float, default=0.0, help="idle time between latency requests")
     a = p.parse_args(argv)
     import httpx

@@ -8,6 +8,7 @@
     python -m service web [--port 8003]       # the web page, from its own origin
     python -m service openapi [--check]       # print (or check) openapi.yaml from the app
     python -m service reload URL              # ask a replica to load its model directory now
+    python -m service protocols [--json]      # each comparison protocol's rounds and bytes
 
 Replica and dealer also read `PRIVDIGIT_*` environment variables (flags win). Each party needs
 its own credentials: one key per pair of parties, in the role's folder that `certs` writes
@@ -25,9 +26,10 @@ import threading
 from pathlib import Path
 
 from service.memory import keep_freed_memory
-from service.mpc import PROTOCOLS
+from service.mpc import protocols
 
 OPENAPI_FILE = Path(__file__).resolve().parent.parent / "openapi.yaml"
+PROTOCOLS_DOC = OPENAPI_FILE.parent / "docs" / "protocols.md"
 
 
 def _fail(message: str) -> int:
@@ -125,12 +127,10 @@ def _add_transport(p: argparse.ArgumentParser) -> None:
 def _add_comparison(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--comparison",
-        choices=PROTOCOLS,
-        default="lut",
-        help="comparison protocol of both replicas: lut (default: table lookups for the small "
-        "layers, a2b for the first: 15 rounds, ~320 KB of dealer material per image), a2b "
-        "(the reference, 18 rounds, ~180 KB), fss (function secret sharing, 9 rounds, ~7 MB "
-        "of dealer keys per image) or hybrid (fss for the small layers: 12 rounds, ~1 MB)",
+        choices=protocols.NAMES,
+        default=protocols.DEFAULT,
+        help=f"comparison protocol of both replicas: {protocols.help_text()}. Rounds and bytes: "
+        "python -m service protocols",
     )
 
 
@@ -388,6 +388,33 @@ def cmd_openapi(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_protocols(a: argparse.Namespace) -> int:
+    from service.cluster import DEFAULT_MODEL
+    from service.mpc import costs
+    from service.store import StoreError, load_share
+
+    try:
+        model = load_share(Path(a.model) if a.model else DEFAULT_MODEL, 0)
+    except StoreError as exc:
+        return _fail(str(exc))
+    net = model.network
+    names = a.comparison.split(",") if a.comparison else protocols.NAMES
+    unknown = [n for n in names if n not in protocols.REGISTRY]
+    if unknown:
+        return _fail(f"unknown protocols {unknown}; known: {', '.join(protocols.NAMES)}")
+    found = [
+        costs.measure(net.layers, net.input_shape, model.weight_shapes, n, net.fp) for n in names
+    ]
+    if a.json:
+        print(json.dumps([c.row() for c in found], indent=2))
+    elif a.write_docs:
+        PROTOCOLS_DOC.write_text(costs.with_table(PROTOCOLS_DOC.read_text(), found))
+        print(f"wrote the table in {PROTOCOLS_DOC}")
+    else:
+        sys.stdout.write(costs.markdown(found))
+    return 0
+
+
 def cmd_reload(a: argparse.Namespace) -> int:
     import ssl
 
@@ -454,8 +481,8 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--max-batches", type=int, help="protocol runs in flight (dynamic batching)")
     rep.add_argument(
         "--comparison",
-        choices=PROTOCOLS,
-        help="comparison protocol (same on both replicas)",
+        choices=protocols.NAMES,
+        help=f"comparison protocol (same on both replicas; default {protocols.DEFAULT})",
     )
     rep.add_argument(
         "--prefetch", type=int, help="dealer material kept ready for one-image runs; 0 = off"
@@ -537,6 +564,22 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--check", action="store_true", help="exit 2 if openapi.yaml differs")
     g.add_argument("--write", action="store_true", help="rewrite openapi.yaml")
     oa.set_defaults(fn=cmd_openapi)
+
+    pr = sub.add_parser(
+        "protocols",
+        help="the comparison protocols and what one label costs with each: rounds, bytes",
+        description="Measures, for the model's architecture, one label at batch 1 with each "
+        "comparison protocol (in one process, on zeros: the counts depend only on the "
+        "architecture): rounds, bytes each replica sends, dealer material per party.",
+    )
+    pr.add_argument("--model", help="model directory (default: the bundled models/default)")
+    pr.add_argument("--comparison", help="comma list of protocols (default: all registered)")
+    out = pr.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON object per protocol")
+    out.add_argument(
+        "--write-docs", action="store_true", help="rewrite the table in docs/protocols.md"
+    )
+    pr.set_defaults(fn=cmd_protocols)
 
     rl = sub.add_parser("reload", help="ask a replica to load its model directory now")
     rl.add_argument("url", help="the replica's base URL, e.g. http://127.0.0.1:8000")

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
+from service.mpc import protocols
 from service.mpc.network import ModelSpecError, PrivateNetwork
 from service.mpc.ring import FixedPoint
 
@@ -67,6 +68,17 @@ class LoadedModel:
             "fixed_point": m["fixed_point"],
             "shares": m["shares"],
             "provenance": m.get("provenance"),
+            "comparison": self.comparison_info(),
+        }
+
+    def comparison_info(self) -> dict[str, str]:
+        """The comparison protocol this replica runs the model with, from the registry."""
+        name = self.network.comparison
+        classes = int(self.weights[self.network.weight_names()[-1]].shape[0])  # the last bias
+        return {
+            "name": name,
+            "summary": protocols.get(name).summary,
+            "label_sharing": self.network.label_sharing(classes),
         }
 
 
@@ -88,7 +100,9 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_share(directory: Path | str, party: int, comparison: str = "a2b") -> LoadedModel:
+def load_share(
+    directory: Path | str, party: int, comparison: str = protocols.DEFAULT
+) -> LoadedModel:
     """Load and verify party `party`'s share of the model in `directory`."""
     directory = Path(directory)
     if party not in (0, 1):
@@ -164,7 +178,12 @@ class ModelRegistry:
     """
 
     def __init__(
-        self, directory: Path | str, party: int, *, keep: int = 2, comparison: str = "a2b"
+        self,
+        directory: Path | str,
+        party: int,
+        *,
+        keep: int = 2,
+        comparison: str = protocols.DEFAULT,
     ) -> None:
         self.directory, self.party, self.keep = Path(directory), party, keep
         self.comparison = comparison

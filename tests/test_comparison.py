@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.mpc import comparison, lut
+from service.mpc import comparison, protocols
 from service.mpc.dealer import carry_spec
 from service.mpc.prg import random_ring
 from service.mpc.ring import PRIME
@@ -37,7 +37,7 @@ def test_msb_on_a_large_random_batch():
     assert torch.equal(opened_xor(run_shared(comparison.msb, x)), (x < 0).long())
 
 
-PROTOCOLS = {"a2b": comparison, "lut": lut}
+PROTOCOLS = {n: protocols.GATES[n] for n in ("a2b", "lut")}  # the zero-test argmax ones
 RELU_ROUNDS, ARGMAX_ROUNDS = {"a2b": 4, "lut": 3}, {"a2b": 3, "lut": 2}
 
 

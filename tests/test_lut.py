@@ -234,10 +234,10 @@ def test_lut_is_the_deployments_default_and_the_protocol_lists_agree():
     from typing import get_args
 
     from service.api.settings import ReplicaSettings
-    from service.mpc import PROTOCOLS
+    from service.mpc import protocols
 
     field = ReplicaSettings.model_fields["comparison"]
-    assert set(get_args(field.annotation)) == set(PROTOCOLS)
-    assert field.default == PROTOCOLS[0] == "lut"
+    assert get_args(field.annotation) == protocols.NAMES
+    assert field.default == protocols.NAMES[0] == protocols.DEFAULT == "lut"
     compose = (Path(__file__).resolve().parent.parent / "docker-compose.yml").read_text()
     assert compose.count("PRIVDIGIT_COMPARISON: ${PRIVDIGIT_COMPARISON:-lut}") == 2

@@ -36,7 +36,7 @@ def _images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _private(model, x: torch.Tensor, output: str, dealer: Dealer, rid: str, masks=None):
-    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), FP)
+    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), FP, "a2b")  # the reference
     weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, FP)
     images = share_tensors({"x": x.double()}, FP)
     pair = (images[0]["x"], images[1]["x"])

@@ -46,7 +46,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.mpc import beaver, comparison, lut
+from service.mpc import beaver, comparison, lut, protocols
 from service.mpc.beaver import WeightMasks
 from service.mpc.channel import InMemoryChannel, NullChannel
 from service.mpc.dealer import Dealer, PlanRecorder, Request, deal_pair
@@ -230,7 +230,8 @@ def _secret(value: float, width: int, rows: int = ROWS) -> torch.Tensor:
     return FP.encode(torch.full((rows, width), value, dtype=torch.float64))
 
 
-PROTOCOLS = {"a2b": comparison, "lut": lut}  # the comparison protocols built on these openings
+PROTOCOLS = protocols.GATES  # every simple comparison protocol, from the registry
+FRESH_BITS_AT_LEAST = {"a2b": 100, "lut": 100, "fss": 64}  # fss opens one word and 2 planes
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -449,7 +450,7 @@ def test_with_fixed_shares_every_received_word_is_fresh(protocol):
     logits = torch.zeros(1, CLASSES, dtype=torch.int64)
     logits[:, 2] = 1 << 20
     for fn, secret in ((relu, _secret(-3.25, 1, 1) << 16), (cmp.argmax, logits)):
-        assert _assert_fresh(fn, *share(secret)) > 100
+        assert _assert_fresh(fn, *share(secret)) > FRESH_BITS_AT_LEAST[protocol]
 
 
 def test_with_fixed_shares_the_relu_fused_with_a_linear_layer_receives_only_fresh_words():

@@ -24,6 +24,7 @@ import torch
 from clients import privdigit
 from service.api import auth
 from service.cluster import DEFAULT_MODEL, Cluster, free_ports
+from service.mpc import protocols
 from service.mpc.dealer import new_run_id
 from training.evaluate import ManifestModel
 
@@ -152,6 +153,16 @@ def test_health_model_metrics(cluster):
     assert info[0]["model_version"] == info[1]["model_version"] == info[0]["serving_version"]
     assert [i["party"] for i in info] == [0, 1]
     assert info[0]["fixed_point"] == {"ring_bits": 64, "frac_bits": 16}
+    default = protocols.get(protocols.DEFAULT)  # the registry's default, named and summarised
+    assert (
+        info[0]["comparison"]
+        == info[1]["comparison"]
+        == {
+            "name": protocols.DEFAULT,
+            "summary": default.summary,
+            "label_sharing": "zero",
+        }
+    )
     metrics = httpx.get(f"{r0}/metrics").text
     for name in (
         "privdigit_requests_total",

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.mpc import comparison, fss, lut, truncation
+from service.mpc import protocols, truncation
 from service.mpc.dealer import carry_spec
 from tests.conftest import opened, run_shared
 
@@ -54,7 +54,7 @@ def test_truncation_refuses_bad_bit_counts():
         run_shared(lambda p, a: truncation.truncate(p, a, 0), torch.zeros(2, dtype=torch.int64))
 
 
-RELUS = {"a2b": comparison, "lut": lut, "fss": fss}
+RELUS = protocols.GATES  # every simple protocol, from the registry
 RELU_ROUNDS = {"a2b": 4, "lut": 3, "fss": 2}  # with a shift; fss: 1 without
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PROTOCOL_DEFAULT = "lut"  # the deployments' default (service.api.settings.ReplicaSettings)
+from service.mpc import protocols
 
 
 class EvaluateError(RuntimeError):
@@ -193,7 +193,7 @@ def evaluate(
     private: bool = False,
     replicas: tuple[str, str] | None = None,
     verify: Any = True,
-    comparison: str = PROTOCOL_DEFAULT,
+    comparison: str = protocols.DEFAULT,
     batch: int = 64,
     progress=None,
 ) -> tuple[Evaluation, np.ndarray]:
@@ -236,8 +236,6 @@ def evaluate(
 
 
 def parser() -> argparse.ArgumentParser:
-    from service.mpc import PROTOCOLS
-
     p = argparse.ArgumentParser(
         prog="python -m training evaluate",
         description=__doc__,
@@ -257,9 +255,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cacert", help="CA certificate that verifies https replicas")
     p.add_argument(
         "--comparison",
-        choices=PROTOCOLS,
-        default=PROTOCOL_DEFAULT,
-        help=f"comparison protocol of --private ({PROTOCOL_DEFAULT}, the deployments' default)",
+        choices=protocols.NAMES,
+        default=protocols.DEFAULT,
+        help=f"comparison protocol of --private ({protocols.DEFAULT}, the deployments' default)",
     )
     p.add_argument("--limit", type=int, default=None, help="the first N test images only")
     p.add_argument("--batch-size", type=int, default=64, help="images per private run (64)")

@@ -112,6 +112,14 @@ class Readiness(BaseModel):
     last_reload_error: str | None = None
 
 
+class ComparisonInfo(BaseModel):
+    name: str = Field(description="the comparison protocol (`python -m service protocols`)")
+    summary: str
+    label_sharing: Literal["zero", "xor"] = Field(
+        description="how the replicas hand out a label (see PredictResponse.sharing)"
+    )
+
+
 class ModelInfo(BaseModel):
     party: int
     model_version: str
@@ -125,6 +133,7 @@ class ModelInfo(BaseModel):
         description="how the model was made (`python -m training`): the command, code version, "
         "federated setting, DP, secure aggregation, plaintext and private test accuracy",
     )
+    comparison: ComparisonInfo
     scores_enabled: bool
     max_batch: int
 

@@ -16,8 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service import identity
-
-FSS_MAX_BATCH = 8  # default batch cap with fss: dealer keys grow by ~7 MB per image and party
+from service.mpc import protocols
 
 
 class _Base(BaseSettings):
@@ -124,8 +123,8 @@ class ReplicaSettings(_Base):
         default=64,
         ge=1,
         le=1024,
-        description="most images per request and per protocol run; default 64, or "
-        f"{FSS_MAX_BATCH} with comparison=fss, whose dealer keys take ~7 MB per image and party",
+        description="most images per request and per protocol run; default 64, or the "
+        "protocol's own cap where its dealer material is large (fss: 8)",
     )
     max_inflight: int = Field(default=32, ge=1, le=1024)
     pair_grace_s: float = Field(
@@ -143,14 +142,9 @@ class ReplicaSettings(_Base):
         "interpreter lock, so a second concurrent run mostly delays the first (32 clients on 2 "
         "cores: 266 images/s with 1, 147 with 2)",
     )
-    comparison: Literal["a2b", "fss", "hybrid", "lut"] = Field(
-        default="lut",
-        description="comparison protocol: lut (default; table lookups for layers of at most "
-        "1,024 comparisons per image, a2b for larger ones: 15 rounds, ~320 KB of dealer "
-        "material per image), a2b (the reference; 18 rounds, ~180 KB), fss (function secret "
-        "sharing; 9 rounds, ~2.5 KB of dealer keys per ReLU) or hybrid (fss for layers of at "
-        "most 1,024 comparisons per image; 12 rounds, ~1 MB of keys per image); both replicas "
-        "must use the same",
+    comparison: Literal[protocols.NAMES] = Field(  # type: ignore[valid-type]
+        default=protocols.DEFAULT,
+        description=f"comparison protocol, the same on both replicas: {protocols.help_text()}",
     )
     prefetch: int = Field(
         default=4,
@@ -209,9 +203,10 @@ class ReplicaSettings(_Base):
     )
 
     @model_validator(mode="after")
-    def _fss_batch(self) -> ReplicaSettings:
-        if self.comparison == "fss" and "max_batch" not in self.model_fields_set:
-            self.max_batch = FSS_MAX_BATCH
+    def _protocol_batch(self) -> ReplicaSettings:
+        cap = protocols.get(self.comparison).max_batch
+        if cap is not None and "max_batch" not in self.model_fields_set:
+            self.max_batch = cap
         return self
 
 

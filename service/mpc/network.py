@@ -13,24 +13,12 @@ done once, in the next ReLU, which compares on the unscaled value and truncates 
 round (see `comparison.relu`). For a label, argmax runs on the unscaled logits (it is
 scale-invariant), so the last layer needs no truncation at all.
 
-Comparisons (ReLU, max pooling, argmax) use one of these protocols, chosen per deployment:
-  "a2b": arithmetic-to-binary conversion and a 4-ary carry tree of one-round gates
-         (`comparison`), the reference: no keys, small dealer material, 3-4 rounds per
-         comparison layer;
-  "fss": function secret sharing (`fss`, DCF keys from the dealer): 1 round per ReLU layer
-         (truncation fused in), 2 for argmax, at the price of about 2.5 KB of dealer keys per
-         ReLU and per party.
-  "hybrid": fss for layers of at most HYBRID_FSS_MAX comparisons per image (argmax, the small
-         ReLU layers), a2b for the large ones: most of the rounds saved, a fraction of the keys.
-  "lut": table lookups (`lut`: the dealer's one-time truth tables of its mask's slices; ReLU
-         3 rounds, argmax 2) for layers of at most LUT_MAX comparisons per image, a2b for the
-         large ones, whose tables would cost too much dealer material (about 240 bytes per
-         comparison against a2b's 50). The deployments' default.
-An a2b or lut ReLU followed by a small linear layer (at most FUSE_MAX_WEIGHTS weights, fixed weight
-masks) applies that layer in its select's round (`beaver.select_linear`): one round less.
-Rounds for the default CNN (conv-pool-relu x2, fc-relu, fc, argmax), per layer:
-  a2b: 1+4, 1+4, 1+4, 0, 3 = 18    fss: 1+1, 1+1, 1+1, 1, 2 = 9    hybrid: 1+4, 1+1, 1+1, 1, 2 = 12
-  lut: 1+4, 1+3, 1+3, 0, 2 = 15
+Comparisons (ReLU, max pooling, argmax) use one registered protocol (`protocols`), chosen
+per deployment; a composite one picks per layer by its number of comparisons per image
+(`protocols.BySize`). Rounds and bytes per protocol: `python -m service protocols`.
+A selecting ReLU (a2b, lut) followed by a small linear layer (at most FUSE_MAX_WEIGHTS weights,
+fixed weight masks) applies that layer in its select's round (`beaver.select_linear`): one round
+less.
 What each party sees: only openings masked by fresh dealer randomness (see each protocol).
 """
 
@@ -44,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from service.mpc import PROTOCOLS, beaver, comparison, fss, lut, truncation
+from service.mpc import beaver, protocols, truncation
 from service.mpc.channel import NullChannel
 from service.mpc.dealer import PlanRecorder, Request
 from service.mpc.party import Party
@@ -52,10 +40,7 @@ from service.mpc.ring import DEFAULT_FP, FixedPoint
 from service.mpc.sharing import open_label
 
 Output = Literal["label", "logits"]
-COMPARISONS = {"a2b": comparison, "fss": fss}  # each offers relu, max_pool2d and argmax
-HYBRID_FSS_MAX = 1024  # comparisons per image up to which "hybrid" uses fss
-LUT_MAX = 1024  # comparisons per image up to which "lut" uses table lookups
-FUSE_MAX_WEIGHTS = 4096  # linear layers up to this size run in an a2b or lut ReLU's select round
+FUSE_MAX_WEIGHTS = 4096  # linear layers up to this size run in a ReLU's select round
 LAYER_TYPES = {"conv2d", "linear", "avgpool2d", "maxpool2d", "relu", "flatten"}
 
 
@@ -70,12 +55,14 @@ class PrivateNetwork:
     layers: tuple[dict, ...]
     input_shape: tuple[int, ...]  # one example, e.g. (1, 28, 28)
     fp: FixedPoint = DEFAULT_FP
-    comparison: str = "a2b"
+    comparison: str = protocols.DEFAULT
     _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        if self.comparison not in PROTOCOLS:
-            raise ModelSpecError(f"comparison must be one of {PROTOCOLS}, got {self.comparison!r}")
+        if self.comparison not in protocols.REGISTRY:
+            raise ModelSpecError(
+                f"comparison must be one of {protocols.NAMES}, got {self.comparison!r}"
+            )
         for i, layer in enumerate(self.layers):
             kind = layer.get("type")
             if kind not in LAYER_TYPES:
@@ -87,18 +74,14 @@ class PrivateNetwork:
                 if area & (area - 1):
                     raise ModelSpecError(f"layer {i}: avgpool area {area} is not a power of two")
 
-    def _cmp(self, per_image: int):
-        """The comparison module for a layer of `per_image` comparisons per image."""
-        if self.comparison == "hybrid":
-            return fss if per_image <= HYBRID_FSS_MAX else comparison
-        if self.comparison == "lut":
-            return lut if per_image <= LUT_MAX else comparison
-        return COMPARISONS[self.comparison]
+    def _cmp(self, per_image: int) -> protocols.Comparison:
+        """The protocol that runs a layer of `per_image` comparisons per image."""
+        return protocols.get(self.comparison).for_layer(per_image)
 
     def label_sharing(self, classes: int) -> str:
-        """How the label comes out for `classes` classes: "zero" (a2b's and lut's zero test in
-        Z_p) or "xor" (fss: XOR shares of one-hot)."""
-        return self._cmp(classes * (classes - 1) // 2).LABEL_SHARING
+        """How the label comes out for `classes` classes: "zero" (a zero test in Z_p) or "xor"
+        (XOR shares of a one-hot vector)."""
+        return protocols.label_sharing(protocols.get(self.comparison), classes)
 
     def open_label(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
         """The labels from both parties' label outputs (in-process runs: tests, benchmarks)."""
@@ -162,7 +145,7 @@ class PrivateNetwork:
                 x = self._cmp(x[0].numel()).max_pool2d(party, x, int(layer["kernel_size"]))
             elif kind == "relu":
                 cmp, nxt = self._cmp(x[0].numel()), self._linear_after(i, masks)
-                if cmp in (comparison, lut) and nxt is not None:  # the ReLU and the layer at once
+                if cmp.selects and nxt is not None:  # the ReLU and the layer at once
                     name = self.layers[nxt]["name"]
                     w, b = weights[f"{name}.weight"], weights[f"{name}.bias"]
                     fuse = partial(
@@ -182,8 +165,8 @@ class PrivateNetwork:
         raise ValueError(f"output must be 'label' or 'logits', got {output!r}")
 
     def _linear_after(self, i: int, masks: beaver.WeightMasks | None) -> int | None:
-        """The index of a linear layer right after layer i (flattens between are free) that an
-        a2b or lut ReLU at i can apply in its select round, else None."""
+        """The index of a linear layer right after layer i (flattens between are free) that a
+        selecting ReLU at i can apply in its select round, else None."""
         if masks is None:
             return None
         j = i + 1
