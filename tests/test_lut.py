@@ -22,14 +22,10 @@ from service.mpc.dealer import (
     table_words,
     validate_plan,
 )
-from service.mpc.inprocess import private_forward
-from service.mpc.network import PrivateNetwork
 from service.mpc.party import Party
 from service.mpc.prg import random_ring
 from service.mpc.ring import PRIME, from_plane, from_planes_packed
-from service.mpc.sharing import share_tensors
 from tests.conftest import FP, opened, opened_xor, run_shared
-from tests.test_fss import _images, _model
 
 edge = st.sampled_from([0, 1, -1, 2**63 - 1, -(2**63), -(2**63) + 1, 2**62, -(2**62), 2**16])
 ring_values = st.one_of(edge, st.integers(-(2**63), 2**63 - 1))
@@ -205,29 +201,6 @@ def test_bad_lut_requests_are_refused(req):
 
 
 # -- the network ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("kind", "rounds"), [("cnn", 15), ("fcnet", 10)])
-def test_network_with_lut_matches_plaintext_labels_and_logits(kind, rounds):
-    from service.mpc.beaver import WeightMasks
-
-    model = _model(kind)
-    x, _ = _images(48)
-    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), FP, "lut")
-    weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, FP)
-    images = share_tensors({"x": x.double()}, FP)
-    pair = (images[0]["x"], images[1]["x"])
-    dealer = Dealer()
-    masks = (WeightMasks("lut-net"), WeightMasks("lut-net"))
-    private_forward(net, weights, pair, dealer, "lut-warm", "label", masks)  # opens W - b
-    labels = private_forward(net, weights, pair, dealer, "lut-net-1", "label", masks)
-    logits = private_forward(net, weights, pair, dealer, "lut-net-2", "logits")
-    with torch.no_grad():
-        plain = model(x)
-    assert net.label_sharing(10) == "zero"
-    assert torch.equal(net.open_label(labels.out0, labels.out1), plain.argmax(-1))
-    assert (FP.decode(logits.out0 + logits.out1) - plain.double()).abs().max() < 0.01
-    assert labels.stats0.rounds == rounds
 
 
 def test_lut_is_the_deployments_default_and_the_protocol_lists_agree():

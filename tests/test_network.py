@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from service.mpc import protocols
 from service.mpc.beaver import WeightMasks
 from service.mpc.channel import NullChannel
 from service.mpc.dealer import Dealer, PlanRecorder
@@ -65,17 +66,54 @@ def test_labels_on_1000_mnist_images_equal_plaintext(kind):
     assert (labels_t == truth).double().mean() >= (0.985 if kind == "cnn" else 0.97)
 
 
-@pytest.mark.parametrize("fixed_masks", [False, True])
-def test_cnn_round_count_and_batch_one(fixed_masks):
+# Every registered protocol on both fixture models, as deployed (fixed weight masks, already
+# opened): rounds and bytes party 0 sends for one label, then 48 images' labels and logits
+# against plaintext. One round more per fss ReLU with a shift (the exact truncation's borrow).
+NETWORK_CASES = [  # (model, protocol, rounds, peer bytes for one label)
+    ("cnn", "lut", 15, 152_912),
+    ("cnn", "a2b", 18, 167_248),
+    ("cnn", "fss", 12, 51_256),
+    ("cnn", "hybrid", 14, 150_040),
+    ("fcnet", "lut", 10, 12_512),
+    ("fcnet", "a2b", 13, 22_656),
+    ("fcnet", "fss", 9, 10_936),
+    ("fcnet", "hybrid", 9, 10_936),
+]
+
+
+def test_the_table_covers_every_registered_protocol():
+    assert {c[1] for c in NETWORK_CASES} == set(protocols.NAMES)
+
+
+@pytest.mark.parametrize(("kind", "protocol", "rounds", "peer_bytes"), NETWORK_CASES)
+def test_network_matches_plaintext_labels_and_logits(kind, protocol, rounds, peer_bytes):
+    model = _model(kind)
+    x, _ = _images(48)
+    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), FP, protocol)
+    weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, FP)
+    pair, one = share(FP.encode(x.double())), share(FP.encode(x[:1].double()))
+    dealer, masks = Dealer(), (WeightMasks("net"), WeightMasks("net"))
+    private_forward(net, weights, one, dealer, "warm", "label", masks)  # opens W - b once
+    single = private_forward(net, weights, one, dealer, "one", "label", masks)
+    assert single.stats0.rounds == single.stats1.rounds == rounds
+    assert single.stats0.bytes_sent == single.stats1.bytes_sent == peer_bytes
+    labels = private_forward(net, weights, pair, dealer, "labels", "label", masks)
+    logits = private_forward(net, weights, pair, dealer, "logits", "logits", masks)
+    with torch.no_grad():
+        plain = model(x)
+    assert torch.equal(net.open_label(labels.out0, labels.out1), plain.argmax(-1))
+    assert (FP.decode(logits.out0 + logits.out1) - plain.double()).abs().max() < 0.01
+
+
+def test_cnn_round_count_and_batch_one_with_weights_masked_per_query():
     model = _model("cnn")
     x, _ = _images(8)
-    masks = (WeightMasks("one"), WeightMasks("one")) if fixed_masks else None
-    dealer = Dealer()  # the fixed weight masks come from its master key
+    dealer = Dealer()
     for i in range(8):
-        res = _private(model, x[i : i + 1], "label", dealer, f"one{i}", masks)
-        # 4 linear, 3 x (3 + 1) ReLU, 3 argmax; with fixed masks the last linear layer runs in
-        # the last ReLU's select round
-        assert res.stats0.rounds == res.stats1.rounds == (18 if fixed_masks else 19)
+        res = _private(model, x[i : i + 1], "label", dealer, f"one{i}", None)
+        # 4 linear, 3 x (3 + 1) ReLU, 3 argmax: with weights masked per query the last linear
+        # layer cannot run in the last ReLU's select round
+        assert res.stats0.rounds == res.stats1.rounds == 19
         assert res.stats0.bytes_sent < 1.5e6
         label = open_label(res.out0, res.out1, "zero")
         with torch.no_grad():
