@@ -62,7 +62,7 @@ openapi: $(STAMP)
 	$(BIN)/python -m service openapi --write
 
 # Copy a model's manifest and each party's share into its own directory, and make each party's
-# credentials and certificate in a folder of its own (docker-compose volumes).
+# credentials and certificate in a folder of its own (docker-compose secrets).
 MODEL ?= models/default
 deploy-shares: $(STAMP)
 	@test -f $(MODEL)/manifest.json || { echo "error: $(MODEL)/manifest.json not found"; exit 1; }
