@@ -361,3 +361,64 @@ def test_k8s_secrets_reuses_the_signers_folder_and_names_hosts_per_role(tmp_path
     assert main([*args, "--force"]) == 0
     assert (tree / "party-1" / "secrets" / "credentials" / "cert.pem").read_bytes() != cert
     assert not list(tree.rglob("ca-key.pem")) and (ca / "ca-key.pem").is_file()
+
+
+def _handshake(server_role: Path, client_role: Path, hostname: str) -> str | None:
+    """Dial a TLS listener holding `server_role`'s certificate on 127.0.0.1 as `hostname`, with
+    `client_role`'s certificate; the role the server sees, or raise the client's TLS error."""
+    import socket
+    import ssl
+    import threading
+
+    from service.identity import client_context, role_of, server_context
+
+    server = server_context(
+        server_role / "cert.pem", server_role / "key.pem", server_role / "ca.pem"
+    )
+    seen: list = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)
+
+        def accept() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                try:
+                    with server.wrap_socket(conn, server_side=True) as tls:
+                        seen.append(role_of(tls.getpeercert()))
+                        tls.recv(1)
+                except (OSError, ssl.SSLError):
+                    seen.append(None)
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        client = client_context(
+            client_role / "ca.pem", client_role / "cert.pem", client_role / "key.pem"
+        )
+        try:
+            with (
+                socket.create_connection(listener.getsockname(), timeout=30) as raw,
+                client.wrap_socket(raw, server_hostname=hostname) as tls,
+            ):
+                tls.sendall(b"x")
+        finally:
+            thread.join(timeout=30)
+    assert not thread.is_alive()
+    return seen[0]
+
+
+def test_the_generated_certificates_pass_tls_as_the_pods_dial_each_other(rendered):
+    """Mutual TLS as Python's ssl does it (the replicas' own contexts): party 0 dials party 1's
+    pod by its headless name and each sees the other's role; party 0's certificate does not pass
+    for party 1's name, nor party 1's for the dealer's."""
+    import ssl
+
+    tree = rendered["tree"]
+    creds = {o: tree / o / "secrets" / "credentials" for o in OVERLAYS}
+    peer = f"pair-1.pairs.{NAMESPACES['replica-1']}.svc"
+    dealer = f"dealer.{NAMESPACES['dealer']}.svc.cluster.local"
+    assert _handshake(creds["party-1"], creds["party-0"], peer) == "replica-0"
+    assert _handshake(creds["dealer"], creds["party-1"], dealer) == "replica-1"
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(creds["party-0"], creds["party-0"], peer)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(creds["party-1"], creds["party-1"], dealer)
