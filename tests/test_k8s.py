@@ -7,7 +7,8 @@ certificate (alone) carries; NetworkPolicies let clients reach the API port only
 party 0 only and the dealer the two parties' replicas only.
 
 No cluster runs here: the secrets come from `python -m service k8s-secrets` into a copy of the
-tree, and the pods' settings are built from the rendered environment and mounted Secrets.
+tree; the pods' settings are built from the rendered environment and mounted Secrets, and the
+three roles run as processes from them (on 127.0.0.1) and classify the sample digits.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -28,7 +30,7 @@ from cryptography.x509.oid import NameOID
 from service.__main__ import main, parser
 from service.api.settings import DealerSettings, ReplicaSettings
 from service.k8s import NAMESPACES, OVERLAYS, write_secrets
-from service.store import load_share
+from service.store import ModelRegistry, load_share
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "deploy" / "k8s"
@@ -219,34 +221,41 @@ def test_each_overlay_holds_only_its_own_share_and_keys_and_never_the_ca_key(ren
             assert b"PRIVATE KEY" not in path.read_bytes(), path
 
 
+def _pod(docs: list[dict], root: Path, pod_name: str) -> tuple[dict, dict[str, str]]:
+    """The workload's container, and its environment with each mounted Secret written to a
+    folder under `root` and the mount paths in the variables pointing there."""
+    pod = _workload(docs)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mounts = {}
+    for mount in container["volumeMounts"]:
+        source = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+        folder = root / mount["name"]
+        folder.mkdir(parents=True)
+        if "secret" in source:
+            secret = _one(docs, "Secret", source["secret"]["secretName"])
+            for name, data in secret["data"].items():
+                (folder / name).write_bytes(base64.b64decode(data))
+        mounts[mount["mountPath"]] = folder
+    env = _env(container, pod_name)
+    for name, value in env.items():
+        for path, folder in mounts.items():
+            if value == path or value.startswith(path + "/"):
+                env[name] = str(folder) + value[len(path) :]
+                break
+    return container, env
+
+
+def _settings(env: dict[str, str]) -> dict[str, str]:
+    return {k.removeprefix("PRIVDIGIT_").lower(): v for k, v in env.items() if "PRIVDIGIT_" in k}
+
+
 def test_pods_run_settings_the_service_has_and_load_their_own_share(rendered, tmp_path):
     """Build each pod's settings from its rendered environment and mounted Secrets."""
     for overlay, role in OVERLAYS.items():
-        docs = rendered[overlay]
-        pod = _workload(docs)["spec"]["template"]["spec"]
-        (container,) = pod["containers"]
+        container, env = _pod(rendered[overlay], tmp_path / overlay, "pair-1")
         command = container["args"][0]
         assert parser().parse_args([command]).command == command
-        mounts = {}
-        for mount in container["volumeMounts"]:
-            source = next(v for v in pod["volumes"] if v["name"] == mount["name"])
-            folder = tmp_path / overlay / mount["name"]
-            folder.mkdir(parents=True)
-            if "secret" in source:
-                prefix = source["secret"]["secretName"]
-                for name, data in _secret_files(docs, prefix.rsplit("-", 1)[0]).items():
-                    (folder / name).write_bytes(data)
-            mounts[mount["mountPath"]] = folder
-        env = _env(container, "pair-1")
-        given = {}
-        for name, value in env.items():
-            if not name.startswith("PRIVDIGIT_"):
-                continue
-            for path, folder in mounts.items():
-                if value == path or value.startswith(path + "/"):
-                    value = str(folder) + value[len(path) :]
-                    break
-            given[name.removeprefix("PRIVDIGIT_").lower()] = value
+        given = _settings(env)
         cls = DealerSettings if command == "dealer" else ReplicaSettings
         assert set(given) <= set(cls.model_fields), (overlay, set(given) - set(cls.model_fields))
         settings = cls(**given)
@@ -422,3 +431,102 @@ def test_the_generated_certificates_pass_tls_as_the_pods_dial_each_other(rendere
         _handshake(creds["party-0"], creds["party-0"], peer)
     with pytest.raises(ssl.SSLCertVerificationError):
         _handshake(creds["party-1"], creds["party-1"], dealer)
+
+
+def test_a_model_secret_updated_in_place_is_a_new_version_to_the_replica(tmp_path):
+    """The kubelet updates a mounted Secret by writing a new hidden folder and swapping the
+    `..data` symlink the files point through; the replica's registry sees a new version (the
+    rollout in docs/deploy.md: no restart, the old version kept beside it)."""
+    from training.export import resplit
+
+    new = tmp_path / "v2"
+    shutil.copytree(MODEL, new, ignore=shutil.ignore_patterns("*.png"))
+    version = resplit(new)["model_version"]
+    mount = tmp_path / "model"
+    mount.mkdir()
+    files = ("manifest.json", "share-0.safetensors")
+    for tag, source in (("..v1", MODEL), ("..v2", new)):
+        (mount / tag).mkdir()
+        for name in files:
+            shutil.copyfile(source / name, mount / tag / name)
+    (mount / "..data").symlink_to("..v1")
+    for name in files:
+        (mount / name).symlink_to(f"..data/{name}")
+    registry = ModelRegistry(mount, 0)
+    assert registry.reload() and not registry.changed_on_disk()
+    first = registry.latest.version
+    (mount / "..data_tmp").symlink_to("..v2")
+    (mount / "..data_tmp").rename(mount / "..data")  # atomic, as the kubelet does it
+    assert registry.changed_on_disk() and registry.reload()
+    assert registry.versions() == [version, first]
+
+
+def test_the_three_roles_run_from_the_rendered_overlays_and_classify(rendered, tmp_path):
+    """Start the dealer, party 1's pair-0 and party 0's pair-0 as processes with their pods'
+    rendered environments and Secret files, and classify the sample digits through them (TLS,
+    the peer stream and the lanes, each role with its own credentials). One machine: every host
+    is 127.0.0.1 (which the certificates also name) on free ports; nothing else is changed."""
+    import ssl
+    import time
+
+    import httpx
+
+    from clients import privdigit
+    from service.cluster import free_ports
+
+    api0, api1, lanes, dealer = free_ports(4)
+    ports = {"dealer": dealer, "party-1": api1, "party-0": api0}
+    procs: dict[str, subprocess.Popen] = {}
+    ca = ssl.create_default_context(cafile=rendered["ca"] / "ca.pem")
+    logs = {o: (tmp_path / f"{o}.log").open("w") for o in ports}
+    try:
+        for overlay in ("dealer", "party-1", "party-0"):
+            container, env = _pod(rendered[overlay], tmp_path / overlay, "pair-0")
+            env |= {"PRIVDIGIT_HOST": "127.0.0.1", "PRIVDIGIT_PORT": str(ports[overlay])}
+            if "PRIVDIGIT_DEALER_URL" in env:
+                env["PRIVDIGIT_DEALER_URL"] = f"https://127.0.0.1:{dealer}"
+            if overlay == "party-1":
+                env["PRIVDIGIT_LANE_PORT"] = str(lanes)
+            if overlay == "party-0":
+                env["PRIVDIGIT_PEER_URL"] = f"wss://127.0.0.1:{api1}/v1/peer"
+            env |= {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)}
+            procs[overlay] = subprocess.Popen(
+                [sys.executable, "-m", "service", *container["args"]],
+                env=env,
+                cwd=tmp_path,
+                stdout=logs[overlay],
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 120
+        while True:
+            for overlay, proc in procs.items():
+                if proc.poll() is not None:
+                    log = (tmp_path / f"{overlay}.log").read_text()
+                    pytest.fail(f"{overlay} exited ({proc.returncode}): {log[-2000:]}")
+            try:
+                ready = [
+                    httpx.get(f"https://127.0.0.1:{p}/v1/ready", verify=ca) for p in (api0, api1)
+                ]
+                if all(r.status_code == 200 for r in ready):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the replicas did not get ready in 120 s"
+            time.sleep(0.2)
+        samples = sorted((REPO / "clients" / "samples").glob("digit-*.png"))
+        assert samples
+        urls = [f"https://127.0.0.1:{api0}", f"https://127.0.0.1:{api1}"]
+        with privdigit.PrivDigitClient(urls, verify=ca) as client:
+            labels = [client.predict(path).label for path in samples]
+        assert labels == [int(p.stem.removeprefix("digit-")) for p in samples]
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for log in logs.values():
+            log.close()
