@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test test-slow lint bench race clean openapi deploy-shares
+.PHONY: setup browser demo test test-slow lint bench race clean openapi deploy-shares k8s-secrets
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run 'make PY=/path/to/python3.11'"; exit 1; }
@@ -62,7 +62,7 @@ openapi: $(STAMP)
 	$(BIN)/python -m service openapi --write
 
 # Copy a model's manifest and each party's share into its own directory, and make each party's
-# credentials and certificate in a folder of its own (docker-compose volumes).
+# credentials and certificate in a folder of its own (docker-compose secrets).
 MODEL ?= models/default
 deploy-shares: $(STAMP)
 	@test -f $(MODEL)/manifest.json || { echo "error: $(MODEL)/manifest.json not found"; exit 1; }
@@ -70,3 +70,10 @@ deploy-shares: $(STAMP)
 	cp $(MODEL)/manifest.json $(MODEL)/share-0.safetensors deploy/share-0/
 	cp $(MODEL)/manifest.json $(MODEL)/share-1.safetensors deploy/share-1/
 	$(BIN)/python -m service certs deploy/credentials --force --host replica-0 --host replica-1 --host dealer
+
+# Kubernetes (deploy/k8s, docs/deploy.md): the signer fills each overlay's secrets/ folder (its
+# own share and keys only) from the signer's folder K8S_CA, issuing credentials there on first
+# use; K8S_CA keeps the CA's private key and never goes into a cluster.
+K8S_CA ?= deploy/k8s-ca
+k8s-secrets: $(STAMP)
+	$(BIN)/python -m service k8s-secrets --model $(MODEL) --ca $(K8S_CA)

@@ -5,6 +5,7 @@
     python -m service dealer [--port 8002]
     python -m service demo                    # start, classify clients/samples/*.png, stop
     python -m service certs DIR               # development TLS certificates (CA + server)
+    python -m service k8s-secrets --model DIR # the files of deploy/k8s's Secrets, per party
     python -m service web [--port 8003]       # the web page, from its own origin
     python -m service openapi [--check]       # print (or check) openapi.yaml from the app
     python -m service reload URL              # ask a replica to load its model directory now
@@ -224,6 +225,31 @@ def cmd_certs(a: argparse.Namespace) -> int:
         f"{out}/ROLE, plus --tls-cert/--tls-key/--tls-ca from that folder for TLS), web (the "
         f"page's certificate); {out}/ca.pem for clients (--cacert). Keep {out}/ca-key.pem "
         "away from every party."
+    )
+    return 0
+
+
+def cmd_k8s_secrets(a: argparse.Namespace) -> int:
+    from service.k8s import SecretsError, parse_hosts, write_secrets
+
+    try:
+        hosts = parse_hosts(a.host or [])
+        done = write_secrets(
+            Path(a.overlays),
+            Path(a.ca),
+            model=Path(a.model) if a.model else None,
+            hosts=hosts,
+            days=a.days,
+            force=a.force,
+        )
+    except SecretsError as exc:
+        return _fail(str(exc))
+    print(("issued credentials in" if done.issued else "reused the credentials in") + f" {a.ca}")
+    for folder, names in done.files.items():
+        print(f"wrote {Path(a.overlays) / folder}: {', '.join(names)}")
+    print(
+        f"hand each organisation only its overlay's secrets/ folder; keep {a.ca} (it holds the "
+        "CA's private key and every party's keys) with the signer, never in a cluster"
     )
     return 0
 
@@ -541,6 +567,28 @@ def parser() -> argparse.ArgumentParser:
     certs.add_argument("--host", action="append", help="another DNS name or IP (repeatable)")
     certs.add_argument("--days", type=int, default=30, help="validity in days")
     certs.set_defaults(fn=cmd_certs)
+
+    k8s = sub.add_parser(
+        "k8s-secrets",
+        help="write each Kubernetes overlay's Secret files (deploy/k8s/*/secrets) from the "
+        "signer's folder, issuing credentials there on first use",
+    )
+    k8s.add_argument("--model", help="model directory: copies each party its own share")
+    k8s.add_argument(
+        "--ca",
+        default="deploy/k8s-ca",
+        help="the signer's folder (CA key, every role's credentials); made on first use",
+    )
+    k8s.add_argument("--overlays", default="deploy/k8s", help="holds party-0, party-1, dealer")
+    k8s.add_argument(
+        "--host",
+        action="append",
+        help="ROLE=NAME: another name in that role's certificate only, e.g. "
+        "replica-1=*.party-1.example.org (repeatable; with a fresh set)",
+    )
+    k8s.add_argument("--days", type=int, default=90, help="certificate validity in days")
+    k8s.add_argument("--force", action="store_true", help="issue a fresh set in --ca")
+    k8s.set_defaults(fn=cmd_k8s_secrets)
 
     dl = sub.add_parser("dealer", help="run the dealer of correlated randomness")
     dl.add_argument("--host")

@@ -43,10 +43,27 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
     write_private(path, data)
 
 
+def _general_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
 def make_dev_certs(
-    directory: Path | str, hosts: tuple[str, ...] = (), days: int = 30, roles=ROLES
+    directory: Path | str,
+    hosts: tuple[str, ...] = (),
+    days: int = 30,
+    roles=ROLES,
+    role_hosts: dict[str, tuple[str, ...]] | None = None,
 ) -> Path:
-    """Create a CA and one certificate per role for localhost + `hosts`; returns the directory."""
+    """Create a CA and one certificate per role for localhost + `hosts`; returns the directory.
+
+    `role_hosts[role]`: more names (DNS, a leftmost `*.` wildcard, or IP) in that role's
+    certificate only."""
+    role_hosts = role_hosts or {}
+    if unknown := set(role_hosts) - set(roles):
+        raise ValueError(f"no such role: {', '.join(sorted(unknown))} (roles: {', '.join(roles)})")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
@@ -71,11 +88,7 @@ def make_dev_certs(
         x509.IPAddress(ipaddress.ip_address("::1")),
         x509.DNSName("localhost"),
     ]
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
+    names += [_general_name(host) for host in hosts]
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)
     (directory / "ca.pem").write_bytes(ca_pem)
     _write_key(directory / "ca-key.pem", ca_key)
@@ -89,7 +102,12 @@ def make_dev_certs(
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    names + [_general_name(h) for h in role_hosts.get(role, ())]
+                ),
+                critical=False,
+            )
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.ExtendedKeyUsage(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service import identity
 from service.__main__ import parser
 from service.api.settings import DealerSettings, ReplicaSettings
 
@@ -32,7 +33,22 @@ def test_dockerfile_passes_hadolint():
 def test_dockerfile_entrypoint_is_the_service_cli():
     text = (REPO / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["python", "-m", "service"]' in text
-    assert "'.[service]'" in text  # the same extra CI installs (through dev)
+    assert "['service']" in text  # the same extra CI installs (through dev)
+
+
+def test_dockerfile_installs_dependencies_before_the_code_and_ignores_the_rest():
+    """A change to the code does not reinstall torch; keys, shares and caches stay out."""
+    lines = [line.split() for line in (REPO / "Dockerfile").read_text().splitlines()]
+    copies = [(i, words[1]) for i, words in enumerate(lines) if words[:1] == ["COPY"]]
+    install = next(i for i, words in enumerate(lines) if "install" in words and "pip" in words)
+    assert [src for i, src in copies if i < install] == ["pyproject.toml"]
+    assert {src for i, src in copies if i > install} == {"service", "clients", "web"}
+    text = (REPO / ".dockerignore").read_text().splitlines()
+    ignore = [line.strip() for line in text if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "**", "everything stays out unless let back in"
+    assert {line[1:].rstrip("/") for line in ignore if line.startswith("!")} == {
+        src for _, src in copies
+    }
 
 
 def test_compose_roles_use_real_commands_and_settings():
@@ -58,19 +74,32 @@ def test_compose_roles_use_real_commands_and_settings():
     assert len(volumes) == 2, "each replica must have its own share volume"
 
 
-def test_compose_mounts_each_party_only_its_own_credentials():
-    """No container gets another party's keys or the CA's private key (`service.identity`)."""
+def test_compose_runs_each_container_locked_down_and_within_limits():
     doc = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     for name, svc in doc["services"].items():
+        assert "no-new-privileges:true" in svc["security_opt"], name
+        assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"], name
+        assert svc["tmpfs"] == ["/tmp"], (name, "the only writable path")
+        limits = svc["deploy"]["resources"]["limits"]
+        assert set(limits) == {"cpus", "memory"}, name
+
+
+def test_compose_gives_each_party_only_its_own_credentials_as_secret_files():
+    """No container gets another party's keys or the CA's private key (`service.identity`)."""
+    doc = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    files = {"replica": set(identity.REPLICA_KEYS), "dealer": set(identity.DEALER_KEYS)}
+    for name, svc in doc["services"].items():
         env = svc["environment"]
-        creds = [v.rsplit(":", 2) for v in svc["volumes"] if ":/credentials" in v]
-        assert len(creds) == 1, (name, svc["volumes"])
-        source, target, mode = creds[0]
-        assert source.endswith(f"/{name}") and target == "/credentials" and mode == "ro", name
-        assert env["PRIVDIGIT_CREDENTIALS"] == "/credentials"
+        targets = {}
+        for secret in svc["secrets"]:
+            source = doc["secrets"][secret["source"]]["file"]
+            assert source.endswith(f"/{name}/{secret['target']}"), (name, source)
+            targets[secret["target"]] = source
+        assert set(targets) == files[svc["command"][0]] | {"cert.pem", "key.pem", "ca.pem"}
+        assert env["PRIVDIGIT_CREDENTIALS"] == "/run/secrets"
         for key in ("PRIVDIGIT_TLS_CERT", "PRIVDIGIT_TLS_KEY", "PRIVDIGIT_TLS_CA"):
-            assert env[key].startswith("/credentials/"), (name, key)
-        assert not any("ca-key" in v for v in svc["volumes"]), name
+            assert env[key].removeprefix("/run/secrets/") in targets, (name, key)
+        assert not any("ca-key" in v or "credentials" in v for v in svc.get("volumes", [])), name
         assert not any(k.endswith("_SECRET") for k in env), (name, "secrets come as files")
 
 
