@@ -69,7 +69,7 @@ deploy-shares: $(STAMP)
 	mkdir -p deploy/share-0 deploy/share-1
 	cp $(MODEL)/manifest.json $(MODEL)/share-0.safetensors deploy/share-0/
 	cp $(MODEL)/manifest.json $(MODEL)/share-1.safetensors deploy/share-1/
-	$(BIN)/python -m service certs deploy/credentials --force --host replica-0 --host replica-1 --host dealer
+	$(BIN)/python -m service certs deploy/credentials --force --host replica-0=replica-0 --host replica-1=replica-1 --host dealer=dealer
 
 # Kubernetes (deploy/k8s, docs/deploy.md): the signer fills each overlay's secrets/ folder (its
 # own share and keys only) from the signer's folder K8S_CA, issuing credentials there on first

@@ -213,11 +213,18 @@ def cmd_web(a: argparse.Namespace) -> int:
 def cmd_certs(a: argparse.Namespace) -> int:
     from service.devcerts import make_dev_certs
     from service.identity import make_credentials
+    from service.k8s import SecretsError, parse_hosts
 
     out = Path(a.directory)
     if out.exists() and any(out.iterdir()) and not a.force:
         return _fail(f"{out} is not empty; pick a new folder or pass --force to replace it")
-    make_dev_certs(out, tuple(a.host or ()), days=a.days)
+    given = a.host or []
+    try:  # ROLE=NAME: that role's certificate only; NAME: every role's
+        role_hosts = parse_hosts([h for h in given if "=" in h])
+    except SecretsError as exc:
+        return _fail(str(exc))
+    shared = tuple(h for h in given if "=" not in h)
+    make_dev_certs(out, shared, days=a.days, role_hosts=role_hosts)
     make_credentials(out)
     print(
         f"wrote one folder per role under {out}: replica-0, replica-1, dealer (each: cert.pem, "
@@ -564,7 +571,12 @@ def parser() -> argparse.ArgumentParser:
     )
     certs.add_argument("directory", help="where to write one folder per role and ca.pem")
     certs.add_argument("--force", action="store_true", help="write into a non-empty folder")
-    certs.add_argument("--host", action="append", help="another DNS name or IP (repeatable)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        help="another DNS name or IP in every role's certificate, or ROLE=NAME in that role's "
+        "only (repeatable; e.g. --host replica-1=replica-1.example.org)",
+    )
     certs.add_argument("--days", type=int, default=30, help="validity in days")
     certs.set_defaults(fn=cmd_certs)
 

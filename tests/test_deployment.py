@@ -124,3 +124,24 @@ def test_certs_folders_hold_only_their_roles_material(tmp_path):
     admins = {read["replica-0/admin.key"], read["replica-1/admin.key"]}
     assert len(pairwise | admins) == 5, "every credential is its own"
     assert main(["certs", str(c)]) == 2, "a non-empty folder is not overwritten without --force"
+
+
+def test_certs_name_a_role_scoped_host_in_that_roles_certificate_only(tmp_path, capsys):
+    """`--host ROLE=NAME` (as `make deploy-shares` uses): party 0's certificate does not pass
+    for party 1's host name; a plain `--host NAME` goes into every role's certificate."""
+    from cryptography import x509
+
+    from service.__main__ import main
+
+    c = tmp_path / "c"
+    assert main(["certs", str(c), "--host", "replica-1=r1.example", "--host", "shared"]) == 0
+
+    def names(role: str) -> set[str]:
+        cert = x509.load_pem_x509_certificate((c / role / "cert.pem").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return set(san.get_values_for_type(x509.DNSName))
+
+    assert "r1.example" in names("replica-1") and "shared" in names("replica-1")
+    assert "r1.example" not in names("replica-0") and "shared" in names("replica-0")
+    assert main(["certs", str(tmp_path / "d"), "--host", "replica-2=x"]) == 2
+    assert "ROLE=NAME" in capsys.readouterr().err
