@@ -50,6 +50,7 @@ class Link:
     stalled: bool = False
     refused: int = 0  # connections closed at once because the link was down
     conns: set[_Conn] = field(default_factory=set)
+    servers: list[socket.socket] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -74,6 +75,13 @@ class Link:
             conns = list(self.conns) if self.down else []
         for conn in conns:
             conn.close()
+
+    def close(self) -> None:
+        """Stop listening and close every connection (the relay's end)."""
+        for server in self.servers:
+            with contextlib.suppress(OSError):
+                server.close()
+        self.set(down=True)
 
 
 class _Conn:
@@ -161,12 +169,16 @@ class _Pipe:
 
 def _listen(link: Link, listen: tuple[str, int], target: tuple[str, int], source: str) -> None:
     server = socket.create_server(listen)
+    link.servers.append(server)
     threading.Thread(target=_accept, args=(server, link, target, source), daemon=True).start()
 
 
 def _accept(server: socket.socket, link: Link, target: tuple[str, int], source: str) -> None:
     while True:
-        a, _ = server.accept()
+        try:
+            a, _ = server.accept()
+        except OSError:  # closed: the link is gone
+            return
         if link.down:
             link.refused += 1
             a.close()
