@@ -258,7 +258,18 @@ class NetRig:
         lines += [f"{view(role, o)} {host_name(o)}" for o in PARTIES if o != role]
         (folder / "hosts").write_text("\n".join(lines) + "\n")
 
-    def _netem(self) -> None:
+    def set_rtt(self, rtt_ms: float) -> None:
+        """Change the round-trip time between the replicas (and, unless `dealer_rtt_ms` is set,
+        to the dealer) on the running rig; open connections keep going."""
+        self.rtt_ms = rtt_ms
+        if self.used == "netem":
+            self._netem(change=True)
+            return
+        for link in LINKS:
+            if link.src != "client":
+                self.link(link.name, f"delay {self.rtt(link)}")
+
+    def _netem(self, *, change: bool = False) -> None:
         """Each link's delay on the hub's veths: packets the relay writes towards a party leave
         from the address of the link they belong to, so a prio qdisc with one netem band per
         peer (matched by source address) delays each link by half its round trip each way."""
@@ -266,7 +277,8 @@ class NetRig:
         for role in PARTIES:
             dev = f"h{_INDEX[role]}"
             run = functools.partial(_tc, hub)
-            run("qdisc", "add", "dev", dev, "root", "handle", "1:", "prio", "bands", "6",
+            if not change:
+                run("qdisc", "add", "dev", dev, "root", "handle", "1:", "prio", "bands", "6",
                 "priomap", *["0"] * 16)  # fmt: skip
             for link in LINKS:
                 if role not in (link.src, link.dst):
@@ -278,8 +290,10 @@ class NetRig:
                     netem.append(f"{self.jitter_ms}ms")
                 if self.loss:
                     netem += ["loss", f"{100 * self.loss}%"]
-                run("qdisc", "add", "dev", dev, "parent", f"1:{band}", "netem", *netem)
-                run("filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1",
+                verb = "change" if change else "add"
+                run("qdisc", verb, "dev", dev, "parent", f"1:{band}", "netem", *netem)
+                if not change:
+                    run("filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1",
                     "u32", "match", "ip", "src", f"{view(role, other)}/32", "flowid",
                     f"1:{band}")  # fmt: skip
 
