@@ -26,6 +26,7 @@ cannot be built here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -38,6 +39,7 @@ import numpy as np
 
 from benchmarks.load import DATA, LeanClient, Load, plaintext_labels
 from benchmarks.service import _metric
+from clients.privdigit import PrivDigitError
 from service.mpc import PROTOCOLS
 from service.netrig import NetRig, RigError, unavailable
 
@@ -71,18 +73,25 @@ def _latency(cluster: Any, images: np.ndarray, expected: np.ndarray, n: int) -> 
     peer bytes per request from replica 0's metrics."""
     verify = cluster.verify
     metrics = f"{cluster.replica_urls[0]}/metrics"
-    latencies, wrong = [], 0
+    latencies, wrong, errors = [], 0, []
     with LeanClient(cluster.replica_urls, context=verify) as client:
         for i in range(WARMUP):
-            client.label(images[i])
+            with contextlib.suppress(PrivDigitError):
+                client.label(images[i])
         m0 = httpx.get(metrics, verify=verify).text
         for i in range(n):
             j = (WARMUP + i) % len(images)
             started = time.perf_counter()
-            label = client.label(images[j])
+            try:
+                label = client.label(images[j])
+            except PrivDigitError as exc:
+                errors.append(str(exc)[:300])
+                continue
             latencies.append((time.perf_counter() - started) * 1000)
             wrong += label != int(expected[j])
         m1 = httpx.get(metrics, verify=verify).text
+    if not latencies:
+        raise RigError(f"every request failed, e.g. {errors[0]}")
 
     def per_request(name: str) -> float:
         return (_metric(m1, name) - _metric(m0, name)) / n
@@ -93,6 +102,8 @@ def _latency(cluster: Any, images: np.ndarray, expected: np.ndarray, n: int) -> 
         "latency_ms_p95": round(float(np.percentile(latencies, 95)), 2),
         "peer_bytes_per_image": int(per_request("privdigit_peer_bytes_sent_total")),
         "wrong_labels": int(wrong),
+        "latency_errors": len(errors),
+        "latency_error_examples": errors[:3],
     }
 
 
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"delay by {rows[0]['delay']}; client {a.client_rtt_ms:g} ms from each replica")
     if a.plot:
         plot(rows, a.plot, f"privdigit on the netns rig (delay: {rows[0]['delay']})")
-    bad = sum(r["errors"] + r["wrong_labels"] for r in rows)
+    bad = sum(r["errors"] + r["latency_errors"] + r["wrong_labels"] for r in rows)
     return 1 if bad else 0
 
 
