@@ -6,16 +6,18 @@
 
 Runs the deployment on the netns rig (`service.netrig`, root only): dealer, replica 0,
 replica 1 and the client each in its own network namespace, TLS everywhere. For each protocol
-it starts the three processes once, then, for each RTT (between the replicas, and between each
-replica and the dealer), measures `--requests` sequential one-image requests from one client
-(after a few to warm up) and then `--clients` concurrent clients for `--seconds` (after
-`--warmup` seconds of the same load)
-(`benchmarks.load`'s lean client; labels checked against the plaintext model). The client is
-`--client-rtt-ms` from each replica.
+it starts the three processes once, measures `--requests` sequential one-image requests from
+one client at each RTT (between the replicas, and between each replica and the dealer), the
+RTTs alternated request by request so that the shared machine's load falls on all alike, then,
+at each RTT, `--clients` concurrent clients for `--seconds` after `--warmup` seconds of the
+same load (`benchmarks.load`'s lean client; every label checked against the plaintext model).
+The client is `--client-rtt-ms` from each replica.
 
 One row per (RTT, protocol): rtt_ms, comparison, rounds (protocol rounds per request),
 latency_ms_p50, latency_ms_p95 (batch 1, one client), images_per_s (concurrent clients),
-peer_bytes_per_image (sent by replica 0), and budget_ms / within_budget: the issue's target,
+peer_bytes_per_image (sent by replica 0), prefetched_pct (one-image runs whose dealer material
+was ready: the others wait for the dealer on the request's path), and budget_ms /
+within_budget: the issue's target,
 p50 at this RTT <= p50 at the smallest RTT + (rounds + 1) x the RTT difference (no round trip
 on a request's path beyond the protocol's rounds and the request's own). `delay` says whether
 the relay (user space) or netem made the delay. Without --json, a table; with it, one JSON
@@ -45,7 +47,7 @@ from service.netrig import NetRig, RigError, unavailable
 
 WARMUP = 5  # one-image requests before the latency figures (connections, prefetch, caches)
 FIELDS = ("rtt_ms", "comparison", "rounds", "latency_ms_p50", "latency_ms_p95", "images_per_s",
-          "peer_bytes_per_image", "budget_ms", "within_budget")  # fmt: skip
+          "peer_bytes_per_image", "prefetched_pct", "budget_ms", "within_budget")  # fmt: skip
 
 
 def _floats(text: str) -> list[float]:
@@ -68,43 +70,57 @@ def _protocols(text: str) -> list[str]:
     return names
 
 
-def _latency(cluster: Any, images: np.ndarray, expected: np.ndarray, n: int) -> dict[str, Any]:
-    """`n` sequential one-image requests (in the client's namespace): latencies, rounds and
-    peer bytes per request from replica 0's metrics."""
+def _latency(
+    rig: NetRig, cluster: Any, rtts: list[float], images: np.ndarray, expected, n: int
+) -> dict[float, dict[str, Any]]:
+    """`n` sequential one-image requests at each RTT, the RTTs alternated request by request
+    (so the machine's load changes all of them alike), in the client's namespace: latencies,
+    and from replica 0's metrics the rounds, peer bytes and prefetch hits per request."""
     verify = cluster.verify
     metrics = f"{cluster.replica_urls[0]}/metrics"
-    latencies, wrong, errors = [], 0, []
+    names = {
+        "rounds": "privdigit_protocol_rounds_total",
+        "bytes": "privdigit_peer_bytes_sent_total",
+        "hits": 'privdigit_prefetch_total{result="hit"}',
+    }
+    got: dict[float, dict[str, Any]] = {
+        r: {"ms": [], "wrong": 0, "errors": [], **dict.fromkeys(names, 0.0)} for r in rtts
+    }
     with LeanClient(cluster.replica_urls, context=verify) as client:
         for i in range(WARMUP):
             with contextlib.suppress(PrivDigitError):
                 client.label(images[i])
-        m0 = httpx.get(metrics, verify=verify).text
-        for i in range(n):
-            j = (WARMUP + i) % len(images)
+        for i in range(n * len(rtts)):
+            rtt, j = rtts[i % len(rtts)], (WARMUP + i) % len(images)
+            rig.set_rtt(rtt)
+            m0 = httpx.get(metrics, verify=verify).text
             started = time.perf_counter()
             try:
                 label = client.label(images[j])
             except PrivDigitError as exc:
-                errors.append(str(exc)[:300])
+                got[rtt]["errors"].append(str(exc)[:300])
                 continue
-            latencies.append((time.perf_counter() - started) * 1000)
-            wrong += label != int(expected[j])
-        m1 = httpx.get(metrics, verify=verify).text
-    if not latencies:
-        raise RigError(f"every request failed, e.g. {errors[0]}")
-
-    def per_request(name: str) -> float:
-        return (_metric(m1, name) - _metric(m0, name)) / n
-
-    return {
-        "rounds": round(per_request("privdigit_protocol_rounds_total"), 1),
-        "latency_ms_p50": round(float(np.percentile(latencies, 50)), 2),
-        "latency_ms_p95": round(float(np.percentile(latencies, 95)), 2),
-        "peer_bytes_per_image": int(per_request("privdigit_peer_bytes_sent_total")),
-        "wrong_labels": int(wrong),
-        "latency_errors": len(errors),
-        "latency_error_examples": errors[:3],
-    }
+            got[rtt]["ms"].append((time.perf_counter() - started) * 1000)
+            m1 = httpx.get(metrics, verify=verify).text
+            got[rtt]["wrong"] += label != int(expected[j])
+            for key, name in names.items():
+                got[rtt][key] += _metric(m1, name) - _metric(m0, name)
+    rows = {}
+    for rtt, g in got.items():
+        if not g["ms"]:
+            raise RigError(f"every request at {rtt:g} ms failed, e.g. {g['errors'][0]}")
+        ok = len(g["ms"])
+        rows[rtt] = {
+            "rounds": round(g["rounds"] / ok, 1),
+            "latency_ms_p50": round(float(np.percentile(g["ms"], 50)), 2),
+            "latency_ms_p95": round(float(np.percentile(g["ms"], 95)), 2),
+            "peer_bytes_per_image": int(g["bytes"] / ok),
+            "prefetched_pct": round(100 * g["hits"] / ok),
+            "wrong_labels": int(g["wrong"]),
+            "latency_errors": len(g["errors"]),
+            "latency_error_examples": g["errors"][:3],
+        }
+    return rows
 
 
 def _throughput(
@@ -138,19 +154,21 @@ def run(a: argparse.Namespace, progress=lambda msg: None) -> list[dict[str, Any]
             )
             rig.run("client", cluster.start)
             try:
-                base: dict[str, Any] | None = None
+                progress(f"{protocol}: latency at {', '.join(f'{r:g}' for r in rtts)} ms")
+                latency = rig.run(
+                    "client", _latency, rig, cluster, rtts, images, expected, a.requests
+                )
+                base = latency[rtts[0]]
                 for rtt in rtts:
                     rig.set_rtt(rtt)
-                    progress(f"{protocol} at {rtt:g} ms: latency")
-                    lat = rig.run("client", _latency, cluster, images, expected, a.requests)
                     progress(f"{protocol} at {rtt:g} ms: {a.clients} clients")
                     thr = rig.run(
                         "client", _throughput, cluster, images, expected, a.clients, a.seconds,
                         a.warmup,
                     )  # fmt: skip
+                    lat = latency[rtt]
                     row = {"rtt_ms": rtt, "comparison": protocol, **lat, **thr}
-                    base = base or row
-                    budget = base["latency_ms_p50"] + (row["rounds"] + 1) * (rtt - base["rtt_ms"])
+                    budget = base["latency_ms_p50"] + (lat["rounds"] + 1) * (rtt - rtts[0])
                     row["budget_ms"] = round(budget, 2)
                     row["within_budget"] = row["latency_ms_p50"] <= budget
                     row["wrong_labels"] = lat["wrong_labels"] + thr["wrong_labels"]
@@ -163,7 +181,7 @@ def run(a: argparse.Namespace, progress=lambda msg: None) -> list[dict[str, Any]
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("rtt_ms", "comparison", "rounds", "p50_ms", "p95_ms", "images/s", "peer_B/img",
-            "budget_ms", "ok")  # fmt: skip
+            "prefetch%", "budget_ms", "ok")  # fmt: skip
     lines = [" ".join(f"{h:>10}" for h in head)]
     for r in rows:
         cells = [r[f] for f in FIELDS]
