@@ -357,6 +357,8 @@ class NetRig:
                 _ip("netns", "delete", name)
             shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
         self._made.clear()
+        with contextlib.suppress(OSError):  # only if no other rig or tool has files there
+            Path("/etc/netns").rmdir()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
