@@ -1,16 +1,18 @@
 """The cost of distance: latency and throughput with the replicas a round-trip time apart.
 
     python -m benchmarks.wan [--json] [--rtt-ms 0.2,2,10,40] [--comparison lut,a2b,fss,hybrid]
-                             [--client-rtt-ms 1] [--requests 30] [--clients 32] [--seconds 10]
+                             [--client-rtt-ms 1] [--requests 30] [--pause-ms 0] [--clients 32]
+                             [--seconds 10]
                              [--warmup 3] [--delay auto|relay|netem] [--plot FILE.png]
 
 Runs the deployment on the netns rig (`service.netrig`, root only): dealer, replica 0,
 replica 1 and the client each in its own network namespace, TLS everywhere. For each protocol
 it starts the three processes once, measures `--requests` sequential one-image requests from
-one client at each RTT (between the replicas, and between each replica and the dealer), the
-RTTs alternated request by request so that the shared machine's load falls on all alike, then,
-at each RTT, `--clients` concurrent clients for `--seconds` after `--warmup` seconds of the
-same load (`benchmarks.load`'s lean client; every label checked against the plaintext model).
+one client at each RTT (between the replicas, and between each replica and the dealer), back
+to back or `--pause-ms` apart, the RTTs alternated request by request so that the shared
+machine's load falls on all alike, then, at each RTT, `--clients` concurrent clients for
+`--seconds` after `--warmup` seconds of the same load (`benchmarks.load`'s lean client; every
+label checked against the plaintext model).
 The client is `--client-rtt-ms` from each replica.
 
 One row per (RTT, protocol): rtt_ms, comparison, rounds (protocol rounds per request),
@@ -71,7 +73,13 @@ def _protocols(text: str) -> list[str]:
 
 
 def _latency(
-    rig: NetRig, cluster: Any, rtts: list[float], images: np.ndarray, expected, n: int
+    rig: NetRig,
+    cluster: Any,
+    rtts: list[float],
+    images: np.ndarray,
+    expected: np.ndarray,
+    n: int,
+    pause_s: float = 0.0,
 ) -> dict[float, dict[str, Any]]:
     """`n` sequential one-image requests at each RTT, the RTTs alternated request by request
     (so the machine's load changes all of them alike), in the client's namespace: latencies,
@@ -93,6 +101,7 @@ def _latency(
         for i in range(n * len(rtts)):
             rtt, j = rtts[i % len(rtts)], (WARMUP + i) % len(images)
             rig.set_rtt(rtt)
+            time.sleep(pause_s)  # a user's think time: the replicas prefetch in such pauses
             m0 = httpx.get(metrics, verify=verify).text
             started = time.perf_counter()
             try:
@@ -156,8 +165,9 @@ def run(a: argparse.Namespace, progress=lambda msg: None) -> list[dict[str, Any]
             try:
                 progress(f"{protocol}: latency at {', '.join(f'{r:g}' for r in rtts)} ms")
                 latency = rig.run(
-                    "client", _latency, rig, cluster, rtts, images, expected, a.requests
-                )
+                    "client", _latency, rig, cluster, rtts, images, expected, a.requests,
+                    a.pause_ms / 1000,
+                )  # fmt: skip
                 base = latency[rtts[0]]
                 for rtt in rtts:
                     rig.set_rtt(rtt)
@@ -229,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--client-rtt-ms", type=float, default=1.0, help="client to each replica")
     p.add_argument("--requests", type=int, default=30, help="sequential requests per row")
+    p.add_argument(
+        "--pause-ms",
+        type=float,
+        default=0.0,
+        help="idle time before each sequential request (default 0: back to back)",
+    )
     p.add_argument("--clients", type=int, default=32, help="concurrent clients for images/s")
     p.add_argument("--seconds", type=float, default=10.0, help="throughput phase per row")
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of load before each row")
@@ -240,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--plot", type=Path, help="also draw p50 latency against RTT into this PNG")
     a = p.parse_args(argv)
-    if a.requests < 1 or a.clients < 1 or a.seconds <= 0 or a.client_rtt_ms < 0:
-        p.error("--requests and --clients must be >= 1, --seconds > 0, --client-rtt-ms >= 0")
+    if a.requests < 1 or a.clients < 1 or a.seconds <= 0 or min(a.client_rtt_ms, a.pause_ms) < 0:
+        p.error(
+            "--requests and --clients must be >= 1, --seconds > 0, --client-rtt-ms and "
+            "--pause-ms >= 0"
+        )
     if (reason := unavailable()) is not None:
         print(f"error: the netns rig cannot run here: {reason}", file=sys.stderr)
         return 2
