@@ -36,6 +36,7 @@ import json
 import os
 import resource
 import secrets
+import ssl
 import sys
 import threading
 import time
@@ -195,8 +196,10 @@ class LeanClient:
     CPU is otherwise taken from the service it measures.
     """
 
-    def __init__(self, urls: tuple[str, str], timeout: float = 30.0) -> None:
-        self._urls = urls
+    def __init__(
+        self, urls: tuple[str, str], timeout: float = 30.0, context: ssl.SSLContext | None = None
+    ) -> None:
+        self._urls, self._context = urls, context  # context: how to verify https replicas
         self._targets = [urlsplit(u) for u in urls]
         self._timeout = timeout
         self._conns: list[http.client.HTTPConnection | None] = [None, None]
@@ -206,12 +209,14 @@ class LeanClient:
         conn = self._conns[party]
         if conn is None:
             u = self._targets[party]
-            kind = (
-                http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
-            )
-            conn = self._conns[party] = kind(
-                u.hostname or "127.0.0.1", u.port, timeout=self._timeout
-            )
+            host, port = u.hostname or "127.0.0.1", u.port
+            if u.scheme == "https":
+                conn = http.client.HTTPSConnection(
+                    host, port, timeout=self._timeout, context=self._context
+                )
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=self._timeout)
+            self._conns[party] = conn
         return conn
 
     def _both(self, method: str, path: str, bodies: tuple[bytes | None, bytes | None]) -> list:
@@ -295,8 +300,10 @@ class Load:
         images: np.ndarray,
         expected: np.ndarray,
         client: str = "http",
+        verify: ssl.SSLContext | None = None,
     ) -> None:
         self.urls, self.images, self.expected, self.kind = urls, images, expected, client
+        self.verify = verify
         self._lock = threading.Lock()
         self.reset()
 
@@ -321,10 +328,10 @@ class Load:
     def client(self, k: int, n_clients: int, stop: threading.Event) -> None:
         i = k
         if self.kind == "http":
-            client: Any = LeanClient(self.urls)
+            client: Any = LeanClient(self.urls, context=self.verify)
             predict = client.label
         else:
-            client = PrivDigitClient(self.urls, timeout=30.0)
+            client = PrivDigitClient(self.urls, timeout=30.0, verify=self.verify or True)
             predict = lambda image: client.predict_encoded(image[None])[0].label  # noqa: E731
         with client:
             while not stop.is_set():

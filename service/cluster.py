@@ -54,17 +54,28 @@ class Cluster:
     web_port: int | None = None  # also serve the web page (its own origin) on this port
     tls: bool = False  # HTTPS/WSS everywhere with fresh development certificates
     api_keys: tuple[str, ...] = ()
+    # Several hosts (`service.netrig`): per role, a command prefix (e.g. `ip netns exec NS`) and
+    # the address it listens on; per (from, to) role pair, the host `from` dials `to` at ("client"
+    # for the replica and dealer URLs of `replica_urls` and `dealer_url`); `host` otherwise.
+    wrap: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    bind: dict[str, str] = field(default_factory=dict)
+    routes: dict[tuple[str, str], str] = field(default_factory=dict)
+    cert_hosts: tuple[str, ...] = ()  # names and addresses the TLS certificates also name
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
     def scheme(self) -> str:
         return "https" if self.tls else "http"
 
+    def reach(self, src: str, dst: str) -> str:
+        """The host role `src` dials role `dst` at."""
+        return self.routes.get((src, dst), self.host)
+
     @property
     def replica_urls(self) -> tuple[str, str]:
         return (
-            f"{self.scheme}://{self.host}:{self.ports[0]}",
-            f"{self.scheme}://{self.host}:{self.ports[1]}",
+            f"{self.scheme}://{self.reach('client', 'replica0')}:{self.ports[0]}",
+            f"{self.scheme}://{self.reach('client', 'replica1')}:{self.ports[1]}",
         )
 
     @property
@@ -111,7 +122,10 @@ class Cluster:
 
     @property
     def dealer_url(self) -> str:
-        return f"{self.scheme}://{self.host}:{self.ports[2]}"
+        return self._dealer_url("client")
+
+    def _dealer_url(self, src: str) -> str:
+        return f"{self.scheme}://{self.reach(src, 'dealer')}:{self.ports[2]}"
 
     def _env(self) -> dict[str, str]:
         # each process takes its credentials from its own folder, never from this environment
@@ -121,13 +135,13 @@ class Cluster:
 
     def command(self, role: str) -> list[str]:
         """The command line of `role`, ending with its `role_args` (argparse: last one wins)."""
-        return [*self._command(role), *self.role_args.get(role, ())]
+        return [*self.wrap.get(role, ()), *self._command(role), *self.role_args.get(role, ())]
 
     def _command(self, role: str) -> list[str]:
         base = [sys.executable, "-m", "service"]
         if role == "dealer":
             port = str(self.ports[2])
-            return [*base, "dealer", "--host", self.host, "--port", port,
+            return [*base, "dealer", "--host", self.bind.get(role, self.host), "--port", port,
                     *self._transport_args("dealer")]  # fmt: skip
         if role == "web":
             tls = self._serve_tls_args("web") if self.tls else []
@@ -136,6 +150,7 @@ class Cluster:
                     "--replicas", urls, *tls]  # fmt: skip
         party = int(role[-1])
         model = self.model[party] if isinstance(self.model, tuple) else self.model
+        peer = self.reach(role, "replica1")
         cmd = [
             *base,
             "replica",
@@ -144,13 +159,13 @@ class Cluster:
             "--model",
             str(model),
             "--host",
-            self.host,
+            self.bind.get(role, self.host),
             "--port",
             str(self.ports[party]),
             "--dealer-url",
-            self.dealer_url,
+            self._dealer_url(role),
             "--peer-url",
-            f"{'wss' if self.tls else 'ws'}://{self.host}:{self.ports[1]}/v1/peer",
+            f"{'wss' if self.tls else 'ws'}://{peer}:{self.ports[1]}/v1/peer",
             *self._transport_args(f"replica-{party}"),
             *self.replica_args,
         ]
@@ -192,7 +207,7 @@ class Cluster:
         if self.tls and not (self.credentials / "ca.pem").exists():
             from service.devcerts import make_dev_certs
 
-            make_dev_certs(self.credentials, days=2)
+            make_dev_certs(self.credentials, hosts=self.cert_hosts, days=2)
         return self
 
     def start(self, *, timeout: float = 60.0) -> Cluster:

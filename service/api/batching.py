@@ -455,6 +455,9 @@ class Batcher:
             self._wake.clear()
             while self._queue:
                 slot = await self._free_slots.get()
+                if not self._queue:  # its jobs timed out or left while this waited for a slot
+                    self._free_slots.put_nowait(slot)
+                    break
                 queued = sum(j.x.shape[0] for j in self._queue.values())
                 jobs = [j for j in self._take_batch() if not j.future.done()]
                 if not jobs:
