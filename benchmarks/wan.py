@@ -44,7 +44,7 @@ import numpy as np
 from benchmarks.load import DATA, LeanClient, Load, plaintext_labels
 from benchmarks.service import _metric
 from clients.privdigit import PrivDigitError
-from service.mpc import PROTOCOLS
+from service.mpc import protocols
 from service.netrig import NetRig, RigError, unavailable
 
 WARMUP = 5  # one-image requests before the latency figures (connections, prefetch, caches)
@@ -64,10 +64,10 @@ def _floats(text: str) -> list[float]:
 
 def _protocols(text: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
-    unknown = [n for n in names if n not in PROTOCOLS]
+    unknown = [n for n in names if n not in protocols.REGISTRY]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}"
+            f"unknown protocol(s) {unknown}; choose from {', '.join(protocols.NAMES)}"
         )
     return names
 
@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--comparison",
         type=_protocols,
-        default=list(PROTOCOLS),
-        help=f"protocols, comma-separated (default: {','.join(PROTOCOLS)})",
+        default=list(protocols.NAMES),
+        help=f"protocols, comma-separated (default: {','.join(protocols.NAMES)})",
     )
     p.add_argument("--client-rtt-ms", type=float, default=1.0, help="client to each replica")
     p.add_argument("--requests", type=int, default=30, help="sequential requests per row")
