@@ -35,12 +35,11 @@ import http.client
 import json
 import os
 import resource
-import secrets
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -51,13 +50,12 @@ from benchmarks import print_result
 from clients.privdigit import (
     PrivDigitClient,
     PrivDigitError,
+    ReplicaUnreachable,
     ServiceError,
-    decode_tensor,
-    encode_fixed,
-    encode_tensor,
-    reconstruct_label,
-    share_image,
+    parse_pairs,
 )
+from clients.privdigit.pairs import Pair
+from clients.privdigit.session import Call, Outcome, Reply, Session
 from service.cluster import DEFAULT_MODEL, Cluster, ClusterError, free_ports
 from service.mpc import PROTOCOLS
 
@@ -187,97 +185,79 @@ def _growth(before: int | None, after: int | None) -> float | None:
 class LeanClient:
     """A load client without the library's HTTP stack (`--client http`).
 
-    One keep-alive `http.client` connection per replica; both posts are sent before either
-    answer is read, so no thread runs per post; fresh shares, the request and the label's
-    reconstruction come from `clients/privdigit.py`. It puts the same requests on the replicas
-    as `PrivDigitClient`, for a fraction of the client's CPU (httpx costs about 0.45 ms of CPU
-    per request here, http.client 0.12 ms): on one shared 2-core machine the load generator's
-    CPU is otherwise taken from the service it measures.
+    It drives the client's own sans-IO `Session` (`clients/privdigit/session.py`: fresh shares,
+    bodies, checks, the label's reconstruction, failover between pairs) over one keep-alive
+    `http.client` connection per replica; both posts are sent before either answer is read, so
+    no thread runs per post. It puts the same requests on the replicas as `PrivDigitClient`,
+    for a fraction of the client's CPU (httpx costs about 0.45 ms of CPU per request here,
+    http.client 0.12 ms): on one shared 2-core machine the load generator's CPU is otherwise
+    taken from the service it measures.
     """
 
-    def __init__(self, urls: tuple[str, str], timeout: float = 30.0) -> None:
-        self._urls = urls
-        self._targets = [urlsplit(u) for u in urls]
+    def __init__(self, urls: Sequence[Pair] | Pair, timeout: float = 30.0) -> None:
+        self._session = Session(parse_pairs(urls))
         self._timeout = timeout
-        self._conns: list[http.client.HTTPConnection | None] = [None, None]
-        self._model: tuple[str, int] | None = None  # (version, frac_bits)
+        self._conns: dict[str, http.client.HTTPConnection] = {}
 
-    def _conn(self, party: int) -> http.client.HTTPConnection:
-        conn = self._conns[party]
+    def _conn(self, url: str) -> http.client.HTTPConnection:
+        conn = self._conns.get(url)
         if conn is None:
-            u = self._targets[party]
+            u = urlsplit(url)
             kind = (
                 http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
             )
-            conn = self._conns[party] = kind(
-                u.hostname or "127.0.0.1", u.port, timeout=self._timeout
-            )
+            conn = self._conns[url] = kind(u.hostname or "127.0.0.1", u.port, timeout=self._timeout)
         return conn
 
-    def _both(self, method: str, path: str, bodies: tuple[bytes | None, bytes | None]) -> list:
-        try:
-            conns = [self._conn(p) for p in (0, 1)]
-            for conn, body in zip(conns, bodies, strict=True):
-                headers = {"Content-Type": "application/json"} if body is not None else {}
-                conn.request(method, path, body=body, headers=headers)
-            answers = []
-            for party, conn in enumerate(conns):
+    def _exchange(self, calls: tuple[Call, Call]) -> tuple[Outcome, Outcome]:
+        """Send both calls, then read both answers; a failure closes the pair's connections."""
+        outcomes: list[Outcome | None] = [None, None]
+        sent: list[http.client.HTTPConnection | None] = [None, None]
+        for p, call in enumerate(calls):
+            path = urlsplit(call.url).path.rstrip("/") + call.path
+            headers = dict(call.headers or {})
+            body = None
+            if call.body is not None:
+                body = json.dumps(call.body).encode()
+                headers["Content-Type"] = "application/json"
+            try:
+                conn = self._conn(call.url)
+                conn.request("GET" if body is None else "POST", path, body=body, headers=headers)
+                sent[p] = conn
+            except (OSError, http.client.HTTPException) as exc:
+                outcomes[p] = ReplicaUnreachable(call.url, f"{type(exc).__name__}: {exc}")
+        for p, conn in enumerate(sent):
+            if conn is None:
+                continue
+            try:
                 response = conn.getresponse()
-                body = json.loads(response.read())
-                if response.status != 200:
-                    err = body.get("error", {}) if isinstance(body, dict) else {}
-                    raise ServiceError(
-                        self._urls[party],
-                        response.status,
-                        str(err.get("code", "unknown")),
-                        str(err.get("message", "")),
-                    )
-                answers.append(body)
-            return answers
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            self.close()  # a half-read connection is never reused
-            raise PrivDigitError(f"{type(exc).__name__}: {exc}") from exc
-        except ServiceError:
-            self.close()
-            raise
+                outcomes[p] = Reply(response.status, response.read())
+            except (OSError, http.client.HTTPException) as exc:
+                outcomes[p] = ReplicaUnreachable(calls[p].url, f"{type(exc).__name__}: {exc}")
+        if any(isinstance(o, BaseException) for o in outcomes):
+            for call in calls:  # a half-read connection is never reused
+                if (conn := self._conns.pop(call.url, None)) is not None:
+                    conn.close()
+        return outcomes[0], outcomes[1]  # type: ignore[return-value]
 
     def label(self, image01: np.ndarray) -> int:
         """The label of one (28, 28) image in [0, 1]."""
-        if self._model is None:
-            info = self._both("GET", "/v1/model", (None, None))[0]
-            version = info.get("serving_version") or info["model_version"]
-            self._model = (str(version), int(info["fixed_point"]["frac_bits"]))
-        version, frac_bits = self._model
-        shares = share_image(encode_fixed(image01.reshape(1, 1, 28, 28), frac_bits))
-        rid = secrets.token_urlsafe(18)
-        bodies = tuple(
-            json.dumps(
-                {
-                    "request_id": rid,
-                    "output": "label",
-                    "model_version": version,
-                    "input": encode_tensor(s),
-                }
-            ).encode()
-            for s in shares
-        )
-        a0, a1 = self._both("POST", "/v1/predict", bodies)
-        if a0.get("request_id") != rid or a1.get("request_id") != rid:
-            raise PrivDigitError("an answer belongs to another request")
-        if a0.get("sharing") != a1.get("sharing"):
-            raise PrivDigitError("the replicas answered different label sharings")
-        shares = decode_tensor(a0["share"]), decode_tensor(a1["share"])
-        return int(reconstruct_label(*shares, a0["sharing"])[0])
+        steps = self._session.predict(image01.reshape(1, 1, 28, 28).astype(np.float64))
+        try:
+            calls = next(steps)
+            while True:
+                calls = steps.send(self._exchange(calls))
+        except StopIteration as done:
+            return done.value[0].label
 
     def forget_model(self) -> None:
         """Ask the replicas for the serving model version again before the next request."""
-        self._model = None
+        self._session.forget_models()
 
     def close(self) -> None:
-        for conn in self._conns:
-            if conn is not None:
-                conn.close()
-        self._conns = [None, None]
+        for conn in self._conns.values():
+            conn.close()
+        self._conns = {}
 
     def __enter__(self) -> LeanClient:
         return self
