@@ -2,13 +2,14 @@
 
     python -m benchmarks.load [--clients 16] [--seconds 60] [--json] [--model DIR]
                               [--client http|library] [--replicas URL0,URL1] [--warmup 10]
-                              [--max-memory-growth PCT]
+                              [--max-memory-growth PCT] [--pairs N]
 
-Starts dealer and both replicas on free ports (bundled model unless --model), or uses the two
-running replicas given by --replicas. Each client is a thread with its own connections (with
---client http, the default, a lean keep-alive client, `LeanClient`; with --client library,
-`PrivDigitClient`) sending one image per request, cycling through
-tests/fixtures/mnist_test_1000.npz; every label is compared with the plaintext model's (the
+Starts dealer and both replicas on free ports (bundled model unless --model), or N such pairs
+(--pairs N: each its own dealer; the clients take turns over them, images_by_pair), or uses the
+running replicas given by --replicas (repeat it for several pairs). Each client is a thread
+with its own connections (with --client http, the default, a lean keep-alive client,
+`LeanClient`; with --client library, `PrivDigitClient`) sending one image per request, cycling
+through tests/fixtures/mnist_test_1000.npz; every label is compared with the plaintext model's (the
 model directory's model.safetensors through its manifest's layers; the bundled one by default).
 A warm-up of --warmup seconds at full concurrency comes first (connections, allocator arenas,
 caches), then the replicas' RSS is read, the measured run goes, and RSS is read again.
@@ -17,7 +18,7 @@ Prints requests, errors (by type and service error code), wrong_labels, latency_
 (client call to label, successful requests), images_per_s, cpu_ms_per_image (CPU time of the
 dealer, each replica and this load generator over the measured run, per successful image: on a
 machine whose cores they share, where the work goes; from /proc/PID/stat, null where
-unreadable), and each replica's RSS before and
+unreadable; cpu_ms_per_image_total sums them), and each replica's RSS before and
 after with memory_growth_pct, plus a dozen samples in between (memory_rss_mb_series) and
 memory_trend_pct (median of the last third of once-a-second samples against the first third:
 a plateau or a leak, less noisy than two single readings). Memory is VmRSS from
@@ -55,8 +56,8 @@ from clients.privdigit import (
     parse_pairs,
 )
 from clients.privdigit.pairs import Pair
-from clients.privdigit.session import Call, Outcome, Reply, Session
-from service.cluster import DEFAULT_MODEL, Cluster, ClusterError, free_ports
+from clients.privdigit.session import Call, Outcome, Prediction, Reply, Session
+from service.cluster import DEFAULT_MODEL, ClusterError, Pairs, free_ports
 from service.mpc import PROTOCOLS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -240,15 +241,19 @@ class LeanClient:
                     conn.close()
         return outcomes[0], outcomes[1]  # type: ignore[return-value]
 
-    def label(self, image01: np.ndarray) -> int:
-        """The label of one (28, 28) image in [0, 1]."""
+    def predict(self, image01: np.ndarray) -> Prediction:
+        """The prediction for one (28, 28) image in [0, 1]."""
         steps = self._session.predict(image01.reshape(1, 1, 28, 28).astype(np.float64))
         try:
             calls = next(steps)
             while True:
                 calls = steps.send(self._exchange(calls))
         except StopIteration as done:
-            return done.value[0].label
+            return done.value[0]
+
+    def label(self, image01: np.ndarray) -> int:
+        """The label of one (28, 28) image in [0, 1]."""
+        return self.predict(image01).label
 
     def forget_model(self) -> None:
         """Ask the replicas for the serving model version again before the next request."""
@@ -271,12 +276,13 @@ class Load:
 
     def __init__(
         self,
-        urls: tuple[str, str],
+        urls: Any,  # one pair (URL0, URL1) or a tuple of pairs
         images: np.ndarray,
         expected: np.ndarray,
         client: str = "http",
     ) -> None:
         self.urls, self.images, self.expected, self.kind = urls, images, expected, client
+        self.pairs = parse_pairs(urls)
         self._lock = threading.Lock()
         self.reset()
 
@@ -287,10 +293,14 @@ class Load:
             self.errors: Counter[str] = Counter()
             self.error_examples: dict[str, str] = {}
             self.latencies: list[float] = []
+            self.by_pair: Counter[int] = Counter()
 
-    def _record(self, latency_ms: float | None, wrong: bool, error: str | None, detail: str):
+    def _record(
+        self, latency_ms: float | None, wrong: bool, error: str | None, detail: str, pair: int = 0
+    ) -> None:
         with self._lock:
             self.requests += 1
+            self.by_pair[pair] += error is None
             if error is not None:
                 self.errors[error] += 1
                 self.error_examples.setdefault(error, detail[:300])
@@ -302,17 +312,17 @@ class Load:
         i = k
         if self.kind == "http":
             client: Any = LeanClient(self.urls)
-            predict = client.label
+            predict = client.predict
         else:
             client = PrivDigitClient(self.urls, timeout=30.0)
-            predict = lambda image: client.predict_encoded(image[None])[0].label  # noqa: E731
+            predict = lambda image: client.predict_encoded(image[None])[0]  # noqa: E731
         with client:
             while not stop.is_set():
                 j = i % len(self.images)
                 i += n_clients
                 started = time.perf_counter()
                 try:
-                    label = predict(self.images[j])
+                    pred = predict(self.images[j])
                 except ServiceError as exc:
                     self._record(None, False, f"ServiceError:{exc.status}:{exc.code}", str(exc))
                     continue
@@ -323,7 +333,7 @@ class Load:
                     self._record(None, False, f"unexpected:{type(exc).__name__}", repr(exc))
                     continue
                 ms = (time.perf_counter() - started) * 1000.0
-                self._record(ms, label != int(self.expected[j]), None, "")
+                self._record(ms, pred.label != int(self.expected[j]), None, "", pred.pair)
 
     def run(
         self,
@@ -373,6 +383,16 @@ def _parse_replicas(text: str) -> tuple[str, str]:
     return urls[0], urls[1]
 
 
+def _role(pair: int, role: str, pairs: int) -> str:
+    """A process's name in the report: `replica0`, or `pair1.replica0` with several pairs."""
+    return role if pairs == 1 else f"pair{pair}.{role}"
+
+
+def _urls(pairs: Sequence[tuple[str, str]]) -> Any:
+    """What the clients take: one pair as it is, several as a tuple of pairs."""
+    return pairs[0] if len(pairs) == 1 else tuple(pairs)
+
+
 def _port(url: str) -> int | None:
     import httpx
 
@@ -390,7 +410,7 @@ def _ms(values: list[float], q: float | None) -> float | None:
 
 def measure(
     a: argparse.Namespace,
-    urls: tuple[str, str],
+    urls: Any,
     pids: dict[str, int | None],
     images: np.ndarray,
     expected: np.ndarray,
@@ -437,11 +457,18 @@ def measure(
         "latency_ms_p50": _ms(load.latencies, 50),
         "latency_ms_p99": _ms(load.latencies, 99),
         "latency_ms_max": _ms(load.latencies, None),
+        "pairs": len(load.pairs),
+        "images_by_pair": [load.by_pair[k] for k in range(len(load.pairs))],
         "images_per_s": round(ok / wall, 1),
         "cpu_ms_per_image": {
             role: None if s is None or not ok else round(1000 * s / ok, 2)
             for role, s in cpu.items()
         },
+        "cpu_ms_per_image_total": (
+            None
+            if not ok or any(s is None for s in cpu.values())
+            else round(1000 * sum(s for s in cpu.values() if s is not None) / ok, 2)
+        ),
         "memory_rss_mb_before": {role: _mb(v) for role, v in before.items()},
         "memory_rss_mb_after": {role: _mb(v) for role, v in after.items()},
         "memory_growth_pct": growth,
@@ -476,8 +503,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--replicas",
         type=_parse_replicas,
+        action="append",
         metavar="URL0,URL1",
-        help="use these running replicas instead of starting a cluster",
+        help="use these running replicas instead of starting a cluster (repeat for more pairs)",
+    )
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start N replica pairs (each its own dealer); the clients spread over them",
     )
     p.add_argument(
         "--warmup", type=float, default=10.0, help="seconds of load before memory is read"
@@ -489,29 +524,41 @@ def main(argv: list[str] | None = None) -> int:
         help="also exit 1 if a replica's RSS grew more than PCT percent",
     )
     a = p.parse_args(argv)
-    if a.clients < 1 or a.seconds <= 0 or a.warmup < 0:
-        p.error("--clients must be >= 1, --seconds > 0 and --warmup >= 0")
+    if a.clients < 1 or a.seconds <= 0 or a.warmup < 0 or not 1 <= a.pairs <= 16:
+        p.error("--clients must be >= 1, --seconds > 0, --warmup >= 0 and --pairs 1..16")
 
     images = np.load(DATA)["images"].astype(np.float64) / 255.0
     expected = plaintext_labels(images, Path(a.model) if a.model else None)
     if a.replicas:
-        urls = a.replicas
+        pairs = tuple(a.replicas)
         pids = {
-            f"replica{k}": (listening_pid(port) if (port := _port(u)) else None)
-            for k, u in enumerate(urls)
+            _role(j, f"replica{k}", len(pairs)): listening_pid(port) if (port := _port(u)) else None
+            for j, pair in enumerate(pairs)
+            for k, u in enumerate(pair)
         }
-        result = measure(a, urls, pids, images, expected)
+        result = measure(a, _urls(pairs), pids, images, expected)
     else:
-        cluster = Cluster(
+        ports = free_ports(3 * a.pairs)
+        triples = [(ports[i], ports[i + 1], ports[i + 2]) for i in range(0, len(ports), 3)]
+        group = Pairs(
+            a.pairs,
             model=Path(a.model) if a.model else DEFAULT_MODEL,
-            ports=free_ports(3),
+            pair_ports=tuple(triples),
             replica_args=("--comparison", a.comparison),
         )
         try:
-            with cluster:
-                pids = {r: cluster.procs[r].pid for r in ("replica0", "replica1")}
-                cpu_pids = {**pids, "dealer": cluster.procs["dealer"].pid}
-                result = measure(a, cluster.replica_urls, pids, images, expected, cpu_pids)
+            with group:
+                pids = {
+                    _role(j, r, a.pairs): c.procs[r].pid
+                    for j, c in enumerate(group.clusters)
+                    for r in ("replica0", "replica1")
+                }
+                dealers = {
+                    _role(j, "dealer", a.pairs): c.procs["dealer"].pid
+                    for j, c in enumerate(group.clusters)
+                }
+                urls = _urls(group.replica_pairs)
+                result = measure(a, urls, pids, images, expected, {**pids, **dealers})
         except ClusterError as exc:
             print(f"error: the cluster did not start: {exc}", file=sys.stderr)
             return 2
