@@ -7,8 +7,9 @@ enabled it, the logits (`reconstruct_scores`). Given several replica pairs, it s
 over them and retries on another pair when one is down.
 
 Modules, one concept each: `errors`, `wire` (tensor JSON), `sharing` (fixed point, shares,
-reconstruction), `preprocess` (images), `pairs` (URLs, which pair next), `session` (the
-sans-IO protocol core) and `client` (sync and async httpx transports over the session).
+reconstruction), `preprocess` (images), `pairs` (URLs, which pair next), `messages` (bodies
+and answer checks), `session` (the sans-IO protocol core: order, retries, failover) and
+`client` (sync and async httpx transports over the session).
 
 Dependencies: numpy, httpx, Pillow and the standard library only.
 """
