@@ -718,6 +718,7 @@ def test_pairs_are_parsed_from_lists_strings_files_and_the_environment(
     assert pd.parse_pairs(list(PAIRS)) == want
     assert pd.parse_pairs([",".join(p) for p in PAIRS]) == want
     assert pd.parse_pairs(";".join(",".join(p) for p in PAIRS)) == want
+    assert pd.parse_pairs([";".join(",".join(p) for p in PAIRS)]) == want  # --replicas "A;B"
     assert pd.parse_pairs("http://x:1,http://y:2") == (("http://x:1", "http://y:2"),)
     monkeypatch.setenv(pd.REPLICAS_ENV, " ; ".join(",".join(p) for p in PAIRS))
     assert PrivDigitClient().pairs == want and PrivDigitClient().replicas == PAIRS[0]

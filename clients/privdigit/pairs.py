@@ -58,8 +58,14 @@ def parse_pairs(replicas: Replicas) -> tuple[Pair, ...]:
         items: list[str | Sequence[str]] = [p for p in replicas.split(PAIR_SEPARATOR) if p.strip()]
     elif all(isinstance(u, str) and "," not in u for u in replicas):
         items = [[str(u) for u in replicas]]  # two URLs: one pair
-    else:
-        items = list(replicas)
+    else:  # pairs, each "URL0,URL1" (or "A0,A1;B0,B1") or two URLs
+        items = []
+        for item in replicas:
+            items += (
+                [p for p in item.split(PAIR_SEPARATOR) if p.strip()]
+                if isinstance(item, str)
+                else [item]
+            )
     pairs = tuple(parse_pair(p) for p in items)
     if not pairs:
         raise PrivDigitError(
