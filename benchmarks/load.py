@@ -2,13 +2,14 @@
 
     python -m benchmarks.load [--clients 16] [--seconds 60] [--json] [--model DIR]
                               [--client http|library] [--replicas URL0,URL1] [--warmup 10]
-                              [--max-memory-growth PCT]
+                              [--max-memory-growth PCT] [--pairs N]
 
-Starts dealer and both replicas on free ports (bundled model unless --model), or uses the two
-running replicas given by --replicas. Each client is a thread with its own connections (with
---client http, the default, a lean keep-alive client, `LeanClient`; with --client library,
-`PrivDigitClient`) sending one image per request, cycling through
-tests/fixtures/mnist_test_1000.npz; every label is compared with the plaintext model's (the
+Starts dealer and both replicas on free ports (bundled model unless --model), or N such pairs
+(--pairs N: each its own dealer; the clients take turns over them, images_by_pair), or uses the
+running replicas given by --replicas (repeat it for several pairs). Each client is a thread
+with its own connections (with --client http, the default, a lean keep-alive client,
+`LeanClient`; with --client library, `PrivDigitClient`) sending one image per request, cycling
+through tests/fixtures/mnist_test_1000.npz; every label is compared with the plaintext model's (the
 model directory's model.safetensors through its manifest's layers; the bundled one by default).
 A warm-up of --warmup seconds at full concurrency comes first (connections, allocator arenas,
 caches), then the replicas' RSS is read, the measured run goes, and RSS is read again.
@@ -17,7 +18,7 @@ Prints requests, errors (by type and service error code), wrong_labels, latency_
 (client call to label, successful requests), images_per_s, cpu_ms_per_image (CPU time of the
 dealer, each replica and this load generator over the measured run, per successful image: on a
 machine whose cores they share, where the work goes; from /proc/PID/stat, null where
-unreadable), and each replica's RSS before and
+unreadable; cpu_ms_per_image_total sums them), and each replica's RSS before and
 after with memory_growth_pct, plus a dozen samples in between (memory_rss_mb_series) and
 memory_trend_pct (median of the last third of once-a-second samples against the first third:
 a plateau or a leak, less noisy than two single readings). Memory is VmRSS from
@@ -35,13 +36,12 @@ import http.client
 import json
 import os
 import resource
-import secrets
 import ssl
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -52,14 +52,13 @@ from benchmarks import print_result
 from clients.privdigit import (
     PrivDigitClient,
     PrivDigitError,
+    ReplicaUnreachable,
     ServiceError,
-    decode_tensor,
-    encode_fixed,
-    encode_tensor,
-    reconstruct_label,
-    share_image,
+    parse_pairs,
 )
-from service.cluster import DEFAULT_MODEL, Cluster, ClusterError, free_ports
+from clients.privdigit.pairs import Pair
+from clients.privdigit.session import Call, Outcome, Prediction, Reply, Session
+from service.cluster import DEFAULT_MODEL, ClusterError, Pairs, free_ports
 from service.mpc import protocols
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,27 +187,29 @@ def _growth(before: int | None, after: int | None) -> float | None:
 class LeanClient:
     """A load client without the library's HTTP stack (`--client http`).
 
-    One keep-alive `http.client` connection per replica; both posts are sent before either
-    answer is read, so no thread runs per post; fresh shares, the request and the label's
-    reconstruction come from `clients/privdigit.py`. It puts the same requests on the replicas
-    as `PrivDigitClient`, for a fraction of the client's CPU (httpx costs about 0.45 ms of CPU
-    per request here, http.client 0.12 ms): on one shared 2-core machine the load generator's
-    CPU is otherwise taken from the service it measures.
+    It drives the client's own sans-IO `Session` (`clients/privdigit/session.py`: fresh shares,
+    bodies, checks, the label's reconstruction, failover between pairs) over one keep-alive
+    `http.client` connection per replica; both posts are sent before either answer is read, so
+    no thread runs per post. It puts the same requests on the replicas as `PrivDigitClient`,
+    for a fraction of the client's CPU (httpx costs about 0.45 ms of CPU per request here,
+    http.client 0.12 ms): on one shared 2-core machine the load generator's CPU is otherwise
+    taken from the service it measures.
     """
 
     def __init__(
-        self, urls: tuple[str, str], timeout: float = 30.0, context: ssl.SSLContext | None = None
+        self,
+        urls: Sequence[Pair] | Pair,
+        timeout: float = 30.0,
+        context: ssl.SSLContext | None = None,  # how to verify https replicas
     ) -> None:
-        self._urls, self._context = urls, context  # context: how to verify https replicas
-        self._targets = [urlsplit(u) for u in urls]
-        self._timeout = timeout
-        self._conns: list[http.client.HTTPConnection | None] = [None, None]
-        self._model: tuple[str, int] | None = None  # (version, frac_bits)
+        self._session = Session(parse_pairs(urls))
+        self._timeout, self._context = timeout, context
+        self._conns: dict[str, http.client.HTTPConnection] = {}
 
-    def _conn(self, party: int) -> http.client.HTTPConnection:
-        conn = self._conns[party]
+    def _conn(self, url: str) -> http.client.HTTPConnection:
+        conn = self._conns.get(url)
         if conn is None:
-            u = self._targets[party]
+            u = urlsplit(url)
             host, port = u.hostname or "127.0.0.1", u.port
             if u.scheme == "https":
                 conn = http.client.HTTPSConnection(
@@ -216,73 +217,62 @@ class LeanClient:
                 )
             else:
                 conn = http.client.HTTPConnection(host, port, timeout=self._timeout)
-            self._conns[party] = conn
+            self._conns[url] = conn
         return conn
 
-    def _both(self, method: str, path: str, bodies: tuple[bytes | None, bytes | None]) -> list:
-        try:
-            conns = [self._conn(p) for p in (0, 1)]
-            for conn, body in zip(conns, bodies, strict=True):
-                headers = {"Content-Type": "application/json"} if body is not None else {}
-                conn.request(method, path, body=body, headers=headers)
-            answers = []
-            for party, conn in enumerate(conns):
+    def _exchange(self, calls: tuple[Call, Call]) -> tuple[Outcome, Outcome]:
+        """Send both calls, then read both answers; a failure closes the pair's connections."""
+        outcomes: list[Outcome | None] = [None, None]
+        sent: list[http.client.HTTPConnection | None] = [None, None]
+        for p, call in enumerate(calls):
+            path = urlsplit(call.url).path.rstrip("/") + call.path
+            headers = dict(call.headers or {})
+            body = None
+            if call.body is not None:
+                body = json.dumps(call.body).encode()
+                headers["Content-Type"] = "application/json"
+            try:
+                conn = self._conn(call.url)
+                conn.request("GET" if body is None else "POST", path, body=body, headers=headers)
+                sent[p] = conn
+            except (OSError, http.client.HTTPException) as exc:
+                outcomes[p] = ReplicaUnreachable(call.url, f"{type(exc).__name__}: {exc}")
+        for p, conn in enumerate(sent):
+            if conn is None:
+                continue
+            try:
                 response = conn.getresponse()
-                body = json.loads(response.read())
-                if response.status != 200:
-                    err = body.get("error", {}) if isinstance(body, dict) else {}
-                    raise ServiceError(
-                        self._urls[party],
-                        response.status,
-                        str(err.get("code", "unknown")),
-                        str(err.get("message", "")),
-                    )
-                answers.append(body)
-            return answers
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            self.close()  # a half-read connection is never reused
-            raise PrivDigitError(f"{type(exc).__name__}: {exc}") from exc
-        except ServiceError:
-            self.close()
-            raise
+                outcomes[p] = Reply(response.status, response.read())
+            except (OSError, http.client.HTTPException) as exc:
+                outcomes[p] = ReplicaUnreachable(calls[p].url, f"{type(exc).__name__}: {exc}")
+        if any(isinstance(o, BaseException) for o in outcomes):
+            for call in calls:  # a half-read connection is never reused
+                if (conn := self._conns.pop(call.url, None)) is not None:
+                    conn.close()
+        return outcomes[0], outcomes[1]  # type: ignore[return-value]
+
+    def predict(self, image01: np.ndarray) -> Prediction:
+        """The prediction for one (28, 28) image in [0, 1]."""
+        steps = self._session.predict(image01.reshape(1, 1, 28, 28).astype(np.float64))
+        try:
+            calls = next(steps)
+            while True:
+                calls = steps.send(self._exchange(calls))
+        except StopIteration as done:
+            return done.value[0]
 
     def label(self, image01: np.ndarray) -> int:
         """The label of one (28, 28) image in [0, 1]."""
-        if self._model is None:
-            info = self._both("GET", "/v1/model", (None, None))[0]
-            version = info.get("serving_version") or info["model_version"]
-            self._model = (str(version), int(info["fixed_point"]["frac_bits"]))
-        version, frac_bits = self._model
-        shares = share_image(encode_fixed(image01.reshape(1, 1, 28, 28), frac_bits))
-        rid = secrets.token_urlsafe(18)
-        bodies = tuple(
-            json.dumps(
-                {
-                    "request_id": rid,
-                    "output": "label",
-                    "model_version": version,
-                    "input": encode_tensor(s),
-                }
-            ).encode()
-            for s in shares
-        )
-        a0, a1 = self._both("POST", "/v1/predict", bodies)
-        if a0.get("request_id") != rid or a1.get("request_id") != rid:
-            raise PrivDigitError("an answer belongs to another request")
-        if a0.get("sharing") != a1.get("sharing"):
-            raise PrivDigitError("the replicas answered different label sharings")
-        shares = decode_tensor(a0["share"]), decode_tensor(a1["share"])
-        return int(reconstruct_label(*shares, a0["sharing"])[0])
+        return self.predict(image01).label
 
     def forget_model(self) -> None:
         """Ask the replicas for the serving model version again before the next request."""
-        self._model = None
+        self._session.forget_models()
 
     def close(self) -> None:
-        for conn in self._conns:
-            if conn is not None:
-                conn.close()
-        self._conns = [None, None]
+        for conn in self._conns.values():
+            conn.close()
+        self._conns = {}
 
     def __enter__(self) -> LeanClient:
         return self
@@ -296,7 +286,7 @@ class Load:
 
     def __init__(
         self,
-        urls: tuple[str, str],
+        urls: Any,  # one pair (URL0, URL1) or a tuple of pairs
         images: np.ndarray,
         expected: np.ndarray,
         client: str = "http",
@@ -304,6 +294,7 @@ class Load:
     ) -> None:
         self.urls, self.images, self.expected, self.kind = urls, images, expected, client
         self.verify = verify
+        self.pairs = parse_pairs(urls)
         self._lock = threading.Lock()
         self.reset()
 
@@ -314,10 +305,14 @@ class Load:
             self.errors: Counter[str] = Counter()
             self.error_examples: dict[str, str] = {}
             self.latencies: list[float] = []
+            self.by_pair: Counter[int] = Counter()
 
-    def _record(self, latency_ms: float | None, wrong: bool, error: str | None, detail: str):
+    def _record(
+        self, latency_ms: float | None, wrong: bool, error: str | None, detail: str, pair: int = 0
+    ) -> None:
         with self._lock:
             self.requests += 1
+            self.by_pair[pair] += error is None
             if error is not None:
                 self.errors[error] += 1
                 self.error_examples.setdefault(error, detail[:300])
@@ -329,17 +324,17 @@ class Load:
         i = k
         if self.kind == "http":
             client: Any = LeanClient(self.urls, context=self.verify)
-            predict = client.label
+            predict = client.predict
         else:
             client = PrivDigitClient(self.urls, timeout=30.0, verify=self.verify or True)
-            predict = lambda image: client.predict_encoded(image[None])[0].label  # noqa: E731
+            predict = lambda image: client.predict_encoded(image[None])[0]  # noqa: E731
         with client:
             while not stop.is_set():
                 j = i % len(self.images)
                 i += n_clients
                 started = time.perf_counter()
                 try:
-                    label = predict(self.images[j])
+                    pred = predict(self.images[j])
                 except ServiceError as exc:
                     self._record(None, False, f"ServiceError:{exc.status}:{exc.code}", str(exc))
                     continue
@@ -350,7 +345,7 @@ class Load:
                     self._record(None, False, f"unexpected:{type(exc).__name__}", repr(exc))
                     continue
                 ms = (time.perf_counter() - started) * 1000.0
-                self._record(ms, label != int(self.expected[j]), None, "")
+                self._record(ms, pred.label != int(self.expected[j]), None, "", pred.pair)
 
     def run(
         self,
@@ -400,6 +395,16 @@ def _parse_replicas(text: str) -> tuple[str, str]:
     return urls[0], urls[1]
 
 
+def _role(pair: int, role: str, pairs: int) -> str:
+    """A process's name in the report: `replica0`, or `pair1.replica0` with several pairs."""
+    return role if pairs == 1 else f"pair{pair}.{role}"
+
+
+def _urls(pairs: Sequence[tuple[str, str]]) -> Any:
+    """What the clients take: one pair as it is, several as a tuple of pairs."""
+    return pairs[0] if len(pairs) == 1 else tuple(pairs)
+
+
 def _port(url: str) -> int | None:
     import httpx
 
@@ -417,7 +422,7 @@ def _ms(values: list[float], q: float | None) -> float | None:
 
 def measure(
     a: argparse.Namespace,
-    urls: tuple[str, str],
+    urls: Any,
     pids: dict[str, int | None],
     images: np.ndarray,
     expected: np.ndarray,
@@ -464,11 +469,18 @@ def measure(
         "latency_ms_p50": _ms(load.latencies, 50),
         "latency_ms_p99": _ms(load.latencies, 99),
         "latency_ms_max": _ms(load.latencies, None),
+        "pairs": len(load.pairs),
+        "images_by_pair": [load.by_pair[k] for k in range(len(load.pairs))],
         "images_per_s": round(ok / wall, 1),
         "cpu_ms_per_image": {
             role: None if s is None or not ok else round(1000 * s / ok, 2)
             for role, s in cpu.items()
         },
+        "cpu_ms_per_image_total": (
+            None
+            if not ok or any(s is None for s in cpu.values())
+            else round(1000 * sum(s for s in cpu.values() if s is not None) / ok, 2)
+        ),
         "memory_rss_mb_before": {role: _mb(v) for role, v in before.items()},
         "memory_rss_mb_after": {role: _mb(v) for role, v in after.items()},
         "memory_growth_pct": growth,
@@ -503,8 +515,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--replicas",
         type=_parse_replicas,
+        action="append",
         metavar="URL0,URL1",
-        help="use these running replicas instead of starting a cluster",
+        help="use these running replicas instead of starting a cluster (repeat for more pairs)",
+    )
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start N replica pairs (each its own dealer); the clients spread over them",
     )
     p.add_argument(
         "--warmup", type=float, default=10.0, help="seconds of load before memory is read"
@@ -516,29 +536,41 @@ def main(argv: list[str] | None = None) -> int:
         help="also exit 1 if a replica's RSS grew more than PCT percent",
     )
     a = p.parse_args(argv)
-    if a.clients < 1 or a.seconds <= 0 or a.warmup < 0:
-        p.error("--clients must be >= 1, --seconds > 0 and --warmup >= 0")
+    if a.clients < 1 or a.seconds <= 0 or a.warmup < 0 or not 1 <= a.pairs <= 16:
+        p.error("--clients must be >= 1, --seconds > 0, --warmup >= 0 and --pairs 1..16")
 
     images = np.load(DATA)["images"].astype(np.float64) / 255.0
     expected = plaintext_labels(images, Path(a.model) if a.model else None)
     if a.replicas:
-        urls = a.replicas
+        pairs = tuple(a.replicas)
         pids = {
-            f"replica{k}": (listening_pid(port) if (port := _port(u)) else None)
-            for k, u in enumerate(urls)
+            _role(j, f"replica{k}", len(pairs)): listening_pid(port) if (port := _port(u)) else None
+            for j, pair in enumerate(pairs)
+            for k, u in enumerate(pair)
         }
-        result = measure(a, urls, pids, images, expected)
+        result = measure(a, _urls(pairs), pids, images, expected)
     else:
-        cluster = Cluster(
+        ports = free_ports(3 * a.pairs)
+        triples = [(ports[i], ports[i + 1], ports[i + 2]) for i in range(0, len(ports), 3)]
+        group = Pairs(
+            a.pairs,
             model=Path(a.model) if a.model else DEFAULT_MODEL,
-            ports=free_ports(3),
+            pair_ports=tuple(triples),
             replica_args=("--comparison", a.comparison),
         )
         try:
-            with cluster:
-                pids = {r: cluster.procs[r].pid for r in ("replica0", "replica1")}
-                cpu_pids = {**pids, "dealer": cluster.procs["dealer"].pid}
-                result = measure(a, cluster.replica_urls, pids, images, expected, cpu_pids)
+            with group:
+                pids = {
+                    _role(j, r, a.pairs): c.procs[r].pid
+                    for j, c in enumerate(group.clusters)
+                    for r in ("replica0", "replica1")
+                }
+                dealers = {
+                    _role(j, "dealer", a.pairs): c.procs["dealer"].pid
+                    for j, c in enumerate(group.clusters)
+                }
+                urls = _urls(group.replica_pairs)
+                result = measure(a, urls, pids, images, expected, {**pids, **dealers})
         except ClusterError as exc:
             print(f"error: the cluster did not start: {exc}", file=sys.stderr)
             return 2

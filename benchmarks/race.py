@@ -8,7 +8,7 @@ tests/fixtures/cnn.safetensors runs through
   engine      this project's engine in-process: both parties on threads, the dealer's randomness
               dealt and expanded beforehand (as a replica prefetches it); once per comparison
               protocol when `PrivateNetwork` has a `comparison` field ("a2b", "fss");
-  service     a local cluster (dealer and two replicas, loopback HTTP) through clients/privdigit.py,
+  service     a local cluster (dealer and two replicas, loopback HTTP) through clients/privdigit,
               running the fastest engine protocol: one request per batch, from the client's
               call to the reconstructed labels;
   crypten     CrypTen 0.4.1, two parties plus its trusted third party (TTP provider), gloo on

@@ -2,6 +2,9 @@
 
     python clients/predict.py digit.png [more.png ...] [--replicas URL0,URL1] [--json] [--scores]
 
+Several replica pairs (`--replicas A0,A1 --replicas B0,B1`, or `--pairs-file FILE` with one pair
+per line) share the work; a pair that is down or not ready is skipped without an error.
+
 Every file is preprocessed first (files that fail are reported and skipped); the readable ones
 go to the replicas in one batch. Exit status: 0 all files classified, 1 some file failed,
 2 usage error or the service is unreachable or misbehaving.
@@ -29,6 +32,7 @@ from clients.privdigit import (
     ServiceError,
     VersionMismatch,
     preprocess,
+    read_pairs_file,
 )
 
 HINTS = {
@@ -54,9 +58,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("files", nargs="+", metavar="FILE", help="image files (PNG, JPEG, ...)")
     parser.add_argument(
         "--replicas",
+        action="append",
         metavar="URL0,URL1",
-        help=f"base URLs of party 0 and party 1 (default: ${REPLICAS_ENV} or "
-        f"{','.join(DEFAULT_REPLICAS)})",
+        help=f"base URLs of party 0 and party 1 of a replica pair; repeat it for several pairs "
+        f"(default: ${REPLICAS_ENV}, pairs separated by ';', or {','.join(DEFAULT_REPLICAS)})",
+    )
+    parser.add_argument(
+        "--pairs-file",
+        metavar="FILE",
+        help="replica pairs, one URL0,URL1 per line (# comments); with --replicas, both count",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object per file")
     parser.add_argument(
@@ -104,8 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     if images:
         verify: bool | str = False if args.insecure else (args.cacert or True)
         try:
+            pairs = [
+                *(args.replicas or []),
+                *(read_pairs_file(args.pairs_file) if args.pairs_file else []),
+            ]
             with PrivDigitClient(
-                args.replicas,
+                pairs or None,
                 timeout=args.timeout,
                 verify=verify,
                 scores=args.scores,

@@ -145,6 +145,7 @@ def cmd_replica(a: argparse.Namespace) -> int:
         ReplicaSettings,
         {
             "party": a.party,
+            "pair": a.pair,
             "model": a.model,
             "host": a.host,
             "port": a.port,
@@ -199,14 +200,21 @@ def cmd_dealer(a: argparse.Namespace) -> int:
 def cmd_web(a: argparse.Namespace) -> int:
     from service.api.web_app import WEB_DIR, create_web_app
 
-    replicas = tuple(u.strip().rstrip("/") for u in a.replicas.split(","))
-    if len(replicas) != 2 or not all(u.startswith(("http://", "https://")) for u in replicas):
-        return _fail("--replicas must be two URLs: http(s)://HOST:PORT,http(s)://HOST:PORT")
+    pairs = []
+    for text in a.replicas or ["http://127.0.0.1:8000,http://127.0.0.1:8001"]:
+        for item in text.split(";"):
+            pair = tuple(u.strip().rstrip("/") for u in item.split(","))
+            if len(pair) != 2 or not all(u.startswith(("http://", "https://")) for u in pair):
+                return _fail(
+                    "--replicas must be two URLs: http(s)://HOST:PORT,http(s)://HOST:PORT "
+                    "(repeat it, or separate pairs with ';', for several pairs)"
+                )
+            pairs.append(pair)
     if not (WEB_DIR / "index.html").is_file():
         return _fail(f"{WEB_DIR}/index.html not found")
     if (a.tls_cert is None) != (a.tls_key is None):
         return _fail("--tls-cert and --tls-key go together")
-    _serve(create_web_app(replicas), a.host, a.port, "info", a.tls_cert, a.tls_key)  # type: ignore[arg-type]
+    _serve(create_web_app(pairs), a.host, a.port, "info", a.tls_cert, a.tls_key)  # type: ignore[arg-type]
     return 0
 
 
@@ -292,7 +300,7 @@ def model_summary(directory: Path) -> str:
 
 
 def cmd_up(a: argparse.Namespace) -> int:
-    from service.cluster import DEFAULT_MODEL, REPO, Cluster, ClusterError
+    from service.cluster import DEFAULT_MODEL, REPO, Cluster, ClusterError, Pairs
     from service.store import StoreError, load_share
 
     model = Path(a.model) if a.model else DEFAULT_MODEL
@@ -301,31 +309,41 @@ def cmd_up(a: argparse.Namespace) -> int:
             load_share(model, party)
         except StoreError as exc:
             return _fail(f"{exc} (train one with `python -m training --out DIR`)")
+    if not 1 <= a.pairs <= 16:
+        return _fail("--pairs must be between 1 and 16")
+    if a.pairs > 1 and a.tls:
+        return _fail("--tls serves one pair only here (each pair would have its own dev CA)")
     web_port = None if a.no_web or not (REPO / "web" / "index.html").is_file() else a.web_port
-    cluster = Cluster(
-        model=model,
-        ports=a.ports,
-        scores=a.scores,
-        web_port=web_port,
-        tls=a.tls,
-        log_dir=Path(a.log_dir) if a.log_dir else None,
-        replica_args=("--comparison", a.comparison),
-    )
+    log_dir = Path(a.log_dir) if a.log_dir else None
+    replica_args = ("--comparison", a.comparison)
+    if a.pairs > 1:
+        group: Cluster | Pairs = Pairs(a.pairs, model=model, ports=a.ports, scores=a.scores,
+                                       log_dir=log_dir, replica_args=replica_args,
+                                       web_port=web_port)  # fmt: skip
+        clusters = group.clusters
+    else:
+        group = Cluster(model=model, ports=a.ports, scores=a.scores, web_port=web_port,
+                        tls=a.tls, log_dir=log_dir, replica_args=replica_args)  # fmt: skip
+        clusters = [group]
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"starting dealer and two replicas with the model in {model} ...", flush=True)
+    what = "dealer and two replicas" if a.pairs == 1 else f"{a.pairs} pairs (dealer, two replicas)"
+    print(f"starting {what} with the model in {model} ...", flush=True)
     try:
-        cluster.start(timeout=a.ready_timeout)
+        group.start(timeout=a.ready_timeout)
     except ClusterError as exc:
         return _fail(str(exc))
-    r0, r1 = cluster.replica_urls
-    print(f"replica 0: {r0}\nreplica 1: {r1}\ndealer:    {cluster.dealer_url}")
-    if cluster.web_url:
-        print(f"web page:  {cluster.web_url}/   (open it in a browser)")
-    print(f"logs:      {cluster.log_dir}")
+    for cluster in clusters:
+        r0, r1 = cluster.replica_urls
+        pair = "" if a.pairs == 1 else f"pair {cluster.pair} "
+        print(f"{pair}replica 0: {r0}\n{pair}replica 1: {r1}")
+        print(f"{pair}dealer:    {cluster.dealer_url}\n{pair}logs:      {cluster.log_dir}")
+    if clusters[0].web_url:
+        print(f"web page:  {clusters[0].web_url}/   (open it in a browser)")
     print(f"model:     {model_summary(model)}")
-    cacert = f" --cacert {cluster.ca}" if cluster.ca else ""
-    print(f"try:       python clients/predict.py digit.png --replicas {r0},{r1}{cacert}")
+    cacert = f" --cacert {clusters[0].ca}" if clusters[0].ca else ""
+    replicas = " ".join(f"--replicas {c.replica_urls[0]},{c.replica_urls[1]}" for c in clusters)
+    print(f"try:       python clients/predict.py digit.png {replicas}{cacert}")
     if not a.tls:
         print("transport: plain HTTP on 127.0.0.1 (local use); --tls for HTTPS with dev certs")
     if a.model is None:
@@ -333,22 +351,24 @@ def cmd_up(a: argparse.Namespace) -> int:
             "note: the bundled demo model's two shares both ship in the repository; for real "
             "use train and split your own (python -m training --out DIR; then --model DIR)"
         )
-    print("ready. Ctrl-C stops all three.", flush=True)
+    print("ready. Ctrl-C stops them all.", flush=True)
     try:
         while not stop.is_set():
-            for role, proc in cluster.procs.items():
-                if proc.poll() is not None:
-                    print(
-                        f"error: {role} exited ({proc.returncode}); stopping\n{cluster.tail(role)}",
-                        file=sys.stderr,
-                    )
-                    stop.set()
+            for cluster in clusters:
+                for role, proc in cluster.procs.items():
+                    if proc.poll() is not None:
+                        print(
+                            f"error: {role} of pair {cluster.pair} exited ({proc.returncode}); "
+                            f"stopping\n{cluster.tail(role)}",
+                            file=sys.stderr,
+                        )
+                        stop.set()
             stop.wait(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         print("stopping ...", flush=True)
-        cluster.stop()
+        group.stop()
     return 0
 
 
@@ -499,11 +519,19 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--no-web", action="store_true", help="do not serve the web page")
     up.add_argument("--log-dir", help="where the three processes log (default: a temp dir)")
     up.add_argument("--ready-timeout", type=float, default=60.0)
+    up.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="start N replica pairs, each with its own dealer; pair k on --ports plus 10 k",
+    )
     _add_comparison(up)
     up.set_defaults(fn=cmd_up)
 
     rep = sub.add_parser("replica", help="run one replica (party 0 or 1)")
     rep.add_argument("--party", type=int, choices=(0, 1))
+    rep.add_argument("--pair", metavar="NAME", help="this replica's pair, shown in /v1/health")
     rep.add_argument("--model", help="model directory holding manifest.json and this party's share")
     rep.add_argument("--host")
     rep.add_argument("--port", type=int)
@@ -558,8 +586,10 @@ def parser() -> argparse.ArgumentParser:
     web.add_argument("--port", type=int, default=8003)
     web.add_argument(
         "--replicas",
-        default="http://127.0.0.1:8000,http://127.0.0.1:8001",
-        help="the two replicas' URLs the page may call: R0,R1",
+        action="append",
+        metavar="R0,R1",
+        help="a replica pair the page may call (repeatable for several pairs; default "
+        "http://127.0.0.1:8000,http://127.0.0.1:8001)",
     )
     web.add_argument("--tls-cert", help="PEM certificate: serve the page over HTTPS")
     web.add_argument("--tls-key", help="PEM private key of --tls-cert")

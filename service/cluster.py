@@ -4,6 +4,10 @@
 certificate per role: `service.identity`), waits until both replicas are ready and
 stops them all on exit; `python -m service up` wraps it for people, tests and benchmarks use it
 directly (with free ports). Each process logs (JSON) into its own file under `log_dir`.
+
+`Pairs` runs several replica pairs side by side (`python -m service up --pairs N`): one
+`Cluster` each, so each pair has its own dealer and its own credentials (a dealer serves one
+pair's run ids; sharing one would let a replica of one pair ask for another pair's material).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class Cluster:
     bind: dict[str, str] = field(default_factory=dict)
     routes: dict[tuple[str, str], str] = field(default_factory=dict)
     cert_hosts: tuple[str, ...] = ()  # names and addresses the TLS certificates also name
+    pair: str = "0"  # the pair's name, reported in each replica's /v1/health
+    web_pairs: tuple[tuple[str, str], ...] = ()  # the pairs the page may use (default: this one)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -145,9 +151,9 @@ class Cluster:
                     *self._transport_args("dealer")]  # fmt: skip
         if role == "web":
             tls = self._serve_tls_args("web") if self.tls else []
-            urls = ",".join(self.replica_urls)
+            pairs = [f"--replicas={u0},{u1}" for u0, u1 in self.web_pairs or [self.replica_urls]]
             return [*base, "web", "--host", self.host, "--port", str(self.web_port),
-                    "--replicas", urls, *tls]  # fmt: skip
+                    *pairs, *tls]  # fmt: skip
         party = int(role[-1])
         model = self.model[party] if isinstance(self.model, tuple) else self.model
         peer = self.reach(role, "replica1")
@@ -156,6 +162,8 @@ class Cluster:
             "replica",
             "--party",
             str(party),
+            "--pair",
+            self.pair,
             "--model",
             str(model),
             "--host",
@@ -256,6 +264,78 @@ class Cluster:
             self.stop_process(role)
 
     def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class Pairs:
+    """Several replica pairs on this machine: one `Cluster` (dealer, two replicas) per pair.
+
+    Pair k is named str(k) and listens on `ports` plus 10 k (or `pair_ports[k]`); the web page
+    (pair 0's, when `web_port` is given) knows every pair, and every replica lets it call.
+    """
+
+    n: int
+    model: Path | tuple[Path, Path] = DEFAULT_MODEL
+    ports: tuple[int, int, int] = DEFAULT_PORTS
+    scores: bool = False
+    log_dir: Path | None = None
+    replica_args: tuple[str, ...] = ()
+    web_port: int | None = None
+    pair_ports: tuple[tuple[int, int, int], ...] = ()  # instead of `ports` + 10 k (tests)
+    clusters: list[Cluster] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError("at least one pair")
+        for k in range(self.n):
+            ports = self.pair_ports[k] if self.pair_ports else tuple(p + 10 * k for p in self.ports)
+            log_dir = None if self.log_dir is None else self.log_dir / f"pair-{k}"
+            cluster = Cluster(
+                model=self.model,
+                ports=(ports[0], ports[1], ports[2]),
+                scores=self.scores,
+                log_dir=log_dir,
+                replica_args=self.replica_args,
+                pair=str(k),
+                web_port=self.web_port if k == 0 else None,
+            )
+            self.clusters.append(cluster)
+        web = self.clusters[0].web_url
+        self.clusters[0].web_pairs = self.replica_pairs
+        if web:
+            for c in self.clusters[1:]:
+                c.replica_args = (*c.replica_args, "--cors-origin", web)
+
+    @property
+    def replica_pairs(self) -> tuple[tuple[str, str], ...]:
+        return tuple(c.replica_urls for c in self.clusters)
+
+    @property
+    def web_url(self) -> str | None:
+        return self.clusters[0].web_url
+
+    def start(self, *, timeout: float = 60.0) -> Pairs:
+        try:
+            for c in self.clusters:
+                c.prepare()
+                for role in c.roles:
+                    c.start_process(role)
+            for c in self.clusters:
+                c.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for c in self.clusters:
+            c.stop()
+
+    def __enter__(self) -> Pairs:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,4 +1,4 @@
-"""Client preprocessing (clients/privdigit.py): any digit image becomes MNIST-style 28x28."""
+"""Client preprocessing (clients/privdigit/preprocess.py): any digit image becomes MNIST-style."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Client wire format, sharing and protocol (clients/privdigit.py) against fake replicas; CLI.
+"""Client wire format, sharing and protocol (clients/privdigit/) against fake replicas; CLI.
 
 The fake replicas below cheat on purpose: they pool both shares to reconstruct the image, which
 real replicas never do, so the client's side of the protocol can be tested without a cluster.
@@ -327,6 +327,7 @@ class FakeCluster:
         assert request.url.path == "/v1/predict" and request.method == "POST"
         body = json.loads(request.content)
         self.posts.append((i, body))
+        assert request.headers.get("X-Request-Id") == body.get("request_id")  # for L7 balancers
         if i in self.fail:
             return i, self.fail.pop(i)
         assert set(body) == {"request_id", "input", "output", "model_version"}
@@ -686,6 +687,130 @@ def test_async_client() -> None:
     asyncio.run(run())
 
 
+# -- several replica pairs -------------------------------------------------------------------
+
+PAIRS = (("http://p0r0.test", "http://p0r1.test"), ("http://p1r0.test", "http://p1r1.test"))
+
+
+def paired(*clusters: FakeCluster, asynchronous: bool = False) -> httpx.MockTransport:
+    """One transport for several fake pairs: host pKrI.test is replica I of `clusters[K]`."""
+
+    def route(request: httpx.Request) -> tuple[FakeCluster, httpx.Request]:
+        host = request.url.host
+        request.url = request.url.copy_with(host=f"r{host[3]}.test")
+        return clusters[int(host[1])], request
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        cluster, request = route(request)
+        return cluster.handle(request)
+
+    async def ahandle(request: httpx.Request) -> httpx.Response:
+        cluster, request = route(request)
+        return await cluster.ahandle(request)
+
+    return httpx.MockTransport(ahandle if asynchronous else handle)
+
+
+def test_pairs_are_parsed_from_lists_strings_files_and_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    want = PAIRS
+    assert pd.parse_pairs(list(PAIRS)) == want
+    assert pd.parse_pairs([",".join(p) for p in PAIRS]) == want
+    assert pd.parse_pairs(";".join(",".join(p) for p in PAIRS)) == want
+    assert pd.parse_pairs([";".join(",".join(p) for p in PAIRS)]) == want  # --replicas "A;B"
+    assert pd.parse_pairs("http://x:1,http://y:2") == (("http://x:1", "http://y:2"),)
+    monkeypatch.setenv(pd.REPLICAS_ENV, " ; ".join(",".join(p) for p in PAIRS))
+    assert PrivDigitClient().pairs == want and PrivDigitClient().replicas == PAIRS[0]
+    listing = tmp_path / "pairs.txt"
+    listing.write_text("# two pairs\n" + "\n".join(",".join(p) + "  # dc" for p in PAIRS) + "\n\n")
+    assert pd.parse_pairs(pd.read_pairs_file(listing)) == want
+    for bad in (
+        [PAIRS[0], (PAIRS[1][0], PAIRS[0][1])],  # a replica in two pairs
+        "http://a:1,http://b:2;http://c:3",
+        ";",
+    ):
+        with pytest.raises(PrivDigitError):
+            pd.parse_pairs(bad)
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    for path in (tmp_path / "empty.txt", tmp_path / "missing.txt"):
+        with pytest.raises(PrivDigitError, match="pairs file"):
+            pd.read_pairs_file(path)
+
+
+def test_requests_take_turns_over_the_pairs() -> None:
+    a, b = FakeCluster(), FakeCluster()
+    with PrivDigitClient(PAIRS, transport=paired(a, b)) as c:
+        preds = [c.predict_encoded(images_with_ink([k]))[0] for k in (1, 2, 3, 4)]
+    assert [p.label for p in preds] == [1, 2, 3, 4]
+    assert [p.pair for p in preds] == [0, 1, 0, 1]
+    assert len(a.posts) == len(b.posts) == 4  # two requests, one post to each replica
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "down",
+        error(503, "not_ready", "peer not connected"),
+        error(503, "dealer_unavailable"),
+        error(504, "peer_timeout"),
+        error(429, "busy"),
+        httpx.Response(502, text="<html>Bad Gateway</html>"),  # a balancer in front of it
+    ],
+    ids=["down", "not_ready", "dealer", "peer_timeout", "busy", "html-502"],
+)
+def test_a_failing_pair_is_retried_on_another_with_a_fresh_request_id(failure: Any) -> None:
+    a, b = FakeCluster(), FakeCluster()
+    with PrivDigitClient(PAIRS, transport=paired(a, b)) as c:
+        c.model_info()  # pair 0 answers; the next request starts on pair 1 ...
+        assert c.predict_encoded(images_with_ink([5]))[0].pair == 1
+        if failure == "down":  # ... and the one after on pair 0, which fails now
+            a.down = {0, 1}
+        else:
+            a.fail = {0: failure, 1: error(504, "peer_timeout")}
+        pred = c.predict_encoded(images_with_ink([7]))[0]
+        assert (pred.label, pred.pair) == (7, 1)
+        tried = [body["request_id"] for _, body in a.posts]
+        assert pred.request_id not in tried  # a fresh request id on the other pair
+        assert c.predict_encoded(images_with_ink([8]))[0].pair == 1  # pair 0 rests a while
+
+
+def test_an_error_about_the_request_is_not_retried_on_another_pair() -> None:
+    a, b = FakeCluster(), FakeCluster()
+    with PrivDigitClient(PAIRS, transport=paired(a, b)) as c:
+        c.model_info()  # pair 0's turn
+        for failure in (error(400, "bad_tensor"), error(413, "batch_too_large")):
+            assert c.predict_encoded(images_with_ink([1]))[0].pair == 1
+            a.fail = {0: failure, 1: error(400, "share_mismatch")}
+            before = len(b.posts)
+            with pytest.raises(ServiceError) as info:
+                c.predict_encoded(images_with_ink([1]))  # pair 0's turn: the caller's error
+            assert info.value.replica == PAIRS[0][0] and info.value.status in (400, 413)
+            assert len(b.posts) == before  # not sent to pair 1
+
+
+def test_every_pair_down_is_the_last_pairs_error() -> None:
+    a, b = FakeCluster(), FakeCluster()
+    a.down, b.down = {0, 1}, {0}
+    with PrivDigitClient(PAIRS, transport=paired(a, b)) as c, pytest.raises(ReplicaUnreachable):
+        c.predict_encoded(images_with_ink([1]))
+    with PrivDigitClient(PAIRS, transport=paired(a, b)) as c:
+        b.down = set()
+        assert c.predict_encoded(images_with_ink([3]))[0].label == 3
+
+
+def test_async_client_fails_over_too() -> None:
+    async def run() -> list[Any]:
+        a, b = FakeCluster(), FakeCluster()
+        a.down = {0}
+        transport = paired(a, b, asynchronous=True)
+        async with AsyncPrivDigitClient(PAIRS, transport=transport) as c:
+            preds = [await c.predict_encoded(images_with_ink([k])) for k in (1, 2, 3)]
+        return [(p[0].label, p[0].pair) for p in preds]
+
+    assert asyncio.run(run()) == [(1, 1), (2, 1), (3, 1)]
+
+
 # -- the CLI ---------------------------------------------------------------------------------
 
 
@@ -789,6 +914,33 @@ def test_cli_output(
     assert err.startswith(f"error: replica {URLS[0]} answered 503 not_ready") and "wait" in err
 
 
+def test_cli_takes_several_pairs(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    digit_png: Path,
+) -> None:
+    a, b = FakeCluster(), FakeCluster()
+    a.down = {0, 1}
+    given: list[Any] = []
+
+    def factory(replicas: Any, **kw: Any) -> PrivDigitClient:
+        given.append(replicas)
+        return PrivDigitClient(replicas, transport=paired(a, b), **kw)
+
+    monkeypatch.setattr(cli, "PrivDigitClient", factory)
+    listing = tmp_path / "pairs.txt"
+    listing.write_text(",".join(PAIRS[1]) + "\n")
+    label = round(float(pd.preprocess(digit_png).sum())) % 10
+    argv = [str(digit_png), str(digit_png), "--replicas", ",".join(PAIRS[0])]
+    assert cli.main([*argv, "--pairs-file", str(listing)]) == 0
+    assert capsys.readouterr().out == f"{digit_png}: {label}\n" * 2  # pair 0 is down: no error
+    assert cli.main([*argv, "--replicas", ",".join(PAIRS[1])]) == 0
+    assert given == [[",".join(p) for p in PAIRS]] * 2
+    assert cli.main([str(digit_png), "--pairs-file", str(tmp_path / "nope.txt")]) == 2
+    assert "pairs file" in capsys.readouterr().err
+
+
 # -- dependencies ----------------------------------------------------------------------------
 
 
@@ -806,7 +958,7 @@ def test_importing_the_client_does_not_import_torch() -> None:
 
 def test_client_imports_only_small_dependencies() -> None:
     allowed = {"numpy", "httpx", "PIL", "clients", "__future__"} | set(sys.stdlib_module_names)
-    for path in (ROOT / "clients").glob("*.py"):
+    for path in (ROOT / "clients").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):

@@ -197,6 +197,9 @@ PREDICT_CASES = [
     ("b64-urlsafe-alphabet", T(shape=[1, 1, 28, 28], data=base64.urlsafe_b64encode(b"\xfb\xff" * 3136).decode()), 400, "bad_tensor"),
     ("b64-newline-inside", T(shape=[1, 1, 28, 28], data=ZEROS[:100] + "\n" + ZEROS[100:]), 400, "bad_tensor"),
     ("b64-empty", T(shape=[1, 1, 28, 28], data=""), 400, "bad_tensor"),
+    # the X-Request-Id header (for L7 balancers) must name the body's request
+    ("request-id-header-differs", lambda: {"json": _body(), "headers": {"X-Request-Id": _rid()}}, 400, "request_id_mismatch"),
+    ("request-id-header-empty", lambda: {"json": _body(), "headers": {"X-Request-Id": ""}}, 400, "request_id_mismatch"),
     # batches
     ("batch-65-images", lambda: {"json": _body(MAX_BATCH + 1)}, 413, "batch_too_large"),
     ("batch-million-claimed", T(shape=[10**6, 1, 28, 28], data=ZEROS), 400, "bad_tensor"),

@@ -148,7 +148,7 @@ def test_cli_on_png_files(cluster, mnist, plaintext, tmp_path):
 
 def test_health_model_metrics(cluster):
     r0, r1 = cluster.replica_urls
-    assert httpx.get(f"{r0}/v1/health").json() == {"status": "ok", "party": 0}
+    assert httpx.get(f"{r0}/v1/health").json() == {"status": "ok", "party": 0, "pair": "0"}
     info = [httpx.get(f"{u}/v1/model").json() for u in (r0, r1)]
     assert info[0]["model_version"] == info[1]["model_version"] == info[0]["serving_version"]
     assert [i["party"] for i in info] == [0, 1]
@@ -555,6 +555,9 @@ def test_cors_allows_exactly_the_configured_page_origin(cluster):
     assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == PAGE
     other = httpx.options(url, headers={"Origin": "http://evil.example", **preflight})
     assert "access-control-allow-origin" not in other.headers
+    with_id = {**preflight, "Access-Control-Request-Headers": "content-type,x-request-id"}
+    ok = httpx.options(url, headers={"Origin": PAGE, **with_id})  # the page sends X-Request-Id
+    assert ok.status_code == 200 and "x-request-id" in ok.headers["access-control-allow-headers"]
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_label(cluster, mnist, plaintext):

@@ -469,6 +469,42 @@ def test_fixed_point_shares_and_wire_encoding_match_the_python_client(page, mnis
     assert out["ids"][0] != out["ids"][1]
 
 
+def test_the_page_spreads_over_pairs_and_skips_a_dead_one(page, cluster, mnist):
+    """Several pairs (config.json's `pairs`): a pair that cannot be reached is skipped without
+    an error; a 4xx about the input is the person's error and is not tried elsewhere; every
+    predict post carries its request id in X-Request-Id too."""
+    x = (mnist[0][0].astype(np.float64) / 255.0).reshape(-1).tolist()
+    out = page.execute_async_script(
+        "const [x, good, done] = arguments; const r = window.__privdigit.replicas;"
+        "const sent = []; const fetch0 = window.fetch;"
+        "window.fetch = (url, init) => {"
+        "  if (init && init.body) sent.push([JSON.parse(init.body).request_id,"
+        "    init.headers['x-request-id']]);"
+        "  return fetch0(url, init); };"
+        "(async () => {"
+        "  const pc = new r.PairedClient([['http://127.0.0.1:9', 'http://127.0.0.1:10'], good]);"
+        "  const labels = [];"
+        "  for (let i = 0; i < 3; i++) { const res = await pc.predict(Float32Array.from(x));"
+        "    labels.push([res.label, res.pair]); }"
+        "  const bad = new r.PairedClient([good, good]);"
+        "  let tried = 0; bad.clients[1].predict = async () => { tried++; return {}; };"
+        "  bad.clients[0].predict = async () => { throw new r.ServiceProblem('service', 'no',"
+        "    {party: 0, code: 'bad_tensor', status: 400}); };"
+        "  let refused = null;"
+        "  try { await bad.predict(Float32Array.from(x)); } catch (e) { refused = e.code; }"
+        "  return {labels, sent, refused, tried};"
+        "})().then(done, (e) => done(String(e)));",
+        x,
+        list(cluster.replica_urls),
+    )
+    assert isinstance(out, dict), out
+    with privdigit.PrivDigitClient(cluster.replica_urls) as client:
+        label = client.predict_encoded(np.asarray(x).reshape(28, 28))[0].label
+    assert out["labels"] == [[label, 1]] * 3
+    assert out["refused"] == "bad_tensor" and out["tried"] == 0
+    assert out["sent"] and all(rid == header for rid, header in out["sent"])
+
+
 def test_errors_read_as_words_a_person_understands(page, cluster, tmp_path):
     not_image = tmp_path / "notes.png"
     not_image.write_bytes(b"shopping list: milk, eggs\n")

@@ -21,6 +21,7 @@ ERRORS: dict[str, tuple[int, str]] = {
     "invalid_request": (422, "the body does not match the schema"),
     "bad_tensor": (400, "a tensor's dtype, shape or base64 data is wrong"),
     "share_mismatch": (400, "the two replicas received shares of different shapes or outputs"),
+    "request_id_mismatch": (400, "the X-Request-Id header differs from the body's request_id"),
     "unauthenticated": (401, "missing or wrong deployment credentials"),
     "scores_disabled": (403, "the operator has not enabled score outputs"),
     "wrong_party": (403, "a party asked for what belongs to another party"),

@@ -53,13 +53,14 @@ from service.api.peer import (
 )
 from service.api.prefetch import MaterialPool
 from service.api.schemas import (
+    REQUEST_ID_HEADER,
     ErrorBody,
-    Health,
     ModelInfo,
     PredictRequest,
     PredictResponse,
     Readiness,
     ReloadResult,
+    ReplicaHealth,
     Tensor,
 )
 from service.api.settings import ReplicaSettings
@@ -626,14 +627,14 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
-            allow_headers=["content-type", "x-api-key"],
+            allow_headers=["content-type", "x-api-key", REQUEST_ID_HEADER.lower()],
             max_age=600,
         )
 
-    @app.get("/v1/health", response_model=Health, tags=["status"])
-    async def health() -> Health:
-        """Liveness: the process answers."""
-        return Health(status="ok", party=rep.party)
+    @app.get("/v1/health", response_model=ReplicaHealth, tags=["status"])
+    async def health() -> ReplicaHealth:
+        """Liveness: the process answers; which party of which pair it is."""
+        return ReplicaHealth(status="ok", party=rep.party, pair=settings.pair)
 
     @app.get(
         "/v1/ready",
@@ -675,6 +676,7 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         responses=_errors(
             "bad_tensor",
             "share_mismatch",
+            "request_id_mismatch",
             "unauthenticated",
             "scores_disabled",
             "replayed_request",
@@ -691,12 +693,27 @@ def create_replica_app(settings: ReplicaSettings) -> FastAPI:
         ),
     )
     async def predict(
-        body: PredictRequest, request: Request, api_key: str | None = Security(API_KEY)
+        body: PredictRequest,
+        request: Request,
+        api_key: str | None = Security(API_KEY),
+        request_id: str | None = Header(
+            default=None,
+            alias=REQUEST_ID_HEADER,
+            description="optional copy of the body's request_id, so that an L7 load balancer "
+            "can send both shares of a request to one replica pair; a different value is "
+            "refused with 400 request_id_mismatch",
+        ),
     ) -> PredictResponse:
         """Run the network on this party's share of a batch; returns this party's share."""
         started = time.perf_counter()
         try:
             rep.check_api_key(api_key)
+            if request_id is not None and request_id != body.request_id:
+                raise ApiError(
+                    "request_id_mismatch",
+                    f"the {REQUEST_ID_HEADER} header names another request than the body's "
+                    "request_id",
+                )
             out = await rep.predict(body, request.client.host if request.client else "")
         except ApiError as exc:
             rep.metrics.errors.labels(exc.code).inc()

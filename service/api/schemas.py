@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9_-]{16,128}$"
+REQUEST_ID_HEADER = "X-Request-Id"  # optional copy of the body's request_id, for L7 balancers
 
 
 class Tensor(BaseModel):
@@ -99,6 +100,10 @@ class ErrorBody(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"]
     party: int
+
+
+class ReplicaHealth(Health):
+    pair: str = Field(description="the replica pair this replica belongs to (`--pair`)")
 
 
 class Readiness(BaseModel):

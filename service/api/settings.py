@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service import identity
 from service.mpc import protocols
 
+PAIR_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"  # a replica pair's name
+
 
 class _Base(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PRIVDIGIT_", extra="ignore")
@@ -101,6 +103,12 @@ class ReplicaSettings(_Base):
     _credential_files: ClassVar[dict[str, str]] = identity.REPLICA_KEYS
     _required_credentials: ClassVar[tuple[str, ...]] = ("peer_secret", "dealer_secret")
     party: int = Field(ge=0, le=1)
+    pair: str = Field(
+        default="0",
+        pattern=PAIR_PATTERN,
+        description="name of this replica's pair (both replicas of a pair share it; /v1/health "
+        "reports it)",
+    )
     peer_secret: str = Field(
         default="", repr=False, description="credential shared with the other replica only"
     )

@@ -1,6 +1,6 @@
 """Bytes on the wire, owned once: tensors in JSON, the dealer's material, the peer's frames.
 
-Tensor in JSON (documented in `openapi.yaml`, mirrored by `clients/privdigit.py`):
+Tensor in JSON (documented in `openapi.yaml`, mirrored by `clients/privdigit/wire.py`):
     {"dtype": "int64", "shape": [n, ...], "data": base64(little-endian int64, C order)}
 
 Dealer material (application/octet-stream): the 32-byte seed, the dealer's 16-byte instance id,

@@ -7,7 +7,7 @@ import * as replicas from "./replicas.js";
 import * as sharing from "./sharing.js";
 
 const { ImageError, SIDE, decodeImage, preprocessPixels } = preprocess;
-const { ReplicaClient, ServiceProblem, loadConfig } = replicas;
+const { PairedClient, ServiceProblem, loadConfig } = replicas;
 
 const $ = (id) => document.getElementById(id);
 const els = {
@@ -358,11 +358,12 @@ function paintOnehot(onehot) {
 
 // -- start ------------------------------------------------------------------------------------
 
-function showServers(urls, model, problem) {
+function showServers(urls, model, problem, pairs = 1) {
   const dot = document.createElement("span");
   dot.className = `status-dot ${problem ? "bad" : model ? "ok" : ""}`;
   const text = urls
     ? `Replica 0: ${urls[0]} · Replica 1: ${urls[1]}` +
+      (pairs > 1 ? ` (one of ${pairs} replica pairs, which take turns)` : "") +
       (model ? ` · both serve model ${model.version} (fixed point, ${model.fracBits} fractional bits)` : "") +
       (problem ? " · not answering yet" : "")
     : "The page could not load its configuration.";
@@ -370,16 +371,16 @@ function showServers(urls, model, problem) {
 }
 
 async function start() {
-  const urls = await loadConfig();
-  client = new ReplicaClient(urls);
+  const pairs = await loadConfig();
+  client = new PairedClient(pairs);
   last.client = client;
   try {
     const model = await client.getModel();
     els.frac.textContent = String(model.fracBits);
     els.model.textContent = model.version;
-    showServers(urls, model, null);
+    showServers(client.urls, model, null, pairs.length);
   } catch (err) {
-    showServers(urls, null, err); // the next classification asks again and reports it
+    showServers(client.urls, null, err, pairs.length); // the next classification asks again
   }
 }
 

@@ -1,4 +1,4 @@
-// MNIST-style preprocessing, the same as `preprocess()` in clients/privdigit.py.
+// MNIST-style preprocessing, the same as `preprocess()` in clients/privdigit/preprocess.py.
 //
 // An image becomes a 28x28 array of grey levels in [0, 1], ink bright on black: transparent
 // pixels are composited on the colour opposite to the ink, dark-on-light images are inverted,

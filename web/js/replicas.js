@@ -1,7 +1,9 @@
-// Talking to the two replicas (openapi.yaml): the page's own /config.json says where they are;
-// GET /v1/model on both (they must agree on the model); POST /v1/predict to both at once with
-// the same request id, one share each; reconstruct the label from the two answers. Errors
-// become `ServiceProblem`s whose `message` is written for people, as in clients/privdigit.py.
+// Talking to the replicas (openapi.yaml): the page's own /config.json says where they are (one
+// pair, or several); GET /v1/model on both replicas of a pair (they must agree on the model);
+// POST /v1/predict to both at once with the same request id (in the body and in X-Request-Id),
+// one share each; reconstruct the label from the two answers. With several pairs, requests take
+// turns and a pair that is down or unready is skipped (`PairedClient`), as clients/privdigit
+// does. Errors become `ServiceProblem`s whose `message` is written for people.
 
 import {
   LABEL_SHARINGS,
@@ -138,7 +140,7 @@ export function checkModels(urls, infos) {
   return { version: serving || versions[0], fracBits: fracs[0], maxBatch: Math.min(...batches), info: infos[0] };
 }
 
-/** The replicas' URLs from the page's own /config.json. */
+/** The replica pairs (each [party 0's URL, party 1's]) from the page's own /config.json. */
 export async function loadConfig() {
   let body;
   try {
@@ -147,12 +149,23 @@ export async function loadConfig() {
   } catch {
     throw new ServiceProblem("config", "The page could not load its configuration (config.json). Reload the page.");
   }
-  const urls = body && Array.isArray(body.replicas) ? body.replicas.map((u) => String(u).replace(/\/+$/, "")) : [];
-  if (urls.length !== 2) {
+  const listed = body && Array.isArray(body.pairs) ? body.pairs : body ? [body.replicas] : [];
+  const pairs = listed.map((pair) => (Array.isArray(pair) ? pair.map((u) => String(u).replace(/\/+$/, "")) : []));
+  if (!pairs.length || pairs.some((urls) => urls.length !== 2)) {
     throw new ServiceProblem("config", "The page's configuration does not name two replicas.");
   }
-  return urls;
+  return pairs;
 }
+
+/** True when another pair may well answer where this one failed (never for a 4xx about the input). */
+export function retryable(err) {
+  if (!(err instanceof ServiceProblem)) return false;
+  if (err.kind === "unreachable" || err.kind === "version_mismatch") return true;
+  if (err.kind === "service") return err.status >= 500 || RETRY_CODES.includes(err.code);
+  return err.kind === "bad_response" && err.status >= 500;
+}
+const RETRY_CODES = ["busy", "model_version_mismatch", "request_timeout"];
+export const COOLDOWN_MS = 5000; // a pair that failed is tried last for this long
 
 export class ReplicaClient {
   constructor(urls, { timeoutMs = TIMEOUT_MS } = {}) {
@@ -167,6 +180,7 @@ export class ReplicaClient {
     const init = { method: body === null ? "GET" : "POST", mode: "cors", credentials: "omit", cache: "no-store" };
     if (body !== null) {
       init.headers = { "content-type": "application/json" };
+      if (typeof body.request_id === "string") init.headers["x-request-id"] = body.request_id;
       init.body = JSON.stringify(body);
     }
     init.signal = AbortSignal.timeout(this.timeoutMs);
@@ -311,5 +325,68 @@ export class ReplicaClient {
       throw bad(`a share of shape [${tensor.shape}]`);
     }
     return tensor.values;
+  }
+}
+
+/**
+ * Several replica pairs behind one page: requests take turns over the pairs; a request a pair
+ * fails because it is down, unready or overloaded goes to the next pair (with a fresh request
+ * id: `ReplicaClient.predict` makes one per attempt), so the person sees no error.
+ */
+export class PairedClient {
+  constructor(pairs, options = {}) {
+    this.clients = pairs.map((urls) => new ReplicaClient(urls, options));
+    this.failedAt = pairs.map(() => null);
+    this.turn = 0;
+    this.current = this.clients[0];
+  }
+
+  /** The URLs of the pair that answered last (the first pair before any answer). */
+  get urls() {
+    return this.current.urls;
+  }
+
+  /** The pairs' indices to try for the next request: each in turn, lately failed ones last. */
+  order() {
+    const n = this.clients.length;
+    const start = this.turn++ % n;
+    const now = performance.now();
+    const cool = this.failedAt.map((t) => t === null || now - t >= COOLDOWN_MS);
+    const turn = [...Array(n).keys()].map((i) => (start + i) % n);
+    return [...turn.filter((k) => cool[k]), ...turn.filter((k) => !cool[k])];
+  }
+
+  /** `fn(client)` on the pairs in order until one answers or fails for the caller's reason. */
+  async attempt(fn) {
+    const order = this.order();
+    for (const [i, k] of order.entries()) {
+      try {
+        const result = await fn(this.clients[k]);
+        this.failedAt[k] = null;
+        this.current = this.clients[k];
+        return [k, result];
+      } catch (err) {
+        if (i === order.length - 1 || !retryable(err)) throw err;
+        this.failedAt[k] = performance.now();
+        this.clients[k].model = null;
+      }
+    }
+    throw new Error("unreachable");
+  }
+
+  /** The model of the first pair that answers. */
+  async getModel(refresh = false) {
+    return (await this.attempt((c) => c.getModel(refresh)))[1];
+  }
+
+  /** `ReplicaClient.predict` on the next pair that answers; the result says which (`pair`). */
+  async predict(x) {
+    const [k, result] = await this.attempt((c) => c.predict(x));
+    return { ...result, pair: k, urls: this.clients[k].urls };
+  }
+
+  /** The same call on both replicas of the pair that answered last. */
+  async both(path, bodies) {
+    return this.current.both(path, bodies);
   }
 }

@@ -1,6 +1,6 @@
 // Fixed point, additive secret sharing over Z_2^64 and the wire encoding of tensors, as in
-// clients/privdigit.py (`encode_fixed`, `share_image`, `encode_tensor`, `decode_tensor`,
-// `reconstruct_label`). 64-bit ring arithmetic uses BigInt and BigInt64Array/BigUint64Array;
+// clients/privdigit/sharing.py and wire.py (`encode_fixed`, `share_image`, `encode_tensor`,
+// `decode_tensor`, `reconstruct_label`). 64-bit ring arithmetic uses BigInt and BigInt64Array/BigUint64Array;
 // randomness comes from the browser's CSPRNG (`crypto.getRandomValues`).
 //
 // Wire format of a tensor (both directions):
@@ -133,7 +133,7 @@ export function decodeTensor(obj) {
 }
 
 /**
- * The label of each of `rows` rows, as `reconstruct_label` in clients/privdigit.py. Sharing
+ * The label of each of `rows` rows, as `reconstruct_label` in clients/privdigit/sharing.py. Sharing
  * "zero": (s0 + s1) mod LABEL_PRIME is 0 at exactly one place, the label (elsewhere uniform on
  * 1..p-1, meaningless); "xor": s0 XOR s1 is one-hot. Anything else: the replicas' answers do
  * not belong together. `onehots` marks the label's place per row.
