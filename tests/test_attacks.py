@@ -493,3 +493,64 @@ def test_party_1s_corrections_are_uniform_and_fresh_for_every_run():
     for words in (small[0], small[0] ^ small[1]):
         assert np.abs(_z(_bits(words))).max() < 6.5
     assert checked >= 5, checked
+
+
+# -- the page's origin ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/", "/config.json", "/no-such-file.js"])
+def test_every_page_answer_forbids_sniffing_referrers_and_caching(path):
+    """§4.8: a script served as something else is not sniffed into one, no answer leaks the
+    page's address to the replicas, and no copy stays in a shared cache; the CSP too, on found,
+    generated and missing files alike."""
+    from fastapi.testclient import TestClient
+
+    from service.api.web_app import create_web_app
+
+    replicas = ("https://r0.example:8000", "https://r1.example:8001")
+    with TestClient(create_web_app(replicas)) as client:
+        r = client.get(path)
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["referrer-policy"] == "no-referrer"
+    assert r.headers["cache-control"] == "no-store"
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+
+
+# -- strangers ----------------------------------------------------------------------------------
+
+
+def test_a_stranger_announcing_a_frame_past_the_bound_is_cut_off_before_sending_it(plain):
+    """§4.5: before any authentication, a stranger on replica 1's peer stream announces one
+    frame of 256 MiB + 1 and sends none of it: replica 1 closes with 1009 (message too big)
+    instead of waiting to read it."""
+    c, _, _ = plain
+    with socket.create_connection(("127.0.0.1", c.ports[1]), timeout=10) as s:
+        key = base64.b64encode(secrets.token_bytes(16)).decode()
+        s.sendall(
+            (
+                f"GET /v1/peer HTTP/1.1\r\nHost: 127.0.0.1:{c.ports[1]}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        answer = bytearray()
+        while b"\r\n\r\n" not in answer:
+            answer += s.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 101"), bytes(answer[:200])
+        header = bytes([0x81, 0x80 | 127]) + struct.pack(">Q", 256 * 1024 * 1024 + 1)
+        s.sendall(header + secrets.token_bytes(4))  # the masking key, then no payload
+        assert _close_code(s, time.monotonic() + 30) == 1009
+
+
+def test_a_reload_with_a_wrong_key_is_refused_and_counted(plain):
+    """§4.1: a stranger's reload (another key, no key) gets 401 and each is counted in
+    `privdigit_auth_failures_total{what="admin"}`."""
+    c, _, _ = plain
+    url, name = c.replica_urls[0], 'privdigit_auth_failures_total{what="admin"}'
+    before = _metric(url, name)
+    tags = [auth.admin_tag(c.key("replica-1", "admin.key"), 0), None]
+    for tag in tags:
+        headers = {auth.AUTH_HEADER: tag} if tag else {}
+        r = httpx.post(f"{url}/v1/admin/reload", headers=headers, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated", r.text
+    assert _metric(url, name) == before + len(tags)
