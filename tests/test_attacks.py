@@ -15,6 +15,7 @@ Added time: about 25 s (two cluster starts, one 2 s peer timeout, the in-process
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -554,3 +555,73 @@ def test_a_reload_with_a_wrong_key_is_refused_and_counted(plain):
         r = httpx.post(f"{url}/v1/admin/reload", headers=headers, timeout=30)
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated", r.text
     assert _metric(url, name) == before + len(tags)
+
+
+# -- an authenticated-looking party 1, and a flooding one ---------------------------------------
+
+
+async def _party0_against(reply) -> tuple[bool, int | None, int]:
+    """A real party 0 (`PeerLink.dial_forever`) dials a fake party 1 that sends a proper hello,
+    reads party 0's handshake message and answers `reply(message)`. Returns whether party 0
+    ever counted the stream as up, the close code party 0 sent, and its refusals counted."""
+    from websockets.asyncio.server import serve
+
+    from service.api.peer import HELLO, PeerLink
+
+    failures, codes, up = [], [], []
+    link = PeerLink(
+        b"k" * 32, lambda: ["v1"], timeout=5, on_auth_failure=lambda: failures.append(1)
+    )
+    link.on_connect = lambda: up.append(True)
+    done = asyncio.Event()
+
+    async def fake_party1(ws) -> None:
+        await ws.send(json.dumps({"hello": HELLO, "party": 1, "nonce": auth.nonce()}))
+        message = json.loads(await ws.recv())
+        await ws.send(json.dumps(reply(message)))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(ws.recv(), 10)  # party 0 closes at once, or stays (paired)
+        codes.append(ws.close_code)
+        done.set()
+
+    async with serve(fake_party1, "127.0.0.1", 0, compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        dialler = asyncio.create_task(link.dial_forever(f"ws://127.0.0.1:{port}/v1/peer"))
+        try:
+            await asyncio.wait_for(done.wait(), 30)
+        finally:
+            dialler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dialler
+    return bool(up), codes[0], len(failures)
+
+
+def _reflect(message: dict) -> dict:
+    return {"versions": message["versions"], "mac": message["mac"]}  # party 0's own tag
+
+
+def _other_key(message: dict) -> dict:
+    return {"versions": "[]", "mac": auth.mac(b"x" * 32, "peer", "1", "n", message["nonce"], "[]")}
+
+
+@pytest.mark.parametrize("reply", [_reflect, _other_key], ids=["reflected-tag", "another-key"])
+def test_party_0_never_pairs_with_an_impostor_party_1(reply):
+    """§4.1 "Each replica accepts only the other replica", without TLS: something that answers
+    at party 1's address without the peer key (it sends back party 0's own tag, or a tag made
+    with another key) never gets party 0's stream: closed with 4401 and counted."""
+    up, code, failures = asyncio.run(_party0_against(reply))
+    assert not up and code == 4401 and failures == 1
+
+
+def test_a_peer_flooding_frames_for_runs_that_never_start_holds_at_most_4096_mailboxes():
+    """§4.5: frames for request ids that never start here wait in mailboxes, at most
+    `MAX_MAILBOXES` of them; the rest are dropped (a flood of 5,000 ids)."""
+    from service.api.peer import MAX_MAILBOXES, PeerLink
+
+    link = PeerLink(b"k" * 32, lambda: [])
+    for i in range(MAX_MAILBOXES + 904):
+        frame = wire.decode_frame(
+            wire.encode_data(f"flood-{i}", 0, [torch.zeros(1, dtype=torch.int64)])
+        )
+        link._deliver(frame)
+    assert len(link._boxes) == MAX_MAILBOXES
