@@ -257,6 +257,7 @@ def _first_ws_frame(data: bytes) -> tuple[bytes, bytes]:
     elif length == 127:
         length, at = struct.unpack(">Q", frame[2:10])[0], 10
     at += 4 if frame[1] & 0x80 else 0  # the client's masking key
+    assert len(frame) >= at + length, "the recording holds no whole frame"
     return data[:head_end], frame[: at + length]
 
 
@@ -298,8 +299,8 @@ def test_a_recorded_peer_handshake_replayed_byte_for_byte_is_refused(plain):
                      "replica 0's recorded handshake")[0]  # fmt: skip
     upgrade, handshake = _first_ws_frame(recorded)
     assert b"GET /v1/peer" in upgrade
-    hello = _wait(lambda: peer.received and b"privdigit-peer/1" in peer.received[0], "hello")
-    assert hello  # the plain recording holds the handshake in the clear
+    # the plain recording holds the handshake in the clear
+    _wait(lambda: any(b"privdigit-peer/1" in r for r in peer.received), "replica 1's hello")
     before = _metric(c.replica_urls[1], 'privdigit_auth_failures_total{what="peer"}')
     with socket.create_connection(("127.0.0.1", c.ports[1]), timeout=10) as s:
         s.sendall(upgrade)
@@ -610,7 +611,7 @@ def test_party_0_never_pairs_with_an_impostor_party_1(reply):
     at party 1's address without the peer key (it sends back party 0's own tag, or a tag made
     with another key) never gets party 0's stream: closed with 4401 and counted."""
     up, code, failures = asyncio.run(_party0_against(reply))
-    assert not up and code == 4401 and failures == 1
+    assert not up and code == 4401 and failures >= 1
 
 
 def test_a_peer_flooding_frames_for_runs_that_never_start_holds_at_most_4096_mailboxes():
