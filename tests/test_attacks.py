@@ -646,3 +646,51 @@ def test_every_test_the_security_doc_cites_exists():
         if not re.search(rf"^(?:async )?def {m.group(2)}\(", body, re.M):
             missing.append(f"{last}::{m.group(2)}")
     assert cites > 100 and not missing, missing
+
+
+# -- a TLS replica never dials in the clear -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    from service.devcerts import make_dev_certs
+
+    return Path(make_dev_certs(tmp_path_factory.mktemp("certs"), days=1))
+
+
+@pytest.mark.parametrize(
+    ("party", "urls", "named"),
+    [
+        (0, ("--dealer-url", "http://dealer:8002"), "--dealer-url"),
+        (1, ("--dealer-url", "http://dealer:8002"), "--dealer-url"),
+        (0, ("--peer-url", "ws://replica-1:8001/v1/peer"), "--peer-url"),
+    ],
+    ids=["party-0-plain-dealer", "party-1-plain-dealer", "party-0-plain-peer"],
+)
+def test_a_tls_replica_refuses_to_send_its_material_or_openings_in_the_clear(
+    party, urls, named, certs, tmp_path, monkeypatch, capsys
+):
+    """§4.2: a replica that serves TLS but was given a `http://` dealer URL (party 0 or 1) or a
+    `ws://` peer URL (party 0, which dials) would send the dealer's seeds and corrections, or
+    the openings and the lanes' frames, in the clear to whoever answers there. It refuses to
+    start (a one-line error, exit 2) unless `--allow-http` says plain traffic is intended."""
+    import os
+
+    from service.__main__ import main
+
+    for key in [k for k in os.environ if k.startswith("PRIVDIGIT_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PRIVDIGIT_PEER_SECRET", "p" * 32)
+    monkeypatch.setenv("PRIVDIGIT_DEALER_SECRET", "d" * 32)
+    role = certs / f"replica-{party}"
+    tls = ["--tls-cert", str(role / "cert.pem"), "--tls-key", str(role / "key.pem")]
+    secure = ["--dealer-url", "https://dealer:8002", "--peer-url", "wss://replica-1:8001/v1/peer"]
+    base = ["replica", "--party", str(party), "--model", str(tmp_path / "none"), *tls, *secure]
+    assert main([*base, *urls]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "--allow-http" in err and "Traceback" not in err, err
+    # with the secure URLs, or with --allow-http, the transport passes (the model is missing)
+    for args in (base, [*base, *urls, "--allow-http"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert named not in err and "none" in err, err
