@@ -261,6 +261,28 @@ def _first_ws_frame(data: bytes) -> tuple[bytes, bytes]:
     return data[:head_end], frame[: at + length]
 
 
+def _unmasked(data: bytes) -> bytes:
+    """What a dialler sent on a WebSocket, readable: its HTTP request, then each frame's
+    payload unmasked (a client masks every frame with a fresh key; a recorder just XORs)."""
+    if b"\r\n\r\n" not in data:
+        return data
+    head_end = data.index(b"\r\n\r\n") + 4
+    out, pos = [data[:head_end]], head_end
+    while pos + 2 <= len(data):
+        length, at = data[pos + 1] & 0x7F, pos + 2
+        if length == 126:
+            length, at = struct.unpack(">H", data[at : at + 2])[0], at + 2
+        elif length == 127:
+            length, at = struct.unpack(">Q", data[at : at + 8])[0], at + 8
+        key = data[at : at + 4] if data[pos + 1] & 0x80 else b"\0\0\0\0"
+        at += 4 if data[pos + 1] & 0x80 else 0
+        payload = np.frombuffer(data[at : at + length], dtype=np.uint8)
+        mask = np.resize(np.frombuffer(key, dtype=np.uint8), len(payload))
+        out.append((payload ^ mask).tobytes())
+        pos = at + length
+    return b"".join(out)
+
+
 def _close_code(sock: socket.socket, deadline: float) -> int | None:
     """Read server frames (unmasked) until a close frame; its status code, or None on EOF."""
     buf = bytearray()
@@ -346,6 +368,30 @@ def test_the_dealer_receives_no_share_no_output_and_no_client_request_id(plain, 
     for arr in (s0, s1, lone, *outputs):
         for trace in _traces(arr):
             assert trace not in seen
+
+
+def test_no_credential_crosses_the_wire_even_in_the_clear(plain, mnist):
+    """§2 "Pairwise keys: never sent, only HMAC tags travel": everything recorded on the plain
+    peer stream and dealer hop (the handshake, runs, dealer requests) holds none of the keys.
+    Control: the recording holds the tags that prove them."""
+    c, peer, dealer = plain
+    s0, s1 = _shares(mnist[0][2:3])
+    rid = secrets.token_urlsafe(18)
+    assert [
+        r.status_code for r in _post_pair(c.replica_urls, [_body(s0, rid), _body(s1, rid)])
+    ] == [
+        200,
+        200,
+    ]
+    seen = b"".join(_unmasked(bytes(b)) for b in peer.sent) + peer.everything()
+    seen += dealer.everything()
+    # the control: party 0's handshake message (masked on the wire) and the dealer's header
+    assert b'"party": 0' in seen and b'"mac"' in seen
+    assert auth.AUTH_HEADER.lower().encode() in seen.lower()
+    keys = [c.key(f"replica-{p}", name) for p in (0, 1) for name in ("peer.key", "dealer.key")]
+    for key in keys:
+        for form in (key, base64.b64encode(key), key.hex().encode()):
+            assert form[:32] not in seen
 
 
 def test_logs_hold_no_output_share_and_no_dealer_seed(plain, mnist):
