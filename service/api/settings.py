@@ -43,7 +43,8 @@ class _Base(BaseSettings):
         default=None, description="CA bundle to verify the peer replica and the dealer"
     )
     allow_http: bool = Field(
-        default=False, description="serve plain HTTP (local use or a private network only)"
+        default=False,
+        description="serve (and, replicas: dial) plain HTTP (local use or a private network only)",
     )
 
     @field_validator("secret")
@@ -209,6 +210,27 @@ class ReplicaSettings(_Base):
         gt=0,
         description="a request id is refused (409) for this many seconds after its first use",
     )
+
+    def transport_problem(self) -> str | None:
+        """As for every server, and: without --allow-http, what this replica dials is TLS too.
+
+        A replica that serves TLS but dials `http://` or `ws://` would send its dealer material
+        (seeds, corrections) or the peer frames and lanes (openings) in the clear."""
+        if problem := super().transport_problem():
+            return problem
+        if self.allow_http:
+            return None
+        dials = [("--dealer-url", self.dealer_url, "https://")]
+        if self.party == 0:  # party 1 never dials its peer
+            dials.append(("--peer-url", self.peer_url, "wss://"))
+        for option, url, scheme in dials:
+            if not url.startswith(scheme):
+                return (
+                    f"{option} {url} is not {scheme}: this replica serves TLS and would send "
+                    f"{'its dealer material' if option == '--dealer-url' else 'its openings'} "
+                    f"in the clear; use {scheme}, or --allow-http if plain traffic is intended"
+                )
+        return None
 
     @model_validator(mode="after")
     def _protocol_batch(self) -> ReplicaSettings:
