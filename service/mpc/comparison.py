@@ -120,11 +120,12 @@ def relu(
 ) -> torch.Tensor:
     """[max(x, 0) / 2^trunc_bits]: the sign of x and the truncation computed side by side.
 
-    The sign is taken on the untruncated x (same sign), so the truncation's opening rides in
-    the comparison's first round and its low borrow's gate in the second (`truncation`: exact
-    where x >= 0, which is all the select keeps). Rounds: 3 (comparison, truncation inside) + 1
-    (select) = 4. Bytes per element per party: about 35 (comparison, see the module) + 8
-    (select; + 8 + (2L - 1) / 8 with truncation, L = 2 for a shift by 16, 3 by 18).
+    The sign is taken on the untruncated x (same sign). A shift up to TREE_SHIFT_MAX comes from
+    the carry tree itself (`_sign_and_shift`: no opening of x, about 5 more bytes per element);
+    a larger one opens x masked in the comparison's first round and its low borrow's gate in
+    the second (`truncation`). Both are exact where x >= 0, which is all the select keeps.
+    Rounds: 3 (comparison, truncation inside) + 1 (select) = 4. Bytes per element per party:
+    about 35 (comparison, see the module) + 8 (select) + the shift's.
     `select(party, y, plane)` makes the last step: `select_plane` by default, or one that
     also applies the next layer in its round (`beaver.select_linear`).
     """
