@@ -452,10 +452,9 @@ def _carry_truth(spec: CarrySpec, r: torch.Tensor, lam: torch.Tensor) -> dict[st
         ],
         axis=1,
     )
-    n = u.size
     planes = spec.products(lam.numpy())  # ANDs of the mask planes, 64 elements a word
-    products = [from_plane(torch.from_numpy(planes[spec.products.row[m]]), (n,)) for m in spec.sets]
-    return {"cT": torch.from_numpy(tables), "cL": torch.stack(products)}
+    products = _unpack_rows(planes[[spec.products.row[m] for m in spec.sets]], u.size)
+    return {"cT": torch.from_numpy(tables), "cL": torch.from_numpy(products)}
 
 
 def _fss_parts(req: Request) -> tuple[int, int]:
