@@ -45,11 +45,25 @@ def _relu_bytes(protocol: str, n: int, bits: int) -> int:
     """Bytes party 0 sends for a ReLU of n elements (planes: 64 elements per word)."""
     planes = -(-n // 64)
     select = 8 * n + 8 * planes  # d, and e as a bit plane
+    if protocol == "a2b":  # the carry tree, and with a shift its low carry (no opening of x)
+        return 8 * (8 * 30 + 4 * 8 + 7) * planes + _tree_shift_bytes(n, bits) + select
     # with a shift: the low borrow's gate, 2L - 1 masked inputs (`truncation`)
     low = 8 * (2 * len(carry_spec(bits).slices) - 1) * planes if bits else 0
-    if protocol == "a2b":  # the truncation's c, the carry tree
-        return 8 * n * (bits > 0) + 8 * (8 * 30 + 4 * 8 + 7) * planes + low + select
     return 8 * n + 8 * 17 * planes + low + select  # c (the truncation's too), the 9-slice top
+
+
+def _tree_shift_bytes(n: int, bits: int) -> int:
+    """What a2b's ReLU sends for its shift (`comparison._sign_and_shift`): the G and P of the
+    j positions above the q lowest slices (one more slice pair of the tree's cross gate), the
+    gate over those q + 1 slices' inputs, and the two injected bits' openings."""
+    if not bits:
+        return 0
+    planes = -(-n // 64)
+    q, j = divmod(bits + 1, 4)
+    slices = q + (j > 0)
+    part = 8 * 30 * planes if j else 0
+    gate = 8 * (2 * slices - 1) * planes if slices > 1 else 0
+    return part + gate + 8 * 2 * planes
 
 
 def _argmax_bytes(protocol: str, comparisons: int) -> int:

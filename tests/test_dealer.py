@@ -58,6 +58,19 @@ def test_correlations_hold():
     assert torch.equal(m0["ar"] + m1["ar"], (m0["a"] + m1["a"]) * rb)
 
 
+def test_bit_injection_material_is_the_same_bits_as_planes_and_as_ring_shares():
+    shape = (3, 70)  # more than one word of planes
+    (b0, b1), *_ = _draw_all((Request.b2a(shape, 2),))
+    assert b0["rl"].shape == (2, 4) and b0["ra"].shape == (2, *shape)
+    rl = b0["rl"] ^ b1["rl"]
+    for i in range(2):
+        want = from_plane(rl[i], shape)
+        assert torch.equal(b0["ra"][i] + b1["ra"][i], want)
+        assert 0.3 < want.double().mean() < 0.7  # random bits, not constants
+    with pytest.raises(ValueError, match="b2a"):
+        validate_plan((Request("b2a", ((4,),), (0,)),))
+
+
 def test_party0_gets_only_a_seed_and_party1_only_corrections():
     dealer = Dealer()
     m0, m1 = dealer.deal("x", 0, PLAN), dealer.deal("x", 1, PLAN)

@@ -635,14 +635,17 @@ def test_fss_deployment_classifies_like_plaintext_in_twelve_rounds(tmp_path, mni
 def test_lut_deployment_classifies_like_plaintext_in_fifteen_rounds(tmp_path, mnist):
     _, rounds, peer_bytes = _one_image_on_the_cnn(tmp_path, mnist, "lut")
     assert rounds == 15
-    # words of 8 bytes: the input's opening (784); the first ReLU on a2b: the truncation's
-    # opening (2304), the carry tree (279 x 36 words), the select (2304 + 36); conv2 (2304);
-    # the second ReLU on lut: c (256), the top (17 x 4), the select (256 + 4); fc1 (256); the
-    # third ReLU on lut with fc2 in its select: c (100), the top (17 x 2), the select (100 + 2);
-    # the argmax on lut: c (45), the top (11 x 1); the exact truncations' low-borrow gates
-    # (`truncation`): 5 planes in the first and second ReLU (shift 18), 3 in the third (16)
-    words = 784 + 2304 + 279 * 36 + 2304 + 36 + 2304 + 256 + 68 + 260 + 256 + 100 + 34
-    low = 5 * 36 + 5 * 4 + 3 * 2
+    # words of 8 bytes: the input's opening (784); the first ReLU on a2b: the carry tree
+    # (279 x 36 words), its shift by 18 from the tree (`comparison._sign_and_shift`: the 3
+    # positions above 4 slices, one more slice pair of 30 words; the g5 gate's 9 inputs; 2
+    # injected bits, all as planes of 36 words), the select (2304 + 36); conv2 (2304); the
+    # second ReLU on lut: c (256), the top (17 x 4), the select (256 + 4); fc1 (256); the
+    # third ReLU on lut with fc2 in its select: c (100), the top (17 x 2), the select
+    # (100 + 2); the argmax on lut: c (45), the top (11 x 1); lut's exact truncations'
+    # low-borrow gates (`truncation`): 5 planes in the second ReLU (shift 18), 3 in the third
+    first = 279 * 36 + 30 * 36 + 9 * 36 + 2 * 36 + 2304 + 36
+    words = 784 + first + 2304 + 256 + 68 + 260 + 256 + 100 + 34
+    low = 5 * 4 + 3 * 2
     assert peer_bytes == 8 * (words + 102 + 45 + 11 + low)
 
 

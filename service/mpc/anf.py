@@ -26,6 +26,8 @@ Functions here:
   other and XOR is OR).
 - `g4` (masked, 7 bits G0..G3, P1..P3): G only, for the top of the tree.
 - `gp8` (masked, 16 bits G0..G7, P0..P7): G and P of eight groups at once, as `gp4`.
+- `g2`, `g3`, `g5`, `g6` (masked, as `g4`): the carry into a truncation's shift from the
+  tree's lowest slices (`comparison.relu`).
 - `lt2` (arithmetic, 4 bits G_lo, G_hi, P_hi and the sum's bit 63 before the carry): the sign
   bit = bit ^ (G_hi ^ P_hi G_lo) as an integer, for the argmax's zero test.
 - `c6` (arithmetic, 11 bits G0..G5, P1..P5): the carry of 6 slices as an integer, for `lut`'s.
@@ -303,7 +305,8 @@ GP4 = _masked("gp4", 8, 2, _gp(4))
 G4 = _g_top(4)
 G9 = _g_top(9)  # the top of `lut`'s sign: 9 slices of 7 bits
 GP8 = _masked("gp8", 16, 2, _gp(8))
-MASKED = {f.name: f for f in (GP4, G4, GP8, G9)}
+G_LOW = tuple(_g_top(n) for n in (2, 3, 5, 6))  # a2b's low carry for a truncation (with G4)
+MASKED = {f.name: f for f in (GP4, G4, GP8, G9, *G_LOW)}
 CROSS = {CARRY4.name: CARRY4}
 
 

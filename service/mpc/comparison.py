@@ -32,9 +32,23 @@ from service.mpc import beaver, fanin, truncation
 from service.mpc.anf import ARITH, Arith
 from service.mpc.dealer import Request, pairs
 from service.mpc.party import Party
-from service.mpc.ring import PRIME, from_plane, from_planes_packed, to_plane, to_planes
+from service.mpc.ring import (
+    PRIME,
+    RING_BITS,
+    from_plane,
+    from_planes_packed,
+    to_plane,
+    to_planes,
+)
 
 LABEL_SHARING = "zero"  # how `argmax` hands out the label (see there)
+TREE_SHIFT_MAX = 22  # ReLU shifts up to this take their low carry from the tree (`relu`)
+_LOW63 = (1 << 63) - 1
+
+
+def _positions(planes: torch.Tensor) -> torch.Tensor:
+    """The tree's 64 bit positions of this party's planes: a zero, then bits 0..62."""
+    return torch.cat([torch.zeros_like(planes[:1]), planes[:63]])
 
 
 def _slices(
@@ -43,8 +57,7 @@ def _slices(
     """Step 1: XOR shares of G and P of the 16 slices [16, words] each, this party's bit 63 of
     [x] as a plane, and the additive `ride` values opened in the round. 1 round."""
     planes = to_planes(x)
-    bits = torch.cat([torch.zeros_like(planes[:1]), planes[:63]])  # 64 bits: 16 slices of 4
-    slices = bits.view(16, 4, -1).transpose(0, 1)  # [bit in slice, slice, words]
+    slices = _positions(planes).view(16, 4, -1).transpose(0, 1)  # [bit in slice, slice, words]
     (g, p), opened = fanin.cross(party, slices, "carry4", ride)
     return g, p, planes[63], opened
 
@@ -107,16 +120,19 @@ def relu(
 ) -> torch.Tensor:
     """[max(x, 0) / 2^trunc_bits]: the sign of x and the truncation computed side by side.
 
-    The sign is taken on the untruncated x (same sign), so the truncation's opening rides in
-    the comparison's first round and its low borrow's gate in the second (`truncation`: exact
-    where x >= 0, which is all the select keeps). Rounds: 3 (comparison, truncation inside) + 1
-    (select) = 4. Bytes per element per party: about 35 (comparison, see the module) + 8
-    (select; + 8 + (2L - 1) / 8 with truncation, L = 2 for a shift by 16, 3 by 18).
+    The sign is taken on the untruncated x (same sign). A shift up to TREE_SHIFT_MAX comes from
+    the carry tree itself (`_sign_and_shift`: no opening of x, about 5 more bytes per element);
+    a larger one opens x masked in the comparison's first round and its low borrow's gate in
+    the second (`truncation`). Both are exact where x >= 0, which is all the select keeps.
+    Rounds: 3 (comparison, truncation inside) + 1 (select) = 4. Bytes per element per party:
+    about 35 (comparison, see the module) + 8 (select) + the shift's.
     `select(party, y, plane)` makes the last step: `select_plane` by default, or one that
     also applies the next layer in its round (`beaver.select_linear`).
     """
     if not trunc_bits:
         return select(party, x, not_plane(party, _msb(party, x)[0]))
+    if trunc_bits <= TREE_SHIFT_MAX:
+        return select(party, *_sign_and_shift(party, x, trunc_bits))
     pending = truncation.begin(party, x, trunc_bits)
     g, p, bit63, (c,) = _slices(party, x, [pending.masked])
     gate, mine = fanin.masked_begin(party, _groups(g, p, 4), "gp4")
@@ -126,6 +142,81 @@ def relu(
     y = truncation.finish(party, pending, c, truncation.carry_finish(low, low_theirs)[0])
     (carry,) = fanin.masked(party, torch.cat([g, p[1:]]).unsqueeze(1), "g4")[0]
     return select(party, y, not_plane(party, bit63 ^ carry[0]))
+
+
+def _partial_slice(party: Party, positions: torch.Tensor, q: int, j: int) -> torch.Tensor:
+    """A slice [4, words] of tree positions 4q .. 4q + j - 1 (j < 4) topped up with neutral
+    positions (party 0's bit 1, party 1's 0: they propagate and never generate), so that its G
+    and P are those of the j positions."""
+    out = torch.zeros((4, positions.shape[1]), dtype=positions.dtype)
+    out[:j] = positions[4 * q : 4 * q + j]
+    if party.index == 0:
+        out[j:] = -1
+    return out
+
+
+def _sign_and_shift(party: Party, x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[x >> bits] where x >= 0 (what a ReLU keeps) and XOR shares of [x >= 0] as a bit plane,
+    from the two parties' words x0, x1 (x = x0 + x1) and the carry tree, with no opening of x.
+
+    With x0', x1' the words' low 63 bits, x0' + x1' = x + 2^63 s for x in [0, 2^63), where
+    s = x0[63] ^ x1[63] (bit 63 of x is 0, so the carry into it is s), hence
+        x >> bits = (x0' >> bits) + (x1' >> bits) + carry_bits - 2^(63 - bits) s
+    with carry_bits the carry into bit `bits` of x0 + x1: G of the tree's positions 0..bits,
+    i.e. of its q = (bits + 1) // 4 lowest slices and j = (bits + 1) % 4 positions above them.
+    s is XOR-shared as it stands (each party's bit 63), carry_bits after a gate; both become
+    ring shares by bit injection (`Request.b2a`: open u ^ rl, u = v + (1 - 2v) [rl] for the
+    opened v), in rounds the comparison makes anyway:
+      1. the tree's slices (`_slices`) and the j positions' G, P (`carry4` on them with
+         neutral tops, as two more slices); open s ^ rl_0                      (1 round)
+      2. the tree's gp4; carry_bits = G of the q slices and the j positions (`anf.g{q+1}`)
+      3. the tree's g4 (the sign); open carry_bits ^ rl_1
+      4. local: the shift above with the injected bits
+    Rounds: 3, the comparison's. Bytes per element and party: the tree's and (2 q + 1) / 8 +
+    2 / 8, plus 30 words per 64 elements for the j positions: about 5 where the masked
+    opening of x took 8 and its borrow's gate 5 / 8. Dealer: 2 ring words per element (ra),
+    and bit planes. What a party sees: words masked by fresh uniform dealer words or bits.
+    """
+    if not 0 < bits <= TREE_SHIFT_MAX:
+        raise ValueError(f"the tree's shift must be in [1, {TREE_SHIFT_MAX}], got {bits}")
+    q, j = divmod(bits + 1, 4)
+    t = party.rand.take(Request.b2a(x.shape, 2))
+    rl = t["rl"]
+    planes = to_planes(x)
+    positions = _positions(planes)
+    slices = positions.view(16, 4, -1).transpose(0, 1)  # [bit in slice, slice, words]
+    if j:  # twice: the cross gate wants an even number of slices (one of each party's a side)
+        extra = _partial_slice(party, positions, q, j).unsqueeze(1)
+        slices = torch.cat([slices, extra, extra], dim=1)
+    tree, mine = fanin.cross_begin(party, slices, "carry4")
+    wrap_mine = planes[63] ^ rl[0]
+    theirs = party.channel.exchange([*mine, wrap_mine])
+    g, p = fanin.cross_finish(tree, theirs[:2])
+    gs, ps = list(g[:q]), list(p[1:q])
+    if j:
+        gs, ps = [*gs, g[16]], [*ps, p[16]] if q else ps
+    g, p = g[:16], p[:16]
+    wrap = wrap_mine ^ theirs[-1]  # s ^ rl_0, opened
+    top, top_mine = fanin.masked_begin(party, _groups(g, p, 4), "gp4")
+    if len(gs) > 1:
+        low, low_mine = fanin.masked_begin(party, torch.stack([*gs, *ps]), f"g{len(gs)}")
+        theirs = party.channel.exchange([*top_mine, *low_mine])
+        (carry_bits,) = fanin.masked_finish(low, low_mine[0], theirs[1])
+    else:
+        theirs = party.channel.exchange(top_mine)
+        carry_bits = gs[0]
+    g, p = fanin.masked_finish(top, top_mine[0], theirs[0])
+    top, top_mine = fanin.masked_begin(party, torch.cat([g, p[1:]]).unsqueeze(1), "g4")
+    carry_mine = carry_bits.reshape(-1) ^ rl[1]
+    theirs_top, theirs_carry = party.channel.exchange([*top_mine, carry_mine])
+    (sign,) = fanin.masked_finish(top, top_mine[0], theirs_top)
+    opened = (from_plane(v, x.shape) for v in (wrap, carry_mine ^ theirs_carry))
+    s, carry = (
+        v + (1 - 2 * v) * ra if party.index == 0 else (1 - 2 * v) * ra
+        for v, ra in zip(opened, t["ra"], strict=True)
+    )
+    y = ((x & _LOW63) >> bits) + carry - (s << (RING_BITS - 1 - bits))
+    return y, not_plane(party, planes[63] ^ sign[0])
 
 
 def maximum(party: Party, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,9 @@ Kinds (each a `Request`; shapes are public, values secret):
   seed, so the parties open W - b once per model instead of once per query (`beaver.linear`).
 - `and(shape)`: XOR shares of words a, b, c with c = a & b.
 - `trunc(shape, bits)`: [r], [r >>> bits], [msb(r)] for uniform r (dealer-assisted truncation).
+- `b2a(shape, count)`: `count` random bits per element, XOR shares of their bit planes rl
+  [count, words] and ring shares of the same bits ra [count, *shape] (bit injection: one
+  opened plane turns an XOR-shared bit into a ring share; `comparison.relu`'s truncation).
 - `mux(shape)`: random bits rb, one per element, as XOR shares of their bit plane and as [rb],
   a uniform [a], and [a * rb].
 - `muxw((batch, n), (n, m), mask_id, name)`: `mux` for a select whose result goes straight into
@@ -141,6 +144,10 @@ class Request:
         return Request("trunc", (tuple(shape),), (bits, "nonneg") if nonneg else (bits,))
 
     @staticmethod
+    def b2a(shape, count: int) -> Request:
+        return Request("b2a", (tuple(shape),), (count,))
+
+    @staticmethod
     def mux(shape) -> Request:
         return Request("mux", (tuple(shape),))
 
@@ -228,6 +235,7 @@ _SEEDED = {
     "beaverw": (("a", "ring", 0),),  # b: from the fixed weight-mask seed, see `Randomness`
     "and": (("a", "ring", 0), ("b", "ring", 0)),
     "trunc": (("r", "ring", 0),),
+    "b2a": (("rl", "ring", 0),),  # shape: see `_seeded_fields`
     "mux": (("rb", "plane", 0), ("a", "ring", 0)),
     "muxw": (("rb", "plane", 0), ("a", "ring", 0)),  # b: as for beaverw
     "fss": (("r", "ring", 0), ("root", "root", 0)),
@@ -242,6 +250,7 @@ _DERIVED = {
     "beaverw": ("c",),
     "and": ("c",),
     "trunc": ("r_hi",),  # "nonneg": also r_msb; both: the carry's cT, cL (see `_derived`)
+    "b2a": ("ra",),
     "mux": ("r", "ar"),
     "muxw": ("r", "ar", "rbw", "aw", "arw"),
     "cross": ("z",),
@@ -333,6 +342,12 @@ def _tables(r: torch.Tensor, w: int) -> torch.Tensor:
             axis=1,
         )
     )
+
+
+def _unpack_rows(planes: np.ndarray, n: int) -> np.ndarray:
+    """Bit planes [k, words] as 0/1 int64 [k, n] (n elements per plane)."""
+    bits = np.unpackbits(planes.view(np.uint8), axis=1, bitorder="little")[:, :n]
+    return bits.astype(np.int64)
 
 
 def _lut_truth(req: Request, r: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -437,10 +452,9 @@ def _carry_truth(spec: CarrySpec, r: torch.Tensor, lam: torch.Tensor) -> dict[st
         ],
         axis=1,
     )
-    n = u.size
     planes = spec.products(lam.numpy())  # ANDs of the mask planes, 64 elements a word
-    products = [from_plane(torch.from_numpy(planes[spec.products.row[m]]), (n,)) for m in spec.sets]
-    return {"cT": torch.from_numpy(tables), "cL": torch.stack(products)}
+    products = _unpack_rows(planes[[spec.products.row[m] for m in spec.sets]], u.size)
+    return {"cT": torch.from_numpy(tables), "cL": torch.from_numpy(products)}
 
 
 def _fss_parts(req: Request) -> tuple[int, int]:
@@ -508,6 +522,10 @@ def _truth(req: Request, full: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
         r = full["r"]
         out = {"r_hi": logical_shift_right(r, int(req.params[0]))}
         return out | ({"r_msb": msb(r)} if len(req.params) == 2 else {})
+    if req.kind == "b2a":
+        shape = req.shapes[0]
+        ra = _unpack_rows(full["rl"].numpy(), math.prod(shape))
+        return {"ra": torch.from_numpy(ra).reshape(len(ra), *shape)}
     if req.kind in ("mux", "muxw"):
         rb = from_plane(full["rb"], req.shapes[0])
         out = {"r": rb, "ar": full["a"] * rb}
@@ -574,6 +592,8 @@ def _derived_shape(req: Request, name: str = "") -> tuple[int, ...]:
         return (rows, n) if name == "rho" else (rows, n * (n - 1) // 2, sets)
     if req.kind == "cross":
         return (anf.CROSS[str(req.params[0])].outputs, *req.shapes[0])
+    if req.kind == "b2a":
+        return (int(req.params[0]), *req.shapes[0])
     if req.kind == "mand":
         return (len(anf.MASKED[str(req.params[0])].subsets), *req.shapes[0][1:])
     if req.kind in ("beaver", "beaverw"):
@@ -589,6 +609,7 @@ _ARITY = {
     "beaverw": 2,
     "and": 1,
     "trunc": 1,
+    "b2a": 1,
     "mux": 1,
     "muxw": 2,
     "fss": 1,
@@ -667,6 +688,11 @@ def _validate_plan(plan: tuple[Request, ...], max_elements: int) -> None:
                 or (req.params[0] == "sign" and req.params[1] != 0)
             ):
                 raise ValueError(f"step {i}: fss needs a gate (sign | relu) and a shift in [0, 62)")
+        elif req.kind == "b2a":
+            if len(req.params) != 1 or not isinstance(req.params[0], int):
+                raise ValueError(f"step {i}: b2a needs a count of bits per element")
+            if not 1 <= req.params[0] <= 8:
+                raise ValueError(f"step {i}: b2a takes 1 to 8 bits per element")
         elif req.kind == "muxw":
             (x_shape, w_shape), params = req.shapes, req.params
             if len(params) != 2 or not all(_is_name(p) for p in params):
@@ -767,6 +793,9 @@ def _seeded_fields(req: Request) -> list[tuple[str, str, tuple[int, ...]]]:
     if req.kind == "zmax":
         (rows, n), inputs = req.shapes[0], anf.ARITH[str(req.params[0])].inputs
         return [("lam", "ring", (inputs, -(-_comparisons(req) // 64)))]  # bit planes
+    if req.kind == "b2a":
+        words = -(-math.prod(req.shapes[0]) // 64)
+        return [("rl", "ring", (int(req.params[0]), words))]
     if req.kind == "zlut":  # the sign input m is masked by msb(r), not dealt
         (rows, n), inputs = req.shapes[0], anf.ARITH[str(req.params[0])].inputs
         return [
@@ -1049,7 +1078,7 @@ class Dealer:
             else:
                 xor = req.kind in _XOR_KINDS
                 full = {
-                    n: (s0[n] ^ s1[n]) if xor or n in ("rb", "lam", "clam") else s0[n] + s1[n]
+                    n: (s0[n] ^ s1[n]) if xor or n in ("rb", "lam", "clam", "rl") else s0[n] + s1[n]
                     for n in s0
                 }
                 if req.kind in WEIGHT_MASK_KINDS:

@@ -64,26 +64,29 @@ def _exchange(party: Party, mine: list, ride: Sequence[torch.Tensor]) -> tuple[l
 class PendingCross:
     fn: Cross
     rand: dict[str, torch.Tensor]
-    table: torch.Tensor  # [0, 1, support...] on this party's a-side half: the coefficients
+    support: torch.Tensor  # [support, half, w] on this party's a-side half: the coefficients
     const: torch.Tensor  # [outputs, half, w]: the b-free terms c_0(a)
     index: int
 
 
 @cache
-def _rows(fn: Cross) -> torch.Tensor:
-    return torch.tensor(fn.rows)
+def _terms(fn: Cross) -> tuple[tuple[list[int], list[int], list[int]], ...]:
+    """Per output: the b-monomials (index T - 1) whose coefficient is 1, and those whose
+    coefficient is a monomial of a with that monomial's support row (the others have none)."""
+    return tuple(
+        (
+            [t for t, r in enumerate(row) if r == 1],
+            [t for t, r in enumerate(row) if r >= 2],
+            [r - 2 for r in row if r >= 2],
+        )
+        for row in fn.rows
+    )
 
 
 @cache
 def _constant_rows(fn: Cross) -> torch.Tensor:
     """Rows of all a-monomials plus a zero row (index 2^k) that hold each constant term."""
     return torch.tensor([1 << fn.k if s is None else s for s in fn.constant])
-
-
-def _with_constants(support: torch.Tensor) -> torch.Tensor:
-    """[0, 1 (all ones), support rows...]: the table `anf.Cross.rows` indexes."""
-    zeros = torch.zeros((1, *support.shape[1:]), dtype=support.dtype)
-    return torch.cat([zeros, ~zeros, support])
 
 
 def cross_begin(party: Party, bits: torch.Tensor, name: str) -> tuple[PendingCross, list]:
@@ -99,20 +102,24 @@ def cross_begin(party: Party, bits: torch.Tensor, name: str) -> tuple[PendingCro
     mono_a = _monomials(a)
     support = mono_a[list(fn.support)]
     const = torch.cat([mono_a, torch.zeros_like(mono_a[:1])])[_constant_rows(fn)]
-    pending = PendingCross(fn, t, _with_constants(support), const, party.index)
+    pending = PendingCross(fn, t, support, const, party.index)
     return pending, [support ^ t["x"], _monomials(b)[1:] ^ t["y"]]
 
 
 def cross_finish(pending: PendingCross, theirs: Sequence[torch.Tensor]) -> torch.Tensor:
     """XOR shares of the outputs [outputs, groups, w] from the peer's messages."""
-    their_support, their_mono = theirs
-    t, coef = pending.rand, _rows(pending.fn)
-    # a side: c_0 ^ XOR_T c_T & (b^T ^ y_T); b side: XOR_T (c_T ^ x_T) & y_T
-    as_a = pending.const ^ _xor_reduce(pending.table[coef] & their_mono.unsqueeze(0), 1)
-    masked = _with_constants(their_support)[coef]
-    as_b = _xor_reduce(masked & t["y"].unsqueeze(0), 1)
+    their_support, their_mono = (v.numpy() for v in theirs)
+    support, y = pending.support.numpy(), pending.rand["y"].numpy()
+    # a side: c_0 ^ XOR_T c_T & (b^T ^ y_T); b side: XOR_T (c_T ^ x_T) & y_T; term by term,
+    # in place (a coefficient 1 takes the other word as it is, a missing one nothing)
+    as_a = pending.const.numpy().copy()
+    as_b = np.zeros_like(as_a)
+    xor = np.bitwise_xor.reduce
+    for o, (ones, ts, rows) in enumerate(_terms(pending.fn)):
+        as_a[o] ^= xor(their_mono[ones], axis=0) ^ xor(support[rows] & their_mono[ts], axis=0)
+        as_b[o] ^= xor(y[ones], axis=0) ^ xor(their_support[rows] & y[ts], axis=0)
     halves = [as_a, as_b] if pending.index == 0 else [as_b, as_a]
-    return torch.cat(halves, dim=1) ^ t["z"]
+    return torch.from_numpy(np.concatenate(halves, axis=1)) ^ pending.rand["z"]
 
 
 def cross(party: Party, bits: torch.Tensor, name: str, ride: Sequence[torch.Tensor] = ()):

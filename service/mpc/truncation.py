@@ -37,7 +37,9 @@ What a party sees: c (uniform: r is), the gate's inputs masked by fresh uniform 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
+import numpy as np
 import torch
 
 from service.mpc.dealer import CarrySpec, Request, carry_spec
@@ -91,33 +93,78 @@ def begin_with(party: Party, x: torch.Tensor, t: dict, bits: int) -> PendingTrun
     return PendingTruncation(x + t["r"], t, bits, carry_spec(bits))
 
 
+@cache
+def _layout(spec: CarrySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each slice's shift, width mask and first table word, as columns [S, 1]."""
+    shift, width, first = torch.tensor(spec.slices).t().unsqueeze(-1)
+    return shift, (1 << width) - 1, first
+
+
 def carry_begin(
     party: Party, c: torch.Tensor, t: dict, spec: CarrySpec, extra: torch.Tensor | None = None
 ) -> tuple[PendingCarry, torch.Tensor]:
     """The gate's message (its inputs masked, bit planes [inputs, words]) from the opened c and
     the tables `t["cT"]`; `extra`: XOR shares (0/1 per element) of a factor of every term."""
     flat = c.reshape(-1)
-    tables = t["cT"]
-    lts, les = [], []
-    for shift, width, first in spec.slices:
-        idx = logical_shift_right(flat, shift) & ((1 << width) - 1)
+    shift, width, first = _layout(spec)
+    idx = (flat.unsqueeze(0) >> shift) & width  # [S, n]: c's slices (the mask drops the sign)
 
-        def bit(i: torch.Tensor, first: int = first) -> torch.Tensor:
-            word = torch.gather(tables, 1, (first + (i >> 6)).unsqueeze(1)).squeeze(1)
-            return (word >> (i & 63)) & 1
+    def bit(i: torch.Tensor) -> torch.Tensor:
+        word = torch.gather(t["cT"], 1, (first + (i >> 6)).t()).t()
+        return (word >> (i & 63)) & 1
 
-        lts.append(bit(idx))
-        les.append(torch.where(idx == 0, int(party.index == 0), bit((idx - 1).clamp(min=0))))
-    eqs = [lt ^ le for lt, le in zip(lts[1:], les[1:], strict=True)]
-    rows = [*lts, *eqs, *([extra.reshape(-1) & 1] if extra is not None else [])]
-    mine = to_plane_rows(torch.stack(rows)) ^ t["clam"]
+    lt = bit(idx)
+    le = torch.where(idx == 0, int(party.index == 0), bit((idx - 1).clamp(min=0)))  # T[-1] = 1
+    rows = [lt, lt[1:] ^ le[1:], *([extra.reshape(1, -1) & 1] if extra is not None else [])]
+    mine = to_plane_rows(torch.cat(rows)) ^ t["clam"]
     return PendingCarry(mine, t, spec, flat.numel(), party.index), mine
+
+
+TABLE_INPUTS_MAX = 10  # gates up to this many inputs evaluate by a table of coefficients
+
+
+@cache
+def _coefficients(spec: CarrySpec) -> tuple[torch.Tensor, ...] | None:
+    """Per output, [2^inputs, 1 + len(sets)]: for each opened word v, the coefficient of 1 and
+    of each Lambda_R (R in `spec.sets`) in the output, prod over its monomials m of
+    (v_i + (1 - 2 v_i) lambda_i) = sum_(R in m) prod_(m - R) v_i prod_R (1 - 2 v_i) Lambda_R;
+    None for gates too wide for a table."""
+    if spec.inputs > TABLE_INPUTS_MAX:
+        return None
+    v = np.arange(1 << spec.inputs)
+    column = {0: 0} | {r: 1 + j for j, r in enumerate(spec.sets)}
+    tables = []
+    for monomials in spec.monomials:
+        table = np.zeros((v.size, len(column)), dtype=np.int64)
+        for mono in monomials:
+            m = sum(1 << i for i in mono)
+            r = m
+            while True:  # every R inside m
+                public = m & ~r
+                sign = 1 - 2 * (np.bitwise_count(v & r) & 1).astype(np.int64)
+                table[:, column[r]] += ((v & public) == public) * sign
+                if not r:
+                    break
+                r = (r - 1) & m
+        tables.append(torch.from_numpy(table))
+    return tuple(tables)
 
 
 def carry_finish(pending: PendingCarry, theirs: torch.Tensor) -> list[torch.Tensor]:
     """Ring shares of each output's borrow (`spec.outputs`), flat per element. Local."""
     delta = pending.mine ^ theirs
     n, lam = pending.count, pending.t["cL"]
+    tables = _coefficients(pending.spec)
+    if tables is not None:  # each element's opened inputs as one word, its coefficients looked up
+        bits = np.unpackbits(delta.numpy().view(np.uint8), axis=1, bitorder="little")[:, :n]
+        weights = 1 << np.arange(len(bits), dtype=np.int64)
+        packed = torch.from_numpy(weights @ bits.astype(np.int64))
+        outs = []
+        for table in tables:
+            coef = table[packed]  # [n, 1 + sets]
+            total = (coef[:, 1:] * lam.t()).sum(1)
+            outs.append(total + coef[:, 0] if pending.index == 0 else total)
+        return outs
     d = [from_plane(delta[i], (n,)) for i in range(pending.spec.inputs)]
     s = [1 - 2 * v for v in d]
     row = {mask: i for i, mask in enumerate(pending.spec.sets)}
