@@ -70,12 +70,12 @@ def test_labels_on_1000_mnist_images_equal_plaintext(kind):
 # opened): rounds and bytes party 0 sends for one label, then 48 images' labels and logits
 # against plaintext. One round more per fss ReLU with a shift (the exact truncation's borrow).
 NETWORK_CASES = [  # (model, protocol, rounds, peer bytes for one label)
-    ("cnn", "lut", 15, 152_912),
-    ("cnn", "a2b", 18, 167_248),
+    ("cnn", "lut", 15, 144_848),
+    ("cnn", "a2b", 18, 158_096),
     ("cnn", "fss", 12, 51_256),
-    ("cnn", "hybrid", 14, 150_040),
+    ("cnn", "hybrid", 14, 141_976),
     ("fcnet", "lut", 10, 12_512),
-    ("fcnet", "a2b", 13, 22_656),
+    ("fcnet", "a2b", 13, 21_824),
     ("fcnet", "fss", 9, 10_936),
     ("fcnet", "hybrid", 9, 10_936),
 ]
