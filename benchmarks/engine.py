@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from service.api import wire
+from service.api.transport import wire
 from service.memory import keep_freed_memory
 from service.mpc.beaver import WeightMasks
 from service.mpc.channel import InMemoryChannel

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from service.api import wire
 from service.api.batching import Batcher
 from service.api.prefetch import MaterialPool
+from service.api.transport import wire
 
 
 class Clock:

@@ -12,8 +12,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.api import auth, wire
+from service.api import auth
 from service.api.errors import ERRORS
+from service.api.transport import wire
 from service.mpc.dealer import Dealer, Request
 from service.store import ModelRegistry, StoreError, load_share
 

@@ -53,11 +53,11 @@ from typing import Any
 
 import torch
 
-from service.api import wire
 from service.api.errors import ApiError
-from service.api.lanes import MAX_LANES, Lanes
-from service.api.peer import FramedChannel, PeerLink, PeerLost
 from service.api.prefetch import PREFETCH_BATCH, PREFETCH_OUTPUT, MaterialPool
+from service.api.transport import wire
+from service.api.transport.lanes import MAX_LANES, Lanes
+from service.api.transport.peer import FramedChannel, PeerLink, PeerLost
 from service.mpc.dealer import new_run_id
 from service.store import LoadedModel, ModelRegistry
 

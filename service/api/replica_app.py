@@ -37,20 +37,11 @@ from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service import identity
-from service.api import auth, wire
+from service.api import auth
 from service.api.batching import Batcher, Run
 from service.api.dealer_client import DealerClient
 from service.api.errors import ERRORS, ApiError, RequestGuard, install_error_handlers
-from service.api.lanes import Lanes
 from service.api.observability import ReplicaMetrics
-from service.api.peer import (
-    FramedChannel,
-    MaterialMismatch,
-    PeerAborted,
-    PeerLink,
-    PeerLost,
-    PeerTimeout,
-)
 from service.api.prefetch import MaterialPool
 from service.api.schemas import (
     ErrorBody,
@@ -63,6 +54,16 @@ from service.api.schemas import (
     Tensor,
 )
 from service.api.settings import ReplicaSettings
+from service.api.transport import wire
+from service.api.transport.lanes import Lanes
+from service.api.transport.peer import (
+    FramedChannel,
+    MaterialMismatch,
+    PeerAborted,
+    PeerLink,
+    PeerLost,
+    PeerTimeout,
+)
 from service.mpc.beaver import WeightMasks
 from service.mpc.channel import ChannelError
 from service.mpc.dealer import Randomness

@@ -28,7 +28,8 @@ from typing import Any, Protocol
 
 import torch
 
-from service.api import auth, wire
+from service.api import auth
+from service.api.transport import wire
 from service.mpc.channel import ChannelError, ChannelStats
 
 log = logging.getLogger("privdigit.peer")
