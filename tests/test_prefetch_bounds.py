@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from service.api.batching import Batcher
-from service.api.prefetch import MaterialPool
+from service.api.batching.prefetch import MaterialPool
 from service.api.transport import wire
 
 
