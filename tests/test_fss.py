@@ -26,10 +26,9 @@ from service.mpc.dealer import (
     key_words,
     validate_plan,
 )
-from service.mpc.inprocess import private_forward
+from service.mpc.inprocess import private_forward, share_images, share_model
 from service.mpc.network import ModelSpecError, PrivateNetwork
 from service.mpc.prg import random_ring
-from service.mpc.sharing import share_tensors
 from tests.conftest import FP, opened, opened_xor, run_shared
 from tests.test_network import _images, _model
 from tests.test_security import (
@@ -244,11 +243,8 @@ def test_validate_plan_refuses_bad_fss_requests(params):
 def test_network_with_fss_matches_plaintext_labels_and_logits(kind, protocol, rounds):
     model = _model(kind)
     x, _ = _images(48)
-    layers = tuple(model.layers())
-    net = PrivateNetwork(layers, (1, 28, 28), FP, protocol)
-    weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, FP)
-    images = share_tensors({"x": x.double()}, FP)
-    pair = (images[0]["x"], images[1]["x"])
+    shared = share_model(model.layers(), model.state_dict(), (1, 28, 28), FP, protocol)
+    net, weights, pair = shared.net, shared.weights, share_images(x, FP)
     labels = private_forward(net, weights, pair, Dealer(), "fss-net-1", "label")
     logits = private_forward(net, weights, pair, Dealer(), "fss-net-2", "logits")
     with torch.no_grad():
@@ -257,7 +253,7 @@ def test_network_with_fss_matches_plaintext_labels_and_logits(kind, protocol, ro
     assert (FP.decode(logits.out0 + logits.out1) - plain.double()).abs().max() < 0.01
     assert labels.stats0.rounds == rounds
     with pytest.raises(ModelSpecError):
-        PrivateNetwork(layers, (1, 28, 28), FP, "garbled")
+        PrivateNetwork(tuple(model.layers()), (1, 28, 28), FP, "garbled")
 
 
 def test_weight_mask_seeds_survive_the_wire_and_bad_beaverw_requests_are_refused():

@@ -22,12 +22,10 @@ from service.mpc.dealer import (
     table_words,
     validate_plan,
 )
-from service.mpc.inprocess import private_forward
-from service.mpc.network import PrivateNetwork
+from service.mpc.inprocess import private_forward, share_images, share_model
 from service.mpc.party import Party
 from service.mpc.prg import random_ring
 from service.mpc.ring import PRIME, from_plane, from_planes_packed
-from service.mpc.sharing import share_tensors
 from tests.conftest import FP, opened, opened_xor, run_shared
 from tests.test_fss import _images, _model
 
@@ -213,10 +211,8 @@ def test_network_with_lut_matches_plaintext_labels_and_logits(kind, rounds):
 
     model = _model(kind)
     x, _ = _images(48)
-    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), FP, "lut")
-    weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, FP)
-    images = share_tensors({"x": x.double()}, FP)
-    pair = (images[0]["x"], images[1]["x"])
+    shared = share_model(model.layers(), model.state_dict(), (1, 28, 28), FP, "lut")
+    net, weights, pair = shared.net, shared.weights, share_images(x, FP)
     dealer = Dealer()
     masks = (WeightMasks("lut-net"), WeightMasks("lut-net"))
     private_forward(net, weights, pair, dealer, "lut-warm", "label", masks)  # opens W - b
