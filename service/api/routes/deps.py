@@ -14,8 +14,10 @@ from service.api.replica import Replica
 from service.api.schemas import ErrorBody
 
 
-def get_replica(conn: HTTPConnection) -> Replica:
-    """The replica this app was built around (`create_replica_app`), never a global."""
+async def get_replica(conn: HTTPConnection) -> Replica:
+    """The replica this app was built around (`create_replica_app`), never a global. A
+    coroutine, so FastAPI calls it on the event loop (a plain function would cost every request
+    a hop through its thread pool)."""
     return conn.app.state.replica
 
 
