@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup browser demo test test-slow lint bench race clean openapi deploy-shares k8s-secrets
+.PHONY: setup browser demo test test-slow lint bench race clean openapi deploy-shares k8s-secrets screenshot
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run 'make PY=/path/to/python3.11'"; exit 1; }
@@ -54,6 +54,10 @@ bench: $(STAMP)
 # (installed once into .cache/race/crypten-venv).
 race: $(STAMP)
 	$(BIN)/python -m benchmarks.race
+
+# docs/web-page.png, made by the browser test itself from today's page (commit the result).
+screenshot: $(STAMP) browser
+	PRIVDIGIT_DOCS_SCREENSHOT=docs/web-page.png $(BIN)/python -m pytest -q tests/test_web_e2e.py -k draw
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

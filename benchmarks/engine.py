@@ -29,16 +29,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from service.api import wire
+from service.api.transport import wire
 from service.memory import keep_freed_memory
 from service.mpc import protocols as registry
 from service.mpc.beaver import WeightMasks
 from service.mpc.channel import InMemoryChannel
-from service.mpc.dealer import Dealer, deal_pair
-from service.mpc.inprocess import private_forward, run_two_party
-from service.mpc.network import PrivateNetwork
+from service.mpc.dealer import Dealer
+from service.mpc.inprocess import private_forward, share_images, share_model
 from service.mpc.ring import DEFAULT_FP
-from service.mpc.sharing import share_tensors
 from training.model import DigitCNN, FCNet
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
@@ -49,9 +47,8 @@ def _setup(kind: str, comparison: str = registry.DEFAULT):
     model = MODELS[kind]()
     model.load_state_dict(load_file(FIXTURES / f"{kind}.safetensors"))
     model.eval()
-    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), DEFAULT_FP, comparison)
-    weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, DEFAULT_FP)
-    return model, net, weights
+    shared = share_model(model.layers(), model.state_dict(), (1, 28, 28), DEFAULT_FP, comparison)
+    return model, shared.net, shared.weights
 
 
 def _images(n: int) -> torch.Tensor:
@@ -59,32 +56,13 @@ def _images(n: int) -> torch.Tensor:
     return torch.from_numpy(data["images"][:n]).float().unsqueeze(1) / 255.0
 
 
-def _share_images(x: torch.Tensor):
-    s0, s1 = share_tensors({"x": x.double()}, DEFAULT_FP)
-    return s0["x"], s1["x"]
-
-
 def _online(net, weights, images, dealer, output="label", masks=None, channels=None):
-    """(online seconds, dealer seconds, result) for one private forward pass.
-
-    `masks`: both parties' fixed weight masks, as a replica keeps them (None: per query).
-    """
-    shapes = {k: tuple(v.shape) for k, v in weights[0].items()}
-    plan = net.plan(images[0].shape[0], output, shapes, masks[0].mask_id if masks else None)
-    t0 = time.perf_counter()
-    r0, r1 = deal_pair(dealer, uuid.uuid4().hex, plan)
-    r0.prefetch(), r1.prefetch()
-    t1 = time.perf_counter()
-    res = run_two_party(
-        lambda p: net.forward(
-            p, images[p.index], weights[p.index], output, masks[p.index] if masks else None
-        ),
-        r0,
-        r1,
-        net.fp,
-        channels=channels,
-    )
-    return time.perf_counter() - t1, t1 - t0, res
+    """One private forward pass with the dealer's material expanded first, as a replica
+    prefetches it (`masks`: both parties' fixed weight masks, as a replica keeps them)."""
+    return private_forward(
+        net, weights, images, dealer, uuid.uuid4().hex, output, masks,
+        prefetch=True, channels=channels,
+    )  # fmt: skip
 
 
 class _Recording(InMemoryChannel):
@@ -116,18 +94,18 @@ def _wire_ms(net, weights, one, dealer, masks, repeats: int) -> float:
 def bench_model(kind: str, comparison: str, repeats: int, n_images: int, progress) -> dict:
     model, net, weights = _setup(kind, comparison)
     dealer = Dealer()
-    one = _share_images(_images(1))
+    one = share_images(_images(1))
     masks = (WeightMasks("bench"), WeightMasks("bench"))
     _online(net, weights, one, dealer, masks=masks)  # warm-up; opens the masked weights
     online, offline = [], []
     for _ in progress(range(repeats), desc=f"{kind} {comparison} batch 1"):
-        t_on, t_off, res = _online(net, weights, one, dealer, masks=masks)
-        online.append(t_on)
-        offline.append(t_off)
-    batch = _share_images(_images(64))
+        res = _online(net, weights, one, dealer, masks=masks)
+        online.append(res.online_s)
+        offline.append(res.dealer_s)
+    batch = share_images(_images(64))
     b_times = []
     for _ in progress(range(max(3, repeats // 10)), desc=f"{kind} {comparison} batch 64"):
-        b_times.append(_online(net, weights, batch, dealer, masks=masks)[0])
+        b_times.append(_online(net, weights, batch, dealer, masks=masks).online_s)
     x1 = _images(1)
     with torch.no_grad():
         plain_times = []
@@ -137,7 +115,7 @@ def bench_model(kind: str, comparison: str, repeats: int, n_images: int, progres
             plain_times.append(time.perf_counter() - t)
         x = _images(n_images)
         plain = model(x)
-    shared = _share_images(x)
+    shared = share_images(x)
     labels = private_forward(net, weights, shared, dealer, uuid.uuid4().hex, "label")
     logits = private_forward(net, weights, shared, dealer, uuid.uuid4().hex, "logits")
     agree = (net.open_label(labels.out0, labels.out1) == plain.argmax(-1)).double().mean()

@@ -7,7 +7,7 @@ tests/fixtures/cnn.safetensors runs through
   plaintext   PyTorch, one thread;
   engine      this project's engine in-process: both parties on threads, the dealer's randomness
               dealt and expanded beforehand (as a replica prefetches it); once per comparison
-              protocol when `PrivateNetwork` has a `comparison` field ("a2b", "fss");
+              protocol (`service.mpc.protocols.NAMES`);
   service     a local cluster (dealer and two replicas, loopback HTTP) through clients/privdigit,
               running the fastest engine protocol: one request per batch, from the client's
               call to the reconstructed labels;
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -37,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,13 +45,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.engine import _online, _share_images
 from service.memory import keep_freed_memory
 from service.mpc.beaver import WeightMasks
 from service.mpc.dealer import Dealer
-from service.mpc.network import PrivateNetwork
+from service.mpc.inprocess import private_forward, share_images, share_model
 from service.mpc.ring import DEFAULT_FP
-from service.mpc.sharing import share_tensors
 from training.model import DigitCNN
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,7 +156,7 @@ def bench_plaintext(model, x: torch.Tensor, batches: list[int], repeats: int) ->
 # -- (b) the engine in-process ------------------------------------------------------------------
 
 
-def engine_protocols() -> list[str | None]:
+def engine_protocols() -> list[str]:
     """The registered comparison protocols, the default first."""
     from service.mpc import protocols
 
@@ -166,11 +164,10 @@ def engine_protocols() -> list[str | None]:
 
 
 def bench_engine(
-    model, state, x: torch.Tensor, batches: list[int], repeats: int, protocol: str | None
+    model, state, x: torch.Tensor, batches: list[int], repeats: int, protocol: str
 ) -> dict[str, Any]:
-    extra = {} if protocol is None else {"comparison": protocol}
-    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), DEFAULT_FP, **extra)
-    weights = share_tensors({k: v.double() for k, v in state.items()}, DEFAULT_FP)
+    shared = share_model(model.layers(), state, (1, 28, 28), DEFAULT_FP, protocol)
+    net, weights = shared.net, shared.weights
     dealer = Dealer()
     # fixed weight masks, as a replica keeps them: the warm-up run opens the masked weights
     masks = (WeightMasks("race"), WeightMasks("race"))
@@ -178,23 +175,24 @@ def bench_engine(
     labels: dict[int, int] = {}
     rows: dict[str, Any] = {}
     outputs = [(b, "label") for b in batches] + ([(1, "logits")] if 1 in batches else [])
-    bar = _bar(sum(_runs(b, repeats) + 1 for b, _ in outputs), f"engine {protocol or ''}")
+    bar = _bar(sum(_runs(b, repeats) + 1 for b, _ in outputs), f"engine {protocol}")
     with bar:
         for b, output in outputs:
             online, dealt, stats = [], [], None
             for run in range(_runs(b, repeats) + 1):  # run 0 warms up (plan, kernels)
                 idx = _indices(run, b, n)
-                t_on, t_off, res = _online(
-                    net, weights, _share_images(x[idx]), dealer, output, masks
-                )
+                res = private_forward(
+                    net, weights, share_images(x[idx]), dealer, uuid.uuid4().hex, output, masks,
+                    prefetch=True,
+                )  # fmt: skip
                 if output == "label":
                     got = net.open_label(res.out0, res.out1)
                 else:
                     got = DEFAULT_FP.decode(res.out0 + res.out1).argmax(-1)
                 labels.update(zip(idx, got.tolist(), strict=True))
                 if run:
-                    online.append(t_on)
-                    dealt.append(t_off)
+                    online.append(res.online_s)
+                    dealt.append(res.dealer_s)
                     stats = (res.stats0, res.stats1)  # every query after the weights' opening
                 bar.update()
             key = str(b) if output == "label" else f"{b}_logits"
@@ -208,7 +206,7 @@ def bench_engine(
                 "rounds": stats[0].rounds,
                 "bytes_per_image": (stats[0].bytes_sent + stats[1].bytes_sent) // b,
             }
-    return {"protocol": protocol or "default", "batches": rows, "labels": labels}
+    return {"protocol": protocol, "batches": rows, "labels": labels}
 
 
 # -- (c) the service end to end -----------------------------------------------------------------
@@ -234,30 +232,25 @@ def _service_model(state: dict[str, torch.Tensor], layers: list[dict], tmp: Path
 def bench_service(
     state, layers, x: torch.Tensor, batches: list[int], repeats: int, protocol: str | None
 ) -> dict[str, Any]:
+    """`protocol`: the engine's fastest, served alike (None, when no engine protocol ran: the
+    replicas' default)."""
     import httpx
 
     from clients.privdigit import PrivDigitClient
-    from service.api.settings import ReplicaSettings
     from service.cluster import Cluster, free_ports
 
     arrays = x.squeeze(1).double().numpy()
     n = len(arrays)
     # one request per batch, whatever the protocol's default cap (fss: 8 images)
-    kwargs: dict[str, Any] = {"replica_args": ("--max-batch", str(max(64, *batches)))}
-    served = "default"
-    if protocol is not None:
-        if "protocol" in {f.name for f in dataclasses.fields(Cluster)}:
-            kwargs["protocol"] = served = protocol
-        elif "comparison" in ReplicaSettings.model_fields:  # as `python -m service up` does
-            kwargs["replica_args"] += ("--comparison", protocol)
-            served = protocol
+    replica_args = ("--max-batch", str(max(64, *batches)))
+    replica_args += ("--comparison", protocol) if protocol else ()
     labels: dict[int, int] = {}
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="race-service-") as tmp:
         model_dir = _service_model(state, layers, Path(tmp))
         bar = _bar(1 + sum(_runs(b, repeats) + 1 for b in batches), "service")
         with bar:
-            cluster = Cluster(model=model_dir, ports=free_ports(3), **kwargs)
+            cluster = Cluster(model=model_dir, ports=free_ports(3), replica_args=replica_args)
             with cluster:
                 bar.update()
                 urls = cluster.replica_urls
@@ -294,7 +287,7 @@ def bench_service(
                             "bytes_per_image": int(peer / runs / b),
                         }
     return {
-        "protocol": served,
+        "protocol": protocol or "default",
         "model": str(model_dir.relative_to(REPO) if model_dir.is_relative_to(REPO) else "export"),
         "batches": rows,
         "labels": labels,
@@ -500,10 +493,9 @@ def race(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]
     labels = {"plaintext": plain["labels"]}
 
     out["engine"] = {}
-    for protocol in engine_protocols():
-        name = protocol or "default"
+    for name in engine_protocols():
         try:
-            row = bench_engine(model, state, x, batches, args.repeats, protocol)
+            row = bench_engine(model, state, x, batches, args.repeats, name)
         except Exception as exc:  # one protocol failing must not hide the others
             errors[f"engine_{name}"] = f"{type(exc).__name__}: {exc}"
             say(f"race: engine protocol {name} failed: {type(exc).__name__}: {exc}")
@@ -529,8 +521,7 @@ def race(args: argparse.Namespace, say: Callable[[str], None]) -> dict[str, Any]
     out["service_images_per_s"] = None
     if not args.no_service:
         try:
-            protocol = None if best in (None, "default") else best
-            svc = bench_service(state, layers, x, batches, args.repeats, protocol)
+            svc = bench_service(state, layers, x, batches, args.repeats, best)
             labels["service"] = svc.pop("labels")
             b1 = svc["batches"][str(batches[0])]
             out["service_latency_ms_p50"] = b1["latency_ms_p50"]

@@ -63,7 +63,7 @@ def _serve(
     from uvicorn.config import HTTP_PROTOCOLS, WS_PROTOCOLS
     from uvicorn.importer import import_from_string
 
-    from service.api.peer import MAX_FRAME
+    from service.api.transport.peer import MAX_FRAME
     from service.identity import with_client_role
 
     tls: dict = {}

@@ -35,7 +35,8 @@ import pytest
 import torch
 
 from clients import privdigit
-from service.api import auth, wire
+from service.api import auth
+from service.api.transport import wire
 from service.cluster import DEFAULT_MODEL, Cluster, free_ports
 from service.mpc.dealer import Dealer, new_run_id
 from service.store import load_share
@@ -613,7 +614,7 @@ async def _party0_against(reply) -> tuple[bool, int | None, int]:
     ever counted the stream as up, the close code party 0 sent, and its refusals counted."""
     from websockets.asyncio.server import serve
 
-    from service.api.peer import HELLO, PeerLink
+    from service.api.transport.peer import HELLO, PeerLink
 
     failures, codes, up = [], [], []
     link = PeerLink(
@@ -663,7 +664,7 @@ def test_party_0_never_pairs_with_an_impostor_party_1(reply):
 def test_a_peer_flooding_frames_for_runs_that_never_start_holds_at_most_4096_mailboxes():
     """§4.5: frames for request ids that never start here wait in mailboxes, at most
     `MAX_MAILBOXES` of them; the rest are dropped (a flood of 5,000 ids)."""
-    from service.api.peer import MAX_MAILBOXES, PeerLink
+    from service.api.transport.peer import MAX_MAILBOXES, PeerLink
 
     link = PeerLink(b"k" * 32, lambda: [])
     for i in range(MAX_MAILBOXES + 904):

@@ -14,9 +14,9 @@ import time
 import pytest
 import torch
 
-from service.api import wire
+from service.api.batching.prefetch import MaterialPool
 from service.api.errors import ApiError
-from service.api.prefetch import MaterialPool
+from service.api.transport import wire
 from tests.test_prefetch_bounds import V1, Clock, Peer, Registry, _batcher, _fetch, _frame
 
 META = {"shape": [1, 1, 28, 28], "output": "label", "want": None}
@@ -29,12 +29,12 @@ async def _scenario() -> list[str]:
     b.start()
     x = torch.zeros(1, 1, 28, 28, dtype=torch.int64)
     try:
-        slot = await b._free_slots.get()  # a long run holds the only slot
+        slot = await b.scheduler._free_slots.get()  # a long run holds the only slot
         b.on_control(_frame(wire.ARRIVED, "early", **META))
         with pytest.raises(ApiError) as info:  # paired and queued, then timed out in the queue
             await b.submit("early", x, "label", None)
         assert info.value.code == "peer_timeout"
-        b._free_slots.put_nowait(slot)  # the long run ends
+        b.scheduler._free_slots.put_nowait(slot)  # the long run ends
         b.on_control(_frame(wire.ARRIVED, "later", **META))
         later = asyncio.ensure_future(b.submit("later", x, "label", None))
         deadline = time.monotonic() + 30

@@ -255,7 +255,7 @@ def test_prefetched_randomness_is_the_same_and_still_once_only():
 def test_select_with_a_weight_deals_products_with_the_fixed_weight_mask():
     """muxw: the mux correlations plus [rb_j b_jk], [a_j b_jk], [a_j rb_j b_jk] for the weight's
     fixed mask b, the same b that `beaverw` uses for that weight; sizes follow the plan."""
-    from service.api import wire
+    from service.api.transport import wire
 
     dealer = Dealer()
     sel = Request.muxw((3, 5), (5, 2), "model1", "fc2.weight")

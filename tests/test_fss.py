@@ -15,7 +15,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.api import wire
+from service.api.transport import wire
 from service.mpc import dcf, fss
 from service.mpc.dealer import (
     Dealer,

@@ -1,4 +1,4 @@
-"""Lanes: direct replica-to-replica sockets for protocol rounds (service/api/lanes.py).
+"""Lanes: direct replica-to-replica sockets for protocol rounds (service/api/transport/lanes.py).
 
 Two `Lanes` objects in this process over real loopback TCP (and TLS): they authenticate each
 other, carry the engine's rounds with the same results, rounds and bytes as the in-memory
@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from service.api.lanes import Lanes
-from service.api.peer import MaterialMismatch, PeerAborted, PeerLost, PeerTimeout
+from service.api.transport.lanes import Lanes
+from service.api.transport.peer import MaterialMismatch, PeerAborted, PeerLost, PeerTimeout
 from service.devcerts import make_dev_certs
 from service.mpc.channel import ChannelError, InMemoryChannel
 from service.mpc.prg import random_ring
@@ -192,7 +192,7 @@ def test_a_replayed_handshake_is_refused(pair):
     p0, p1, port, failures = pair(count=1)
     _up(p0, p1, 1)
     from service.api import auth
-    from service.api.lanes import _recv_json, _send_json
+    from service.api.transport.lanes import _recv_json, _send_json
 
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
         first = _recv_json(s)

@@ -31,8 +31,8 @@ import pytest
 import torch
 
 from clients import privdigit
-from service.api import wire
-from service.api.peer import PeerAborted, PeerLink
+from service.api.transport import wire
+from service.api.transport.peer import PeerAborted, PeerLink
 from service.cluster import DEFAULT_MODEL, Cluster, free_ports
 from service.mpc.dealer import new_run_id
 from training.export import resplit

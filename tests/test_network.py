@@ -13,7 +13,7 @@ from service.mpc import protocols
 from service.mpc.beaver import WeightMasks
 from service.mpc.channel import NullChannel
 from service.mpc.dealer import Dealer, PlanRecorder
-from service.mpc.inprocess import private_forward
+from service.mpc.inprocess import private_forward, share_model
 from service.mpc.network import ModelSpecError, PrivateNetwork
 from service.mpc.party import Party
 from service.mpc.ring import PRIME
@@ -169,8 +169,8 @@ def test_a_crafted_input_gets_the_same_label_on_every_run(kind, protocol):
     """Issue 15: the label (and the logits) must be a function of the shared input alone, for
     every input in the ring: fresh dealer randomness and fresh input shares on every run."""
     model = _model(kind)
-    net = PrivateNetwork(tuple(model.layers()), (1, 28, 28), FP, protocol)
-    weights = share_tensors({k: v.double() for k, v in model.state_dict().items()}, FP)
+    shared = share_model(model.layers(), model.state_dict(), (1, 28, 28), FP, protocol)
+    net, weights = shared.net, shared.weights
     x = _crafted(model)
     masks = (WeightMasks("m"), WeightMasks("m"))  # as deployed: lut fuses the last layer
     labels, logits = set(), set()

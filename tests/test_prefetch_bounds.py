@@ -1,4 +1,4 @@
-"""Prefetched dealer material is bounded on both replicas (service/api/prefetch.py, batching.py).
+"""Prefetched dealer material is bounded on both replicas (service/api/batching/).
 
 In one process, with a fake clock and a fetch that returns at once: the pool holds at most
 `max_entries` unclaimed entries (party 1 drops its oldest, party 0 never asks for more), drops
@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from service.api import wire
 from service.api.batching import Batcher
-from service.api.prefetch import MaterialPool
+from service.api.batching.prefetch import MaterialPool
+from service.api.transport import wire
 
 
 class Clock:

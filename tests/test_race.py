@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from benchmarks import race
-from service.mpc.network import PrivateNetwork
 
 
 def _run(capsys, *args: str) -> dict:
@@ -45,11 +43,7 @@ def test_race_without_crypten(capsys):
     assert out["crypten"] is None and out["crypten_skipped"] == "--no-crypten"
     assert out["speedup_vs_crypten"] is None
     # what the engine reports per protocol matches the service's wire count for the same run
-    served = out["service"]["protocol"]
-    if served == "default":  # a Cluster without a protocol choice runs the network's default
-        fields = {f.name: f.default for f in dataclasses.fields(PrivateNetwork)}
-        served = fields.get("comparison", "default")
-    engine = out["engine"][served]
+    engine = out["engine"][out["service"]["protocol"]]
     assert out["service"]["batches"]["1"]["rounds"] == engine["rounds"]
 
 

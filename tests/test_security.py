@@ -520,7 +520,8 @@ def test_the_fixed_share_statistic_catches_a_dealer_that_repeats_its_randomness(
 
 
 def _served_or_refused(url: str, key: bytes, party: int, plan) -> httpx.Response:
-    from service.api import auth, wire
+    from service.api import auth
+    from service.api.transport import wire
     from service.mpc.dealer import new_run_id
 
     body = json.dumps(

@@ -12,8 +12,9 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.api import auth, wire
+from service.api import auth
 from service.api.errors import ERRORS
+from service.api.transport import wire
 from service.mpc.dealer import Dealer, Request
 from service.store import ModelRegistry, StoreError, load_share
 
@@ -64,6 +65,44 @@ def test_peer_frames_round_trip_and_refuse_truncation():
         wire.decode_frame(wire.encode_data("rid-1", 7, ts)[:-3])
     with pytest.raises(wire.WireError):
         wire.decode_frame(b"\x09\x00\x00")
+
+
+def test_peer_messages_keep_their_bytes_round_trip_and_name_what_is_wrong():
+    from service.api.transport import messages as m
+
+    batch = {"version": "v1", "output": "label", "requests": [["r", 2]], "open_weights": True,
+             "material": "m", "slot": 1, "lane": False}  # fmt: skip
+    cases = [
+        (
+            m.Arrived([1, 1, 28, 28], "label", None),
+            {"shape": [1, 1, 28, 28], "output": "label", "want": None},
+        ),
+        (m.Withdraw(), {}),
+        (m.Reject("share_mismatch", "differ"), {"code": "share_mismatch", "message": "differ"}),
+        (m.Abort("peer_error", "refused"), {"code": "peer_error", "message": "refused"}),
+        (m.Batch("v1", "label", (("r", 2),), True, "m", 1, False), batch),
+        (m.Prefetch("v1"), {"version": "v1"}),
+        (m.Prefetch("v1", 4), {"version": "v1", "batch": 4}),
+        (m.Discard(("a", "b")), {"ids": ["a", "b"]}),
+        (m.LanesAt(9000), {"port": 9000}),
+    ]
+    for message, payload in cases:  # the bytes the dict-built frames had, and back
+        frame = m.encode("rid", message)
+        assert frame == wire.encode_json(message.KIND, "rid", payload)
+        assert m.decode(wire.decode_frame(frame)) == message
+    bad = [
+        (wire.BATCH, {**batch, "slot": True}, "slot"),
+        (wire.BATCH, {**batch, "requests": [["r", "2"]]}, "requests"),
+        (wire.BATCH, [1], "not a JSON object"),
+        (wire.PREFETCH, {"version": "v1", "batch": None}, "batch"),
+        (wire.DISCARD, {"ids": "a"}, "ids"),
+        (wire.LANES, {"port": 0}, "port"),
+        (wire.ARRIVED, {"shape": [1]}, "ARRIVED fields"),
+        (wire.DATA, {}, "not a control message"),
+    ]
+    for kind, payload, named in bad:
+        with pytest.raises(m.BadMessage, match=named):
+            m.decode(wire.Frame(kind, "r", payload=payload))
 
 
 def test_dealer_material_survives_the_wire():
@@ -282,7 +321,7 @@ def test_dev_certs_keep_private_keys_private_and_name_each_role(tmp_path):
 
 def test_replay_guard_refuses_seen_ids_and_stays_bounded():
     from service.api.errors import ApiError
-    from service.api.replica_app import ReplayGuard
+    from service.api.replay import ReplayGuard
 
     guard = ReplayGuard(capacity=3)
     for rid in ("a", "b", "c"):
@@ -298,7 +337,7 @@ def test_replay_guard_remembers_ids_for_its_window_then_forgets_them():
     """Client ids carry no time: the guard times them. Within the window an id is refused; after
     it the id is forgotten (and may run again, on a fresh run id); memory holds one window."""
     from service.api.errors import ApiError
-    from service.api.replica_app import ReplayGuard
+    from service.api.replay import ReplayGuard
 
     now = [0.0]
     guard = ReplayGuard(capacity=1_000_000, window_s=600, clock=lambda: now[0])
@@ -329,7 +368,7 @@ def test_material_pool_keeps_the_usual_run_ready_and_serves_each_entry_once():
     import threading
     from types import SimpleNamespace
 
-    from service.api.prefetch import MaterialPool
+    from service.api.batching.prefetch import MaterialPool
 
     gate = threading.Event()
 
@@ -365,7 +404,7 @@ def test_material_pool_keeps_the_usual_run_ready_and_serves_each_entry_once():
 def test_material_pool_keeps_entries_ahead_for_the_load_and_drops_a_restarted_dealers():
     from types import SimpleNamespace
 
-    from service.api.prefetch import MaterialPool
+    from service.api.batching.prefetch import MaterialPool
 
     def fetch(material_id, model, batch, output):
         return SimpleNamespace(dealer=b"old" if material_id.startswith("old") else b"new")

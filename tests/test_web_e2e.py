@@ -8,7 +8,7 @@ a replica is down, and a page that loads nothing from elsewhere under a strict C
 
 Without a browser the tests skip locally and fail in CI (`CI=true`): `make setup` installs it.
 Screenshots go to each test's tmp_path. `PRIVDIGIT_DOCS_SCREENSHOT=docs/web-page.png` makes the
-drawing test also save the page there (how docs/web-page.png was made).
+drawing test also save the page there: `make screenshot` makes docs/web-page.png that way.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tensors on the wire (documented in `openapi.yaml`, mirrored by `service/api/wire.py`).
+"""Tensors on the wire (documented in `openapi.yaml`, mirrored by `service/api/transport/wire.py`).
 
     {"dtype": "int64", "shape": [...], "data": base64(little-endian int64 values, C order)}
 

@@ -25,10 +25,11 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
 
 from service import identity
-from service.api import auth, wire
+from service.api import auth
 from service.api.errors import ApiError, RequestGuard, install_error_handlers
 from service.api.schemas import REQUEST_ID_PATTERN, ErrorBody, Health
 from service.api.settings import DealerSettings
+from service.api.transport import wire
 from service.mpc.dealer import (
     Dealer,
     PlanTooLarge,

@@ -15,8 +15,9 @@ import threading
 from urllib.parse import urlsplit
 
 from service import identity
-from service.api import auth, wire
+from service.api import auth
 from service.api.errors import ApiError
+from service.api.transport import wire
 from service.mpc.dealer import PartyMaterial, Request
 
 

@@ -46,7 +46,7 @@ class ReplicaMetrics:
         )
         self.batches_refused = Counter(
             "privdigit_batches_refused",
-            "BATCH announcements party 1 refused, by reason (see batching.py)",
+            "BATCH announcements party 1 refused, by reason (see batching/follower.py)",
             ["reason"],
             registry=r,
         )

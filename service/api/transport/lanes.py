@@ -49,8 +49,9 @@ from collections.abc import Callable
 from typing import Any
 
 from service import identity
-from service.api import auth, wire
-from service.api.peer import MAX_FRAME, FramedChannel, PeerLost
+from service.api import auth
+from service.api.transport import wire
+from service.api.transport.peer import MAX_FRAME, FramedChannel, PeerLost
 
 log = logging.getLogger("privdigit.lanes")
 HELLO = "privdigit-lane/1"

@@ -5,7 +5,7 @@ Party 0 dials party 1's `/v1/peer` and redials by itself when the stream drops; 
 HMAC challenge-response (`auth.py`) that also tells each side which model versions the other
 holds; a HAVE frame repeats that after every reload.
 
-Each protocol run has an id (a batch id, see `batching.py`). Its frames (one DATA frame per
+Each protocol run has an id (a batch id, see `batching/`). Its frames (one DATA frame per
 round, or ABORT) go into a per-run mailbox, so any number of inferences share the one stream.
 Frames that arrive before the local request starts (the client's post reached the peer first)
 wait in their mailbox; unclaimed mailboxes expire. `PeerChannel` is the engine's `Channel` for
@@ -28,7 +28,8 @@ from typing import Any, Protocol
 
 import torch
 
-from service.api import auth, wire
+from service.api import auth
+from service.api.transport import wire
 from service.mpc.channel import ChannelError, ChannelStats
 
 log = logging.getLogger("privdigit.peer")

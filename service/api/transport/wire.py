@@ -155,10 +155,10 @@ def material_from_bytes(
 # -- peer frames ---------------------------------------------------------------------------------
 
 DATA, ABORT, HAVE = 1, 3, 4
-ARRIVED, BATCH, REJECT, WITHDRAW = 5, 6, 7, 8  # pairing and batching (see batching.py)
-PREFETCH = 9  # party 0 names dealer material to fetch ahead (see prefetch.py)
-LANES = 10  # party 1 names the port of its lanes (see lanes.py)
-DISCARD = 11  # party 0 dropped prefetched entries unused; party 1 drops them too (prefetch.py)
+ARRIVED, BATCH, REJECT, WITHDRAW = 5, 6, 7, 8  # pairing and batching (see messages.py)
+PREFETCH = 9  # party 0 names dealer material to fetch ahead (see messages.py)
+LANES = 10  # party 1 names the port of its lanes (see messages.py)
+DISCARD = 11  # party 0 dropped prefetched entries unused; party 1 drops them too (messages.py)
 CONTROL = frozenset({ARRIVED, BATCH, REJECT, WITHDRAW, PREFETCH, LANES, DISCARD})
 _HEAD = struct.Struct("<BH")
 _ROUND = struct.Struct("<IH")
