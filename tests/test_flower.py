@@ -229,13 +229,17 @@ def test_secagg_dp_and_partial_participation_in_process(small_mnist, task_identi
         "dp-noise": 0.01,
         "bn-freeze-round": 1,
         "eval-limit": 200,
+        "private-eval": True,
         "out-dir": str(tmp_path / "model"),
     }
     grid = InProcessGrid(4, run_config)
     _, metrics = flower_app.run_server(grid, run_config)
     assert len(grid.trained) == 2 * 3 and len(set(grid.trained)) >= 3
     assert [r["clients"] for r in metrics["rounds"]] == [3, 3]
-    _check_private_export(tmp_path / "model", rounds=2, per_round=3, nodes=4)
+    origin = _check_private_export(tmp_path / "model", rounds=2, per_round=3, nodes=4)
+    # private-eval: the 200 test images through the two-party engine on the new shares
+    assert origin["test_images"] == 200 and origin["private_label_agreement"] == 1.0
+    assert origin["private_test_accuracy"] == origin["plaintext_test_accuracy"] > 0.3
 
 
 def test_noise_is_the_aes_source_with_flowers_std():

@@ -40,7 +40,7 @@ generator, so they are given a noise multiplier of 0 and do the clipping only. E
 RDP accountant with sample rate ``clients-per-round / num-partitions``.
 
 With full participation, no DP and the same seed/partition this gives the weights of
-``training.fedavg.train`` with ``clients = fraction = num-partitions / 1`` (up to float
+``training.fedavg.train`` with ``clients = num-partitions`` and ``fraction = 1`` (up to float
 rounding and, under SecAgg+, quantisation).
 
 Run config keys (``[tool.flwr.app.config]`` in ``training/flower/pyproject.toml``, override
@@ -516,13 +516,14 @@ def run_server(
 
     s = run_settings(run_config)
     cfg = fed_config(run_config)
-    x_test = y_test = None
+    images = x_test = y_test = None
     if s["central-eval"] or s["private-eval"]:
         from training.data import load_mnist, to_tensor
 
         test = load_mnist("test")
         limit = len(test) if cfg.eval_limit is None else min(cfg.eval_limit, len(test))
-        x_test = to_tensor(test.images[:limit])
+        images = test.images[:limit]
+        x_test = to_tensor(images)
         y_test = torch.as_tensor(test.labels[:limit], dtype=torch.int64)
 
     def evaluate_fn(_: int, arrays: NDArrays, __: dict) -> tuple[float, dict[str, Scalar]]:
@@ -554,7 +555,6 @@ def run_server(
             return {"provenance": origin}
         from training.evaluate import evaluate as run_eval
 
-        images = (x_test * 255).round().to(torch.uint8).squeeze(1).numpy()
         done, _ = run_eval(directory, images, y_test.numpy(), private=True)
         return {
             "provenance": {
