@@ -6,7 +6,9 @@
 100 clients x 600 examples, C = 0.1, E = 5, B = 10 (McMahan et al. 2017, who needed 20 rounds
 IID and 229 non-IID to reach 99%); those four are fixed. Per split and server optimizer it
 trains for --max-rounds (default: 20 IID, 200 shards/dirichlet) and prints rounds_to_99 (first
-round with test accuracy >= 99%), final_accuracy, best_accuracy, wall_s and s_per_round.
+round with test accuracy >= 99%), stays_99_from (first round of 10 in a row >= 99%),
+min_last_5, final_accuracy, best_accuracy, wall_s, s_per_round and the model's private cost
+per image (secure comparisons, multiply-adds).
 The defaults of the free knobs (model, client rate and its decay, client momentum, server
 optimizers) are the best settings found; see docs/federated-benchmark.md.
 --dp-table adds central-DP runs on IID (clip --dp-clip, several noise multipliers; 0 = clipping
@@ -36,12 +38,15 @@ TARGET = 0.99
 DEFAULT_ROUNDS = {"iid": 20}
 DEFAULT_ROUNDS_NONIID = 200
 DP_NOISES = "0,0.1,0.3,1.0"
-DEFAULT_MODEL = "cnn-max"
-# client schedule lr * decay**(round-1) and client-side random shifts (pixels); tuned on IID by
-# short probes (docs/federated-benchmark.md); the non-IID values were not tuned (long runs)
-IID_LR, IID_DECAY = 0.1, 1.0
-NONIID_LR, NONIID_DECAY = 0.05, 0.995
+DEFAULT_MODEL = "cnn-bn"  # the served architecture (python -m training's default)
+# client schedule lr * decay**(round-1) and client-side random shifts (pixels): IID is
+# python -m training's recipe; non-IID adds frozen batch-norm statistics from round 2
+# (docs/federated-benchmark.md). cnn-max's rows used IID lr 0.1 / 1.0, non-IID 0.05 / 0.995.
+IID_LR, IID_DECAY = 0.3, 0.85
+NONIID_LR, NONIID_DECAY, NONIID_BN_FREEZE = 0.1, 0.99, 2
 AUGMENT_SHIFT = 1
+LAST = 5  # min_last_5: the minimum test accuracy over the last LAST rounds
+STAY = 10  # stays_99_from: first round that starts STAY consecutive rounds >= 99%
 
 
 def run(
@@ -82,6 +87,14 @@ def run(
     if not curve:  # interrupted before the first round ended
         raise KeyboardInterrupt
     done = [c for c in curve if c is not None]
+    stays = next(
+        (
+            i + 1
+            for i in range(len(curve) - STAY + 1)
+            if all(c is not None and c >= TARGET for c in curve[i : i + STAY])
+        ),
+        None,
+    )
     return {
         "split": cfg.partition,
         "server_opt": cfg.server_opt,
@@ -91,6 +104,8 @@ def run(
         "rounds_to_99": reached[0] if reached else None,
         "final_accuracy": round(done[-1], 4) if done else None,
         "best_accuracy": round(max(done), 4) if done else None,
+        f"min_last_{LAST}": round(min(done[-LAST:]), 4) if done else None,
+        "stays_99_from": stays,
         # epsilon at dp_delta; None without DP and for noise 0 (clipping only: epsilon = inf)
         "epsilon": None if not eps or eps[-1] == inf else round(eps[-1], 3),
         "dp_noise": cfg.dp_noise if cfg.dp_clip is not None else None,
@@ -121,6 +136,13 @@ def _server_opts(text: str) -> list[str]:
     if not opts or bad:
         raise argparse.ArgumentTypeError(f"server optimizers must be in {SERVER_OPTS}, got {text}")
     return opts
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def _splits(text: str) -> list[str]:
@@ -196,6 +218,14 @@ def parser() -> argparse.ArgumentParser:
         help=f"client-side random shifts of up to this many pixels, 0-4 ({AUGMENT_SHIFT})",
     )
     p.add_argument(
+        "--bn-freeze-round",
+        type=_non_negative,
+        default=None,
+        metavar="R",
+        help="from round R on, clients train with batch norm in inference mode (global running "
+        f"statistics, frozen); 0: never (IID 0, non-IID {NONIID_BN_FREEZE})",
+    )
+    p.add_argument(
         "--server-lr",
         type=positive_float,
         default=None,
@@ -259,9 +289,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def schedule(split: str) -> dict[str, float]:
         iid = split == "iid"
+        freeze = args.bn_freeze_round
         return {
             "lr": args.lr or (IID_LR if iid else NONIID_LR),
             "lr_decay": args.lr_decay or (IID_DECAY if iid else NONIID_DECAY),
+            "bn_freeze_round": freeze if freeze is not None else (0 if iid else NONIID_BN_FREEZE),
         }
 
     runs: list[FedConfig] = []
@@ -308,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             eps = f"  epsilon {row['epsilon']}" if row["epsilon"] is not None else ""
             print(
                 f"{row['split']:>8} {row['server_opt']:>8}  rounds to 99%: "
-                f"{row['rounds_to_99']}  final {100 * row['final_accuracy']:.2f}%  best "
+                f"{row['rounds_to_99']}  stays from {row['stays_99_from']}  min last {LAST} "
+                f"{100 * row[f'min_last_{LAST}']:.2f}%  final "
+                f"{100 * row['final_accuracy']:.2f}%  best "
                 f"{100 * row['best_accuracy']:.2f}%{eps}  {row['wall_s']} s "
                 f"({row['s_per_round']} s/round)",
                 flush=True,

@@ -279,10 +279,12 @@ def test_benchmark_row_reports_the_private_inference_cost(mnist1000: MnistSplit)
     from benchmarks import federated
 
     args = federated.parser().parse_args([])
-    assert args.model == "cnn-max" and args.augment_shift is None
+    assert args.model == "cnn-bn" and args.augment_shift is None  # the served architecture
+    assert args.bn_freeze_round is None  # per split: 0 IID, NONIID_BN_FREEZE non-IID
     cfg = FedConfig(**{**SMALL.__dict__, "rounds": 1})
     row = federated.run(cfg, mnist1000, mnist1000, "t", quiet=True, stop_at_target=False)
     assert row["rounds_run"] == 1 and row["final_accuracy"] is not None
+    assert row["min_last_5"] == row["final_accuracy"] and row["stays_99_from"] is None
     assert row["relus_per_image"] == 2660 and row["comparisons_per_image"] == 2660
     assert row["config"]["augment_shift"] == 0
 
@@ -345,3 +347,25 @@ def test_batchnorm_statistics_are_averaged_plainly_while_fedavgm_moves_the_weigh
             assert torch.allclose(a, b, atol=1e-5, rtol=0), name
     finally:
         del models.MODELS["tiny-bn"]
+
+
+def test_bn_freeze_round_trains_with_the_global_statistics(mnist1000: MnistSplit) -> None:
+    """From bn_freeze_round on, local training normalises with the running statistics it was
+    sent (inference-mode batch norm): their delta is zero and the weights move differently
+    than with batch statistics; before that round nothing changes."""
+    from training.fedavg import init_model, model_tensors, state_names
+
+    cfg = FedConfig(model="cnn-bn", local_epochs=1, batch_size=10, bn_freeze_round=3)
+    start = [t.detach().clone() for t in model_tensors(init_model(0, "cnn-bn"))]
+    x, y = mnist1000.images[:30], mnist1000.labels[:30]
+    names = state_names(init_model(0, "cnn-bn"))
+    stats = [i for i, n in enumerate(names) if n.endswith(("running_mean", "running_var"))]
+    early = client_update(start, x, y, cfg, seed=1, round_index=2)
+    late = client_update(start, x, y, cfg, seed=1, round_index=3)
+    never = client_update(start, x, y, FedConfig(**{**cfg.__dict__, "bn_freeze_round": 0}), 1, 3)
+    assert all(torch.equal(a, b) for a, b in zip(early.delta, never.delta, strict=True))
+    assert all(float(late.delta[i].abs().max()) == 0 for i in stats)
+    assert all(float(never.delta[i].abs().max()) > 0 for i in stats)
+    assert not torch.equal(late.delta[0], never.delta[0])
+    with pytest.raises(ValueError, match="bn_freeze_round"):
+        FedConfig(bn_freeze_round=-1)

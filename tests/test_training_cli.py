@@ -170,3 +170,26 @@ def test_the_defaults_are_the_recipe_that_reaches_99_percent():
 def test_resplit_of_a_missing_model_fails_cleanly(small_mnist, tmp_path):
     out = _cli("resplit", str(tmp_path / "none"), data_dir=small_mnist)
     assert out.returncode == 2 and "error:" in out.stderr
+
+
+def test_recipe_noniid_sets_the_shards_settings_and_leaves_the_default_alone() -> None:
+    from training.__main__ import parse_train_args
+
+    default = parse_train_args([])
+    assert (default.partition, default.rounds, default.lr, default.lr_decay) == (
+        "iid",
+        20,
+        0.3,
+        0.85,
+    )
+    assert default.bn_freeze_round == 0 and default.model == "cnn-bn"
+    shards = parse_train_args(["--recipe", "noniid", "--lr", "0.2"])
+    assert (shards.partition, shards.rounds, shards.lr_decay, shards.bn_freeze_round) == (
+        "shards",
+        150,
+        0.99,
+        2,
+    )
+    assert shards.lr == 0.2 and shards.model == "cnn-bn"  # a flag given wins
+    with pytest.raises(SystemExit):
+        parse_train_args(["--recipe", "mystery"])

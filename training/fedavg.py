@@ -65,6 +65,7 @@ class FedConfig:
     lr_decay: float = 1.0
     client_momentum: float = 0.0
     augment_shift: int = 0
+    bn_freeze_round: int = 0
     partition: str = "iid"
     seed: int = 0
     model: str = "cnn"
@@ -98,6 +99,8 @@ class FedConfig:
             problems.append(f"client_momentum must be in [0, 1), got {self.client_momentum}")
         if not 0 <= self.augment_shift <= 4:
             problems.append(f"augment_shift must be in 0..4 pixels, got {self.augment_shift}")
+        if self.bn_freeze_round < 0:
+            problems.append(f"bn_freeze_round must be >= 0, got {self.bn_freeze_round}")
         if not 0 <= self.server_momentum < 1:
             problems.append(f"server_momentum must be in [0, 1), got {self.server_momentum}")
         if self.server_opt not in SERVER_OPTS:
@@ -189,6 +192,15 @@ def model_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
     return list(model.parameters()) + [buffers[n] for n in _buffer_names(model)]
 
 
+def valid_statistics(names: Sequence[str], stats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The combined running statistics with every variance clamped at 0: DP noise on the
+    averaged variances can push one below 0 (the model would then evaluate to NaN)."""
+    return [
+        s.clamp(min=0) if n.endswith("running_var") else s
+        for n, s in zip(names, stats, strict=True)
+    ]
+
+
 def _as_param_list(
     state: Mapping[str, torch.Tensor] | Sequence[torch.Tensor], model: str = "cnn"
 ) -> list[torch.Tensor]:
@@ -252,7 +264,11 @@ def client_update(
     velocity starting at zero in every round (clients keep no optimizer state between rounds).
     With ``cfg.augment_shift = s > 0`` every minibatch image is moved by a random shift of up to
     ``s`` pixels each way (:func:`random_shift`; local data augmentation, from the same seeded
-    generator). The model is put in training mode (dropout, where the model has it).
+    generator). The model is put in training mode (dropout, where the model has it); from
+    round ``cfg.bn_freeze_round`` on (when > 0) its batch normalisation stays in inference mode:
+    it normalises with the global running statistics, which no longer change (their delta is
+    zero), so local training sees the affine map the exported model folds, not the client's
+    own batch statistics.
     ``images`` are float ``(N, 1, 28, 28)`` in [0, 1] (or uint8 ``(N, 28, 28)``).
     """
     start = _as_param_list(global_state, cfg.model)
@@ -261,6 +277,10 @@ def client_update(
     model = _work_model(cfg.model)
     _load(model, start)
     model.train()
+    if cfg.bn_freeze_round and round_index >= cfg.bn_freeze_round:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
     params = list(model.parameters())
     tensors = model_tensors(model)
     gen = torch.Generator().manual_seed(seed)
@@ -514,6 +534,7 @@ def _train(
         # (weighted, or under DP clipped and noised) mean of the clients' statistics
         stepped = server.step(params[:n_params], direction[:n_params])
         stats = [w + d for w, d in zip(params[n_params:], direction[n_params:], strict=True)]
+        stats = valid_statistics(state_names(model)[n_params:], stats)
         params = [p.to(torch.float32) for p in (*stepped, *stats)]
         _load(model, params)
         acc = loss = None
