@@ -18,8 +18,8 @@ import torch
 
 from service.mpc import protocols
 from service.mpc.beaver import WeightMasks
-from service.mpc.dealer import Dealer, deal_pair
-from service.mpc.inprocess import run_two_party
+from service.mpc.dealer import Dealer
+from service.mpc.inprocess import private_forward
 from service.mpc.network import PrivateNetwork
 from service.mpc.ring import DEFAULT_FP, FixedPoint
 
@@ -56,10 +56,8 @@ def measure(
     plan = net.plan(1, "label", shapes, "costs")
     dealer = Dealer()
     for _ in range(2):  # the first run opens the masked weights, once per model
-        rid = uuid.uuid4().hex
-        rand = deal_pair(dealer, rid, plan)
-        res = run_two_party(
-            lambda p: net.forward(p, image, zeros, "label", masks[p.index]), *rand, fp
+        res = private_forward(
+            net, (zeros, zeros), (image, image), dealer, uuid.uuid4().hex, "label", masks
         )
     material = tuple(dealer.deal(uuid.uuid4().hex, p, plan).nbytes for p in (0, 1))
     protocol = protocols.get(comparison)
