@@ -271,6 +271,7 @@ def pairs(classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.triu_indices(classes, classes, offset=1))  # type: ignore[return-value]
 
 
+@lru_cache(maxsize=4096)
 def _derived(req: Request) -> tuple[str, ...]:
     carry = ("cT", "cL") if _carry(req) else ()
     if req.kind == "fss":
@@ -282,6 +283,7 @@ def _derived(req: Request) -> tuple[str, ...]:
     return _DERIVED[req.kind]
 
 
+@lru_cache(maxsize=4096)
 def _op(req: Request, name: str) -> str:
     """How a derived field is shared: "xor", "mod" (Z_p) or "ring" (Z_2^64)."""
     if (
