@@ -933,7 +933,7 @@ class PlanRecorder:
 
 
 MAX_UNCLAIMED = 16  # request ids whose DCF keys wait for the second party
-MASKS_KEPT = 64  # fixed weight masks the dealer keeps (a model has one per weight)
+MASK_WORDS_KEPT = 1 << 22  # words of fixed weight masks the dealer keeps (32 MiB; the CNN: 24K)
 RUN_ID_TIME_DIGITS = 10  # Unix seconds, zero-padded: good until the year 2286
 
 
@@ -994,8 +994,8 @@ class Dealer:
 
     def _mask(self, req: Request) -> torch.Tensor:
         """The fixed mask b itself (dealer only): the sum of both parties' mask shares. Kept
-        per (mask id, weight, shape), a few models' worth: it is the same for every request
-        (read only: callers must not change it in place)."""
+        per (mask id, weight, shape), up to MASK_WORDS_KEPT words, the least recent dropped
+        first: it is the same for every request (read only: no caller changes it in place)."""
         key = (str(req.params[-2]), str(req.params[-1]), tuple(req.shapes[1]))
         with self._lock:
             b = self._masks.get(key)
@@ -1006,8 +1006,10 @@ class Dealer:
         b = shares[0] + shares[1]
         with self._lock:
             self._masks[key] = b
-            while len(self._masks) > MASKS_KEPT:
-                self._masks.popitem(last=False)
+            while sum(m.numel() for m in self._masks.values()) > MASK_WORDS_KEPT:
+                self._masks.popitem(last=False)  # the newest stays even if larger than that
+                if len(self._masks) == 1:
+                    break
         return b
 
     def deal(self, request_id: str, party: int, plan: tuple[Request, ...]) -> PartyMaterial:
