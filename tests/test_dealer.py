@@ -281,6 +281,33 @@ def test_select_with_a_weight_deals_products_with_the_fixed_weight_mask():
     assert dealer.deal("mw3", 1, plan).nbytes == 32 + 16 + 2 * 32 + 8 * (30 + 90 + 6)
 
 
+def test_the_kept_weight_mask_is_each_weights_own_on_every_later_deal(monkeypatch):
+    """The dealer keeps each fixed mask b (`Dealer._mask`) instead of expanding it per deal:
+    later deals still give c = a @ b with b the sum of the parties' mask shares, for each
+    (mask id, weight, shape) its own b, and at most MASK_WORDS_KEPT words of masks are kept."""
+    from service.mpc import dealer as dealer_mod
+
+    monkeypatch.setattr(dealer_mod, "MASK_WORDS_KEPT", 20)  # two of the masks below
+    dealer = Dealer()
+    reqs = [
+        Request.beaverw("matmul", (3, 5), (5, 2), (), "model1", "fc2.weight"),
+        Request.beaverw("matmul", (3, 5), (5, 2), (), "model2", "fc2.weight"),
+        Request.beaverw("matmul", (3, 4), (4, 2), (), "model1", "fc1.weight"),
+    ]
+    masks = []
+    for run in range(3):  # the first deal of each mask, then kept (or dropped and rebuilt)
+        for i, req in enumerate(reqs):
+            r0, r1 = deal_pair(dealer, f"kept-{run}-{i}", (req,))
+            t0, t1 = r0.take(req), r1.take(req)
+            b = t0["b"] + t1["b"]
+            assert torch.equal(t0["c"] + t1["c"], (t0["a"] + t1["a"]) @ b), (run, i)
+            if run == 0:
+                masks.append(b)
+            assert torch.equal(b, masks[i]), (run, i)  # fixed per (mask id, weight)
+            assert sum(m.numel() for m in dealer._masks.values()) <= 20
+    assert not torch.equal(masks[0], masks[1])  # another model's mask for the same weight
+
+
 @pytest.mark.parametrize(
     "shapes, params",
     [

@@ -66,10 +66,10 @@ def _anf(truth: Callable[[int], tuple[int, ...]], n: int, outputs: int) -> tuple
 
 @dataclass(frozen=True)
 class Products:
-    """How to AND the inputs of many input sets together by doubling: step (i, src) appends,
-    for each listed row, that row AND input i. Row 0 is the empty set (all ones)."""
+    """How to AND the inputs of many input sets together by doubling: step (i, src, n) appends,
+    for each of the n rows src, that row AND input i. Row 0 is the empty set (all ones)."""
 
-    steps: tuple[tuple[int, np.ndarray], ...]
+    steps: tuple[tuple[int, np.ndarray | slice, int], ...]  # (i, src rows, how many)
     row: dict[int, int]  # input set (bitmask) -> its row
 
     @staticmethod
@@ -80,18 +80,21 @@ class Products:
         masks, steps = [0], []
         for i in range(inputs):
             src = [j for j, m in enumerate(masks) if (m | 1 << i) in closure and not m >> i & 1]
-            if src:
-                steps.append((i, np.array(src)))
+            if src:  # a run of rows reads as a view, not a copy
+                run = src == list(range(src[0], src[0] + len(src)))
+                rows = slice(src[0], src[0] + len(src)) if run else np.array(src)
+                steps.append((i, rows, len(src)))
                 masks += [masks[j] | 1 << i for j in src]
         return Products(tuple(steps), {m: j for j, m in enumerate(masks)})
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         """The table of products [rows, ...] for the input words [inputs, ...]."""
-        out = np.full((len(self.row), *inputs.shape[1:]), -1, dtype=inputs.dtype)
+        out = np.empty((len(self.row), *inputs.shape[1:]), dtype=inputs.dtype)
+        out[0] = -1
         end = 1
-        for i, src in self.steps:
-            np.bitwise_and(out[src], inputs[i], out=out[end : end + len(src)])
-            end += len(src)
+        for i, src, n in self.steps:
+            np.bitwise_and(out[src], inputs[i], out=out[end : end + n])
+            end += n
         return out
 
 

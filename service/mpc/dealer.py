@@ -271,6 +271,7 @@ def pairs(classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     return tuple(torch.triu_indices(classes, classes, offset=1))  # type: ignore[return-value]
 
 
+@lru_cache(maxsize=4096)
 def _derived(req: Request) -> tuple[str, ...]:
     carry = ("cT", "cL") if _carry(req) else ()
     if req.kind == "fss":
@@ -282,6 +283,7 @@ def _derived(req: Request) -> tuple[str, ...]:
     return _DERIVED[req.kind]
 
 
+@lru_cache(maxsize=4096)
 def _op(req: Request, name: str) -> str:
     """How a derived field is shared: "xor", "mod" (Z_p) or "ring" (Z_2^64)."""
     if (
@@ -330,18 +332,21 @@ def _steps(w: int) -> np.ndarray:
     return np.packbits(bits, axis=1, bitorder="little").view("<i8")
 
 
+def _step_rows(u: np.ndarray, layout) -> np.ndarray:
+    """Each element's step tables of its slices (`layout`: (shift, width, first word) lowest
+    first), [elements, words]: one gather per run of slices of one width (signs: a single one)."""
+    parts = []
+    for width, group in itertools.groupby(layout, key=lambda s: s[1]):
+        shifts = np.array([s[0] for s in group], dtype=u.dtype)
+        idx = (u[:, None] >> shifts) & u.dtype.type((1 << width) - 1)  # [elements, slices]
+        parts.append(_steps(width)[idx.astype(np.intp)].reshape(len(u), -1))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+
 def _tables(r: torch.Tensor, w: int) -> torch.Tensor:
     """The step tables of the slices of r mod 2^63, [elements, table_words(w)] (dealer only)."""
     low = (r.reshape(-1) & ((1 << 63) - 1)).numpy()
-    return torch.from_numpy(
-        np.concatenate(
-            [
-                _steps(width)[(low >> shift) & ((1 << width) - 1)]
-                for shift, width, _ in slice_layout(w)
-            ],
-            axis=1,
-        )
-    )
+    return torch.from_numpy(_step_rows(low, slice_layout(w)))
 
 
 def _unpack_rows(planes: np.ndarray, n: int) -> np.ndarray:
@@ -445,13 +450,7 @@ def _carry_truth(spec: CarrySpec, r: torch.Tensor, lam: torch.Tensor) -> dict[st
     """The step tables of r's slices (cT) and the ring products Lambda_R of the gate's masks
     (cL, [sets, elements]) (dealer only)."""
     u = r.reshape(-1).numpy().view(np.uint64)
-    tables = np.concatenate(
-        [
-            _steps(width)[((u >> np.uint64(shift)) & np.uint64((1 << width) - 1)).astype(np.int64)]
-            for shift, width, _ in spec.slices
-        ],
-        axis=1,
-    )
+    tables = _step_rows(u, spec.slices)
     planes = spec.products(lam.numpy())  # ANDs of the mask planes, 64 elements a word
     products = _unpack_rows(planes[[spec.products.row[m] for m in spec.sets]], u.size)
     return {"cT": torch.from_numpy(tables), "cL": torch.from_numpy(products)}
@@ -934,6 +933,7 @@ class PlanRecorder:
 
 
 MAX_UNCLAIMED = 16  # request ids whose DCF keys wait for the second party
+MASK_WORDS_KEPT = 1 << 22  # words of fixed weight masks the dealer keeps (32 MiB; the CNN: 24K)
 RUN_ID_TIME_DIGITS = 10  # Unix seconds, zero-padded: good until the year 2286
 
 
@@ -979,6 +979,7 @@ class Dealer:
         # DCF keys are costly to make and both parties need them: made once per request id and
         # kept only until the other party fetches its copy (a few at most, oldest dropped).
         self._unclaimed: OrderedDict[str, tuple] = OrderedDict()
+        self._masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # `_mask`'s, by recency
 
     def _seed(self, request_id: str, party: int) -> bytes:
         """Party 0's or 1's seed for `request_id`; "party" 2 is the dealer's own stream."""
@@ -992,9 +993,24 @@ class Dealer:
         return hmac.new(self._key, msg, hashlib.sha256).digest()
 
     def _mask(self, req: Request) -> torch.Tensor:
-        """The fixed mask b itself (dealer only): the sum of both parties' mask shares."""
+        """The fixed mask b itself (dealer only): the sum of both parties' mask shares. Kept
+        per (mask id, weight, shape), up to MASK_WORDS_KEPT words, the least recent dropped
+        first: it is the same for every request (read only: no caller changes it in place)."""
+        key = (str(req.params[-2]), str(req.params[-1]), tuple(req.shapes[1]))
+        with self._lock:
+            b = self._masks.get(key)
+            if b is not None:
+                self._masks.move_to_end(key)
+                return b
         shares = [PRG(self._mask_seed(req, p)).ring(req.shapes[1]) for p in (0, 1)]
-        return shares[0] + shares[1]
+        b = shares[0] + shares[1]
+        with self._lock:
+            self._masks[key] = b
+            while sum(m.numel() for m in self._masks.values()) > MASK_WORDS_KEPT:
+                self._masks.popitem(last=False)  # the newest stays even if larger than that
+                if len(self._masks) == 1:
+                    break
+        return b
 
     def deal(self, request_id: str, party: int, plan: tuple[Request, ...]) -> PartyMaterial:
         """Party `party`'s material for `request_id`; a second call for the same pair raises."""

@@ -33,7 +33,7 @@ select's openings (uniform); its output shares are uniform.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import cache, partial
 
 import torch
 
@@ -49,20 +49,27 @@ ARGMAX_SLICE_BITS = 11  # 6 slices: tables of 2,048 bits (45 comparisons per ima
 _LOW63 = (1 << 63) - 1
 
 
+@cache
+def _layout(w: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each slice's shift and width mask (`dealer.slice_layout(w)`) as columns [S, 1], and the
+    first table word of slices 0..S-1 then 1..S-1 [2S - 1, 1] (the rows `_lookup` reads)."""
+    shift, width, first = torch.tensor(slice_layout(w)).t().unsqueeze(-1)
+    return shift, (1 << width) - 1, torch.cat([first, first[1:]])
+
+
 def _lookup(party: Party, c: torch.Tensor, tables: torch.Tensor, w: int) -> torch.Tensor:
     """XOR shares of lt_s and eq_s for every slice s (`dealer.slice_layout(w)`), as bit planes
     [2S - 1, words]: lt of slices 0..S-1, then eq of slices 1..S-1 (the top never needs eq of
     slice 0). `tables`: this party's shares [elements, words]."""
-    shift, width, first = torch.tensor(slice_layout(w)).t().unsqueeze(-1)  # each [S, 1]
-    idx = (c.reshape(1, -1) & _LOW63) >> shift & ((1 << width) - 1)  # [S, n]: c's slices
-
-    def bit(i: torch.Tensor) -> torch.Tensor:
-        word = torch.gather(tables, 1, (first + (i >> 6)).t()).t()
-        return (word >> (i & 63)) & 1
-
-    lt = bit(idx)
-    le = torch.where(idx == 0, int(party.index == 0), bit((idx - 1).clamp(min=0)))  # T[-1] = 1
-    return to_plane_rows(torch.cat([lt, lt[1:] ^ le[1:]]))
+    shift, width, first = _layout(w)
+    idx = (c.reshape(1, -1) & _LOW63) >> shift & width  # [S, n]: c's slices
+    s = idx.shape[0]  # one gather: T[c_s] for every slice, T[c_s - 1] for slices 1..S-1
+    i = torch.cat([idx, (idx[1:] - 1).clamp(min=0)])
+    word = torch.gather(tables, 1, (first + (i >> 6)).t()).t()
+    both = (word >> (i & 63)) & 1
+    lt = both[:s]
+    le = torch.where(idx[1:] == 0, int(party.index == 0), both[s:])  # T[-1] = 1
+    return to_plane_rows(torch.cat([lt, lt[1:] ^ le]))
 
 
 def _open(party: Party, x: torch.Tensor, t: dict) -> torch.Tensor:

@@ -7,6 +7,7 @@ A real value v is encoded as round(v * 2^f) with f fractional bits; the precisio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,7 +117,7 @@ def to_planes(x: torch.Tensor) -> torch.Tensor:
 
 def from_plane(plane: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
     """One bit plane back to 0/1 int64 per element, in `shape` (inverse of `to_planes`)."""
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)  # Python ints: exact, and far cheaper than np.prod per call
     bits = np.unpackbits(plane.contiguous().numpy().view(np.uint8), bitorder="little")[:n]
     return torch.from_numpy(bits.astype(np.int64)).reshape(tuple(shape))
 

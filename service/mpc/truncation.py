@@ -95,9 +95,10 @@ def begin_with(party: Party, x: torch.Tensor, t: dict, bits: int) -> PendingTrun
 
 @cache
 def _layout(spec: CarrySpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each slice's shift, width mask and first table word, as columns [S, 1]."""
+    """Each slice's shift and width mask, as columns [S, 1], and the first table word of
+    slices 0..S-1 then 1..S-1 [2S - 1, 1] (the rows `carry_begin` looks up)."""
     shift, width, first = torch.tensor(spec.slices).t().unsqueeze(-1)
-    return shift, (1 << width) - 1, first
+    return shift, (1 << width) - 1, torch.cat([first, first[1:]])
 
 
 def carry_begin(
@@ -109,13 +110,13 @@ def carry_begin(
     shift, width, first = _layout(spec)
     idx = (flat.unsqueeze(0) >> shift) & width  # [S, n]: c's slices (the mask drops the sign)
 
-    def bit(i: torch.Tensor) -> torch.Tensor:
-        word = torch.gather(t["cT"], 1, (first + (i >> 6)).t()).t()
-        return (word >> (i & 63)) & 1
-
-    lt = bit(idx)
-    le = torch.where(idx == 0, int(party.index == 0), bit((idx - 1).clamp(min=0)))  # T[-1] = 1
-    rows = [lt, lt[1:] ^ le[1:], *([extra.reshape(1, -1) & 1] if extra is not None else [])]
+    s = idx.shape[0]  # one gather: T[c_s] for every slice, T[c_s - 1] for slices 1..S-1
+    i = torch.cat([idx, (idx[1:] - 1).clamp(min=0)])
+    word = torch.gather(t["cT"], 1, (first + (i >> 6)).t()).t()
+    both = (word >> (i & 63)) & 1
+    lt = both[:s]
+    le = torch.where(idx[1:] == 0, int(party.index == 0), both[s:])  # T[-1] = 1
+    rows = [lt, lt[1:] ^ le, *([extra.reshape(1, -1) & 1] if extra is not None else [])]
     mine = to_plane_rows(torch.cat(rows)) ^ t["clam"]
     return PendingCarry(mine, t, spec, flat.numel(), party.index), mine
 
