@@ -144,7 +144,12 @@ def test_graceful_shutdown_finishes_in_flight_and_refuses_new(cluster, images):
             assert time.monotonic() < deadline and not first.done(), "never in flight"
             time.sleep(0.02)
         cluster.procs["replica0"].send_signal(signal.SIGTERM)
-        time.sleep(0.1)
+        # wait for the drain to begin (a condition, not a time: the signal is handled on the
+        # replica's event loop, late on a loaded machine)
+        deadline = time.monotonic() + 30
+        while "shutting down" not in httpx.get(f"{cluster.replica_urls[0]}/v1/ready").text:
+            assert time.monotonic() < deadline and not first.done(), "never began draining"
+            time.sleep(0.02)
         late = httpx.post(
             f"{cluster.replica_urls[0]}/v1/predict",
             json={
