@@ -242,6 +242,24 @@ def test_secagg_dp_and_partial_participation_in_process(small_mnist, task_identi
     assert origin["private_test_accuracy"] == origin["plaintext_test_accuracy"] > 0.3
 
 
+def test_a_run_without_any_evaluation_exports_without_test_data(
+    small_mnist, task_identity, tmp_path
+):
+    """central-eval and private-eval off: no test set is loaded, and the export still happens
+    (its provenance without test accuracies)."""
+    run_config = {
+        "num-server-rounds": 1,
+        "num-partitions": 2,
+        "local-epochs": 1,
+        "central-eval": False,
+        "private-eval": False,
+        "out-dir": str(tmp_path / "model"),
+    }
+    flower_app.run_server(InProcessGrid(2, run_config), run_config)
+    origin = json.loads((tmp_path / "model" / "manifest.json").read_text())["provenance"]
+    assert origin["rounds"] == 1 and "private_test_accuracy" not in origin
+
+
 def test_noise_is_the_aes_source_with_flowers_std():
     """AesGaussianNoise adds NoiseSource's normals times noise * clip / clients to the mean."""
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays

@@ -376,22 +376,12 @@ def run_train(args: argparse.Namespace, argv: list[str] | None = None) -> int:
     }
     origin = provenance(argv if argv is not None else sys.argv[1:], cfg, history)
 
-    def private_eval(directory: Path, manifest: dict) -> dict:
-        """The whole test set through the two-party engine on the shares just written."""
-        if not args.private_eval:
-            return {"provenance": origin}
-        from training.evaluate import evaluate
+    from training.evaluate import with_private_accuracy
 
-        done, _ = evaluate(directory, test_split.images, test_split.labels, private=True)
-        return {
-            "provenance": {
-                **origin,
-                "plaintext_test_accuracy": done.plaintext_accuracy,
-                "test_images": done.images,
-                "private_test_accuracy": done.private_accuracy,
-                "private_label_agreement": done.agreement,
-            }
-        }
+    # the whole test set through the two-party engine on the shares just written
+    private_eval = with_private_accuracy(
+        origin, test_split.images, test_split.labels, args.private_eval
+    )
 
     try:
         import io

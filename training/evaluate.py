@@ -235,6 +235,30 @@ def evaluate(
     return result, got
 
 
+def with_private_accuracy(
+    origin: dict, images: np.ndarray | None, labels: np.ndarray | None, enabled: bool
+):
+    """An `export_model(amend=...)` callback: the manifest's provenance is `origin`, plus, when
+    `enabled`, the plaintext and private test accuracy of the shares just written (before they
+    are published) on `images` and `labels` (needed only then)."""
+
+    def amend(directory: Path, manifest: dict) -> dict:
+        if not enabled:
+            return {"provenance": origin}
+        done, _ = evaluate(directory, images, labels, private=True)
+        return {
+            "provenance": {
+                **origin,
+                "plaintext_test_accuracy": done.plaintext_accuracy,
+                "test_images": done.images,
+                "private_test_accuracy": done.private_accuracy,
+                "private_label_agreement": done.agreement,
+            }
+        }
+
+    return amend
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m training evaluate",

@@ -550,21 +550,10 @@ def run_server(
     metrics = {"config": dict(s), "engine": "flower", "rounds": history}
     origin = provenance(run_config, plan, history)
 
-    def amend(directory: Path, manifest: dict) -> dict:
-        if not s["private-eval"]:
-            return {"provenance": origin}
-        from training.evaluate import evaluate as run_eval
+    from training.evaluate import with_private_accuracy
 
-        done, _ = run_eval(directory, images, y_test.numpy(), private=True)
-        return {
-            "provenance": {
-                **origin,
-                "plaintext_test_accuracy": done.plaintext_accuracy,
-                "test_images": done.images,
-                "private_test_accuracy": done.private_accuracy,
-                "private_label_agreement": done.agreement,
-            }
-        }
+    labels = y_test.numpy() if y_test is not None else None  # loaded only for an evaluation
+    amend = with_private_accuracy(origin, images, labels, bool(s["private-eval"]))
 
     export_model(
         export_state(model),
