@@ -219,6 +219,7 @@ def cmd_web(a: argparse.Namespace) -> int:
 
 
 def cmd_certs(a: argparse.Namespace) -> int:
+    from service import identity
     from service.devcerts import make_dev_certs
     from service.identity import make_credentials
     from service.k8s import SecretsError, parse_hosts
@@ -228,7 +229,7 @@ def cmd_certs(a: argparse.Namespace) -> int:
         return _fail(f"{out} is not empty; pick a new folder or pass --force to replace it")
     given = a.host or []
     try:  # ROLE=NAME: that role's certificate only; NAME: every role's
-        role_hosts = parse_hosts([h for h in given if "=" in h])
+        role_hosts = parse_hosts([h for h in given if "=" in h], identity.ROLES)
     except SecretsError as exc:
         return _fail(str(exc))
     shared = tuple(h for h in given if "=" not in h)
@@ -482,7 +483,9 @@ def cmd_reload(a: argparse.Namespace) -> int:
         secret = read_credentials(Path(a.credentials), {"admin.key": "admin"}).get("admin", "")
         if not secret:
             return _fail(f"no admin.key in {a.credentials}: pass the replica's folder")
-    if len(secret) < 32:
+    from service.identity import MIN_SECRET
+
+    if len(secret) < MIN_SECRET:
         return _fail(
             "pass --credentials with the replica's folder (its admin.key), or set "
             "PRIVDIGIT_ADMIN_SECRET to the replica's admin key"

@@ -63,14 +63,15 @@ def cluster_names(role: str) -> tuple[str, ...]:
     )
 
 
-def parse_hosts(given: list[str]) -> dict[str, tuple[str, ...]]:
-    """`ROLE=NAME` items (e.g. `replica-1=*.party-1.example.org`) -> extra names per role."""
+def parse_hosts(given: list[str], roles: tuple[str, ...] = ROLES) -> dict[str, tuple[str, ...]]:
+    """`ROLE=NAME` items (e.g. `replica-1=*.party-1.example.org`) -> extra names per role, for
+    `roles` (the overlays' by default)."""
     out: dict[str, list[str]] = {}
     for item in given:
         role, _, name = item.partition("=")
-        if role not in ROLES or not name:
+        if role not in roles or not name:
             raise SecretsError(
-                f"--host {item!r}: write ROLE=NAME with ROLE one of {', '.join(ROLES)}"
+                f"--host {item!r}: write ROLE=NAME with ROLE one of {', '.join(roles)}"
             )
         out.setdefault(role, []).append(name)
     return {role: tuple(names) for role, names in out.items()}

@@ -134,7 +134,8 @@ def test_certs_name_a_role_scoped_host_in_that_roles_certificate_only(tmp_path, 
     from service.__main__ import main
 
     c = tmp_path / "c"
-    assert main(["certs", str(c), "--host", "replica-1=r1.example", "--host", "shared"]) == 0
+    args = ["--host", "replica-1=r1.example", "--host", "shared", "--host", "web=page.example"]
+    assert main(["certs", str(c), *args]) == 0
 
     def names(role: str) -> set[str]:
         cert = x509.load_pem_x509_certificate((c / role / "cert.pem").read_bytes())
@@ -143,5 +144,6 @@ def test_certs_name_a_role_scoped_host_in_that_roles_certificate_only(tmp_path, 
 
     assert "r1.example" in names("replica-1") and "shared" in names("replica-1")
     assert "r1.example" not in names("replica-0") and "shared" in names("replica-0")
+    assert "page.example" in names("web") and "page.example" not in names("replica-1")
     assert main(["certs", str(tmp_path / "d"), "--host", "replica-2=x"]) == 2
     assert "ROLE=NAME" in capsys.readouterr().err
