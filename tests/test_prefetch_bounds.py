@@ -225,6 +225,28 @@ def test_party_1_keeps_the_entry_a_batch_named_through_later_discards():
     pool.close()
 
 
+def test_a_malformed_batch_reserves_nothing_so_its_entry_stays_bounded():
+    """A BATCH party 1 refuses as malformed names an entry: it must stay within every drop
+    (a lying party 0 could otherwise pin entries beyond the pool's bound until disconnect)."""
+    clock = Clock()
+    pool = _pool(clock, max_entries=4)
+    b = _batcher(1, pool, Registry(V1), Peer(["v1"]))
+
+    async def scenario():
+        b.on_control(_frame(wire.PREFETCH, "m", version="v1"))
+        b.on_control(
+            _frame(wire.BATCH, "batch", version="v1", output="label", requests="not a list",
+                   open_weights=True, material="m", slot=0, lane=False)
+        )  # fmt: skip
+        await asyncio.sleep(0)  # the refusal runs
+        return pool.claimed
+
+    assert asyncio.run(scenario()) == 0
+    b.on_control(_frame(wire.DISCARD, ids=["m"]))
+    assert pool.take("m") is None and len(pool) == 0
+    pool.close()
+
+
 def test_party_0_names_every_entry_it_drops_before_announcing_new_ones():
     clock = Clock()
     peer = Peer(["v1", "v2"])

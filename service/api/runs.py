@@ -104,6 +104,8 @@ class Runner:
                 else self.peer.channel(run.batch_id)
             )
         except PeerLost as exc:
+            if self.pool is not None and run.material_id != run.batch_id:
+                self.pool.take(run.material_id)  # promised to this run, which will not come
             raise ApiError("not_ready", f"lost the peer replica: {exc}") from None
         self.metrics.runs.labels("lane" if run.lane else "stream").inc()
         ok = False

@@ -106,8 +106,7 @@ class Batcher:
         if kind == wire.ARRIVED and party == 0:
             self.pairing.arrived(rid, parse_arrived(frame.payload))
         elif kind == wire.BATCH and party == 1:
-            self.follower.reserve(frame.payload)
-            self._start(self.follower.run_announced(rid, frame.payload))
+            self._start(self.follower.announced(rid, frame.payload))
         elif (
             (kind == wire.WITHDRAW and party == 0)
             or kind == wire.REJECT

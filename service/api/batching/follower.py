@@ -18,7 +18,7 @@ What party 1 learns here: the batch's composition and sizes (public).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,25 +69,25 @@ class Follower:
         self.scores_enabled = scores_enabled  # no logits share unless set
         self._on_refuse = on_refuse  # counted by reason
 
-    def reserve(self, payload: Any) -> None:
-        """BATCH names an entry: no later DISCARD may drop what this run uses."""
-        material = payload.get("material") if isinstance(payload, dict) else None
-        if isinstance(material, str):
-            self.pool.reserve(material)
-
-    async def run_announced(self, batch_id: str, payload: Any) -> None:
-        """Run the batch party 0 announced, with zeros for requests this replica never got,
-        once it passes this replica's own checks (`refusal`); else refuse it on both sides."""
+    def announced(self, batch_id: str, payload: Any) -> Coroutine[Any, Any, None]:
+        """Party 0's BATCH, parsed once, now (on the event loop, before any later DISCARD): a
+        well-formed one reserves the entry it names, so no DISCARD drops what its run uses; a
+        malformed one reserves nothing. The run (or the refusal) to start as a task."""
         try:
             ann = Batch.from_payload(payload)
         except BadMessage as exc:
             p = payload if isinstance(payload, dict) else {}
             slot = p.get("slot")
             slot = slot if type(slot) is int and 0 <= slot < MAX_LANES else 0
-            await self.refuse(
+            return self.refuse(
                 batch_id, slot, p.get("lane") is True, [], Refusal("malformed", str(exc))
             )
-            return
+        self.pool.reserve(ann.material)
+        return self.run_announced(batch_id, ann)
+
+    async def run_announced(self, batch_id: str, ann: Batch) -> None:
+        """Run the batch party 0 announced, with zeros for requests this replica never got,
+        once it passes this replica's own checks (`refusal`); else refuse it on both sides."""
         model = self.registry.get(ann.version)
         jobs: list[Job | None] = []
         for rid, _ in ann.requests:
