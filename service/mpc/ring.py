@@ -15,7 +15,6 @@ import torch
 
 RING_BITS = 64
 DTYPE = torch.int64
-TRUNCATION_OFFSET = 1 << 62  # `truncation` shifts [x] by this into [0, 2^63) before its opening
 PRIME = 65521  # Z_p of the label's zero test (`comparison.argmax`); any prime above 10 classes
 
 
@@ -125,8 +124,10 @@ def from_plane(plane: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torc
 def from_planes_packed(planes: torch.Tensor, count: int) -> torch.Tensor:
     """Each of `count` elements' bits from a few planes [k, words], packed into one int64 per
     element (bit i from plane i): k small, e.g. a gate's opened inputs."""
-    bits = torch.stack([from_plane(plane, (count,)) for plane in planes])
-    return (bits << torch.arange(planes.shape[0]).unsqueeze(1)).sum(0)
+    words = planes.contiguous().numpy().view(np.uint8)
+    bits = np.unpackbits(words, axis=1, bitorder="little")[:, :count]  # all planes at once
+    weights = 1 << np.arange(len(bits), dtype=np.int64)
+    return torch.from_numpy(weights @ bits.astype(np.int64))
 
 
 def to_plane(bits: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,14 @@ import torch
 
 from service.mpc.dealer import CarrySpec, Request, carry_spec
 from service.mpc.party import Party
-from service.mpc.ring import RING_BITS, from_plane, logical_shift_right, msb, to_plane_rows
+from service.mpc.ring import (
+    RING_BITS,
+    from_plane,
+    from_planes_packed,
+    logical_shift_right,
+    msb,
+    to_plane_rows,
+)
 
 _SIGN = 1 << (RING_BITS - 1)
 
@@ -83,14 +90,6 @@ def begin(party: Party, x: torch.Tensor, bits: int, *, nonneg: bool = True) -> P
     if not nonneg and party.index == 0:
         x = x + torch.tensor(_SIGN - (1 << RING_BITS), dtype=x.dtype)  # + 2^63
     return PendingTruncation(x + t["r"], t, bits, carry_spec(bits, whole=not nonneg))
-
-
-def begin_with(party: Party, x: torch.Tensor, t: dict, bits: int) -> PendingTruncation:
-    """`begin` (nonneg) on dealer material `t` taken by the caller, with the fields of
-    `Request.trunc(..., nonneg=True)` (r, r_hi, r_msb, cT, clam, cL; `lut` takes them with its
-    own)."""
-    _check(bits)
-    return PendingTruncation(x + t["r"], t, bits, carry_spec(bits))
 
 
 @cache
@@ -157,9 +156,7 @@ def carry_finish(pending: PendingCarry, theirs: torch.Tensor) -> list[torch.Tens
     n, lam = pending.count, pending.t["cL"]
     tables = _coefficients(pending.spec)
     if tables is not None:  # each element's opened inputs as one word, its coefficients looked up
-        bits = np.unpackbits(delta.numpy().view(np.uint8), axis=1, bitorder="little")[:, :n]
-        weights = 1 << np.arange(len(bits), dtype=np.int64)
-        packed = torch.from_numpy(weights @ bits.astype(np.int64))
+        packed = from_planes_packed(delta, n)
         outs = []
         for table in tables:
             coef = table[packed]  # [n, 1 + sets]
