@@ -6,6 +6,11 @@ import json
 from typing import Any
 
 
+def metric(text: str, name: str) -> float:
+    """The sum of a Prometheus text page's samples whose line starts with `name` (all labels)."""
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
 def print_result(result: dict[str, Any], as_json: bool) -> None:
     """A benchmark's figures: one JSON object, or one aligned `name value` line each."""
     if as_json:

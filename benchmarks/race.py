@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from benchmarks import metric
 from service.memory import keep_freed_memory
 from service.mpc.beaver import WeightMasks
 from service.mpc.dealer import Dealer
@@ -212,10 +213,6 @@ def bench_engine(
 # -- (c) the service end to end -----------------------------------------------------------------
 
 
-def _metric(text: str, name: str) -> float:
-    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name))
-
-
 def _service_model(state: dict[str, torch.Tensor], layers: list[dict], tmp: Path) -> Path:
     """The bundled model when it holds these weights, else a fresh export of them."""
     from service.cluster import DEFAULT_MODEL
@@ -271,11 +268,11 @@ def bench_service(
                         after = [httpx.get(f"{u}/metrics").text for u in urls]
                         runs = len(times)
                         peer = sum(
-                            _metric(a, "privdigit_peer_bytes_sent_total")
-                            - _metric(m, "privdigit_peer_bytes_sent_total")
+                            metric(a, "privdigit_peer_bytes_sent_total")
+                            - metric(m, "privdigit_peer_bytes_sent_total")
                             for a, m in zip(after, metrics, strict=True)
                         )
-                        rounds = _metric(after[0], "privdigit_protocol_rounds_total") - _metric(
+                        rounds = metric(after[0], "privdigit_protocol_rounds_total") - metric(
                             metrics[0], "privdigit_protocol_rounds_total"
                         )
                         rows[str(b)] = {

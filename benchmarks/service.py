@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import print_result
+from benchmarks import metric, print_result
 from clients.privdigit import PrivDigitClient
 from service.cluster import DEFAULT_MODEL, Cluster, free_ports
 from service.mpc import protocols
@@ -33,10 +33,6 @@ FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "mnist
 def _images(n: int) -> tuple[np.ndarray, np.ndarray]:
     data = np.load(FIXTURE)
     return data["images"][:n].astype(np.float64) / 255.0, data["labels"][:n]
-
-
-def _metric(text: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(a.pause_ms / 1000)
             m1 = httpx.get(f"{urls[0]}/metrics").text
         rounds = (
-            _metric(m1, "privdigit_protocol_rounds_total")
-            - _metric(m0, "privdigit_protocol_rounds_total")
+            metric(m1, "privdigit_protocol_rounds_total")
+            - metric(m0, "privdigit_protocol_rounds_total")
         ) / a.requests
         peer_bytes = (
-            _metric(m1, "privdigit_peer_bytes_sent_total")
-            - _metric(m0, "privdigit_peer_bytes_sent_total")
+            metric(m1, "privdigit_peer_bytes_sent_total")
+            - metric(m0, "privdigit_peer_bytes_sent_total")
         ) / a.requests
 
         done, errors, bad = [0] * a.clients, [0] * a.clients, [0] * a.clients

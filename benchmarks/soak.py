@@ -41,7 +41,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks import print_result
+from benchmarks import metric, print_result
 from benchmarks.load import DATA, LeanClient, _mb, plaintext_labels, rss_bytes
 from clients.privdigit import PrivDigitError, ServiceError
 from service.cluster import DEFAULT_MODEL, Cluster, ClusterError, free_ports
@@ -54,7 +54,7 @@ def _gauge(url: str, name: str) -> float | None:
         text = httpx.get(f"{url}/metrics", timeout=5).text
     except httpx.HTTPError:
         return None
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+    return metric(text, name)
 
 
 def slope_mb_per_min(times: list[float], rss: list[int]) -> float | None:

@@ -41,8 +41,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks import metric
 from benchmarks.load import DATA, LeanClient, Load, plaintext_labels
-from benchmarks.service import _metric
 from clients.privdigit import PrivDigitError
 from service.mpc import protocols
 from service.netrig import NetRig, RigError, unavailable
@@ -113,7 +113,7 @@ def _latency(
             m1 = httpx.get(metrics, verify=verify).text
             got[rtt]["wrong"] += label != int(expected[j])
             for key, name in names.items():
-                got[rtt][key] += _metric(m1, name) - _metric(m0, name)
+                got[rtt][key] += metric(m1, name) - metric(m0, name)
     rows = {}
     for rtt, g in got.items():
         if not g["ms"]:

@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import metric
 from clients import privdigit
 from service.api.transport import wire
 from service.api.transport.peer import PeerAborted, PeerLink
@@ -58,8 +59,7 @@ def _get(url: str) -> httpx.Response | None:
 
 
 def _metric(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+    return metric(httpx.get(f"{url}/metrics", timeout=5).text, name)
 
 
 class FakeParty0:
