@@ -44,7 +44,7 @@ _RID = re.compile(REQUEST_ID_PATTERN)
 
 def create_dealer_app(settings: DealerSettings, dealer: Dealer | None = None) -> FastAPI:
     keys = settings.party_secrets()
-    mutual_tls = settings.tls_cert is not None and settings.tls_ca is not None
+    mutual_tls = settings.mutual_tls
     dealer = dealer or Dealer(window_s=settings.run_id_window_s)
     registry = CollectorRegistry()
     served = Counter("privdigit_dealer_served", "materials served", ["party"], registry=registry)

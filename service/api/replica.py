@@ -60,7 +60,7 @@ class Replica:
         self.admin = auth.AdminGuard(s.admin_secret.encode(), s.party)
         # With TLS and a CA: this replica shows its own certificate when it dials, and expects
         # the other replica's (peer stream, lanes) or the dealer's.
-        self.mutual_tls = s.tls_cert is not None and s.tls_ca is not None
+        self.mutual_tls = s.mutual_tls
         self.peer_role = identity.replica_role(1 - s.party)
         self.registry = ModelRegistry(s.model, s.party, comparison=s.comparison)
         # The comparison protocol travels with the held versions (authenticated by the

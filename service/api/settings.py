@@ -47,6 +47,11 @@ class _Base(BaseSettings):
         description="serve (and, replicas: dial) plain HTTP (local use or a private network only)",
     )
 
+    @property
+    def mutual_tls(self) -> bool:
+        """Serving TLS with a CA: clients' certificates are verified and their role read."""
+        return self.tls_cert is not None and self.tls_ca is not None
+
     @field_validator("secret")
     @classmethod
     def _no_shared_secret(cls, v: str) -> str:
