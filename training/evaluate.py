@@ -118,8 +118,7 @@ def private_labels_in_process(
     """Both parties in this process, on the two share files, with the real dealer code."""
     from service.mpc.beaver import WeightMasks
     from service.mpc.dealer import Dealer
-    from service.mpc.inprocess import private_forward
-    from service.mpc.sharing import share
+    from service.mpc.inprocess import private_forward, share_images
     from service.store import StoreError, load_share
 
     try:
@@ -131,10 +130,9 @@ def private_labels_in_process(
     out = []
     for i in range(0, len(images), batch):
         x = torch.from_numpy(images[i : i + batch]).to(torch.float64)[:, None] / 255.0
-        x0, x1 = share(net.fp.encode(x))
         run = private_forward(
-            net, (m0.weights, m1.weights), (x0, x1), dealer, secrets.token_urlsafe(18),
-            "label", masks,
+            net, (m0.weights, m1.weights), share_images(x, net.fp), dealer,
+            secrets.token_urlsafe(18), "label", masks,
         )  # fmt: skip
         out.append(net.open_label(run.out0, run.out1).numpy())  # -1: a row naming no class
         if progress is not None:
